@@ -1,0 +1,50 @@
+"""Every bound of the core, named with its unit last and the reason for its value.
+
+A test drives each of these to its edge (tests/core/test_limits.py).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Identifiers are short opaque strings; 64 characters fits UUIDs and composite ids with room,
+# while keeping per-key memory small at millions of keys.
+identifier_length_max: Final = 64
+# Idempotency keys are often "<order id>:<attempt>:<step>"; 128 leaves room for that.
+idempotency_key_length_max: Final = 128
+
+# A grocery cart rarely exceeds 60 distinct items; 100 bounds the work of one serial step.
+reserve_lines_max: Final = 100
+# No single line of an order asks for a million units; bigger is a bug in the caller.
+line_quantity_max: Final = 1_000_000
+# Physical stock of one SKU at one location; far above any real shelf, far below int64.
+stock_quantity_max: Final = 1_000_000_000
+# The magnitude of one physical delta (a receipt of a whole truck is far below this).
+adjust_delta_max: Final = 1_000_000_000
+
+# TTL of a reservation: DESIGN section 6.
+reservation_ttl_s_default: Final = 15 * 60
+reservation_ttl_s_min: Final = 30
+reservation_ttl_s_max: Final = 2 * 60 * 60
+
+# Live (active) reservations one partition holds. At 10^4 reserves/s over ~1000 partitions
+# and a 15 min TTL, a partition holds ~9,000 on average; 100,000 leaves a 10x margin for skew
+# and bounds memory (~1 KiB each) at ~100 MiB per partition in the worst case.
+reservations_live_max: Final = 100_000
+# Finished reservations are remembered so that a late commit or release gets a precise
+# answer ("expired at T") instead of NOT_FOUND. Oldest forgotten first.
+reservations_finished_max: Final = 100_000
+reservations_finished_retention_ms: Final = 24 * 60 * 60 * 1000
+
+# Idempotency keys are kept at least 24 h (DESIGN section 6), scoped by merchant.
+idempotency_retention_ms: Final = 24 * 60 * 60 * 1000
+# Per partition; past this, new mutations are refused (RESOURCE_EXHAUSTED) rather than
+# forgetting a key inside its retention window, which could double-apply a retry.
+idempotency_keys_max: Final = 500_000
+
+# Keys per GetAvailability batch: a page of a catalogue, and a bounded reply size.
+availability_keys_max: Final = 1000
+
+# One expiry record lists at most this many reservations; more due ones spill into the
+# next record, so a record's size stays bounded after a long pause.
+expiry_batch_reservations_max: Final = 1000

@@ -1,0 +1,165 @@
+"""The nouns of the domain: keys, stock rows, reservations, stock levels.
+
+All values are immutable; the partition replaces a row or a reservation when it changes, so
+a snapshot is a cheap shallow copy of its maps.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+
+# Partition count P: a power of two so the router can split ranges evenly; 1024 keeps
+# a partition small (about 1000 keys at a million keys) and hand-off cheap.
+PARTITION_COUNT = 1024
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class InventoryKey:
+    merchant_id: str
+    sku_id: str
+    location_id: str
+
+
+def partition_of(merchant_id: str, location_id: str, partition_count: int = PARTITION_COUNT) -> int:
+    """The partition of every key at one merchant's location (stable across processes).
+
+    All lines of a cart sit at one location, so a cart is one partition and one serial step.
+    """
+    digest = hashlib.blake2b(f"{merchant_id}\x1f{location_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % partition_count
+
+
+@dataclass(frozen=True, slots=True)
+class StockRow:
+    on_hand: int = 0
+    reserved: int = 0
+    safety_stock: int = 0
+    version: int = 0
+
+    @property
+    def available(self) -> int:
+        return self.on_hand - self.reserved - self.safety_stock
+
+
+EMPTY_ROW = StockRow()
+
+
+@dataclass(frozen=True, slots=True)
+class StockLevel:
+    """A key's counts as an answer shows them."""
+
+    key: InventoryKey
+    on_hand: int
+    reserved: int
+    safety_stock: int
+    version: int
+    exists: bool
+
+    @property
+    def available(self) -> int:
+        return self.on_hand - self.reserved - self.safety_stock
+
+    @property
+    def sellable(self) -> int:
+        """What shoppers see: never below zero."""
+        return max(self.available, 0)
+
+    @staticmethod
+    def of(key: InventoryKey, row: StockRow | None) -> StockLevel:
+        r = row or EMPTY_ROW
+        return StockLevel(key, r.on_hand, r.reserved, r.safety_stock, r.version, row is not None)
+
+
+class ReservationState(enum.Enum):
+    ACTIVE = "active"
+    COMMITTED = "committed"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+class AdjustmentReason(enum.Enum):
+    RECEIPT = "receipt"
+    SALE = "sale"
+    RETURN = "return"
+    SHRINKAGE = "shrinkage"
+    CORRECTION = "correction"
+    TRANSFER = "transfer"
+
+
+class ChangeReason(enum.Enum):
+    """Why a key's counts changed, carried by every AvailabilityChanged event."""
+
+    RESERVATION = "reservation"
+    COMMIT = "commit"
+    RELEASE = "release"
+    EXPIRY = "expiry"
+    RECEIPT = "receipt"
+    SALE = "sale"
+    RETURN = "return"
+    SHRINKAGE = "shrinkage"
+    CORRECTION = "correction"
+    TRANSFER = "transfer"
+    SET_STOCK = "set_stock"
+    SET_SAFETY_STOCK = "set_safety_stock"
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """A quantity of one key: a request line, or what a reservation holds."""
+
+    key: InventoryKey
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    reservation_id: str
+    merchant_id: str
+    location_id: str
+    # What it holds: one line per key, in first-seen request order.
+    lines: tuple[Line, ...]
+    state: ReservationState
+    created_at_ms: int
+    expires_at_ms: int
+    state_changed_at_ms: int
+    # Units the commit took out of on_hand (empty unless COMMITTED).
+    committed_lines: tuple[Line, ...] = field(default=())
+    # The lsn of the record that created it: orders reservations by age.
+    created_lsn: int = 0
+
+
+def reservation_id_for(partition: int, lsn: int) -> str:
+    """Ids carry their partition so any router can route a commit without a lookup."""
+    return f"r{partition:04d}-{lsn:010d}"
+
+
+def partition_of_reservation(reservation_id: str) -> int | None:
+    """The partition encoded in a reservation id, or None if the id is not one of ours."""
+    head, dash, lsn = reservation_id.partition("-")
+    digits = head[1:]
+    well_formed = head[:1] == "r" and dash and digits.isdigit() and lsn.isdigit()
+    if not well_formed or len(reservation_id) > 32:
+        return None
+    return int(digits)
+
+
+@dataclass(frozen=True, slots=True)
+class AvailabilityChanged:
+    """One key's change, emitted for every change whatever made it (DESIGN section 8).
+
+    The shell stamps committed_at when the record's batch is flushed.
+    """
+
+    key: InventoryKey
+    partition: int
+    lsn: int
+    reason: ChangeReason
+    before: StockRow
+    after: StockRow
+    recorded_at_ms: int
+
+    @property
+    def version(self) -> int:
+        return self.after.version

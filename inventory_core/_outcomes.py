@@ -1,0 +1,135 @@
+"""Outcomes: what applying a command decided, as values.
+
+Rejections are values, not exceptions; an exception out of the core is a bug. They are
+listed in order of precedence: a command is checked for them in this order and gets the
+first that applies.
+
+    Invalid                 malformed input, with the field and the reason
+    IdempotencyKeyReused    the key was used before with another payload
+    CapacityExhausted       a stated bound of the partition is reached
+    ReservationNotFound     no such reservation for this merchant
+    ReservationNotActive    committed, released or expired already (state and when)
+    VersionMismatch         compare-and-set refused (current version given)
+    InsufficientStock       a reserve line exceeds available (requested and available per line)
+
+Accepted outcomes: ``Reserved``, ``Committed``, ``Released``, ``Extended``, ``StockChanged``,
+``Expired``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._model import InventoryKey, Reservation, ReservationState, StockLevel
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKeyReused:
+    idempotency_key: str
+    original_kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityExhausted:
+    limit_name: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationNotFound:
+    reservation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationNotActive:
+    reservation_id: str
+    state: ReservationState
+    state_changed_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class VersionMismatch:
+    key: InventoryKey
+    expected_version: int
+    current_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShortLine:
+    key: InventoryKey
+    requested: int
+    available: int
+
+
+@dataclass(frozen=True, slots=True)
+class InsufficientStock:
+    # Every line of the request (summed per key), in request order.
+    lines: tuple[ShortLine, ...]
+
+
+Rejection = (
+    Invalid
+    | IdempotencyKeyReused
+    | CapacityExhausted
+    | ReservationNotFound
+    | ReservationNotActive
+    | VersionMismatch
+    | InsufficientStock
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OverCommit:
+    """A physical fact took available below zero: units promised online are not there."""
+
+    exposure: int
+    # Live reservations holding the key, newest first.
+    reservations_at_risk: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    reservation: Reservation
+    levels: tuple[StockLevel, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    reservation: Reservation
+    levels: tuple[StockLevel, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    reservation: Reservation
+    levels: tuple[StockLevel, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Extended:
+    reservation: Reservation
+
+
+@dataclass(frozen=True, slots=True)
+class StockChanged:
+    level: StockLevel
+    over_commit: OverCommit | None
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    reservation_ids: tuple[str, ...]
+
+
+Accepted = Reserved | Committed | Released | Extended | StockChanged | Expired
+Outcome = Accepted | Rejection
+
+
+def is_accepted(outcome: Outcome) -> bool:
+    return isinstance(outcome, Reserved | Committed | Released | Extended | StockChanged | Expired)

@@ -1,0 +1,170 @@
+"""Shape checks of a command before it touches state: the field and the reason, or None.
+
+Field names follow the public contract (``lines[2].quantity``), so a caller can point at the
+exact part of its request.
+"""
+
+from __future__ import annotations
+
+import string
+
+from . import _limits as limits
+from ._commands import (
+    AdjustStock,
+    Command,
+    Commit,
+    Expire,
+    Extend,
+    Release,
+    Reserve,
+    SetSafetyStock,
+    SetStock,
+)
+from ._model import InventoryKey, Line
+from ._outcomes import Invalid
+
+IDENTIFIER_CHARACTERS = frozenset(string.ascii_letters + string.digits + "._:-")
+
+
+def validate(command: Command) -> Invalid | None:
+    match command:
+        case Reserve():
+            return _reserve(command)
+        case Commit():
+            return (
+                _scope(command.merchant_id, command.idempotency_key)
+                or _identifier("reservation_id", command.reservation_id)
+                or _commit_lines(command.lines)
+            )
+        case Release():
+            return _scope(command.merchant_id, command.idempotency_key) or _identifier(
+                "reservation_id", command.reservation_id
+            )
+        case Extend():
+            return (
+                _scope(command.merchant_id, command.idempotency_key)
+                or _identifier("reservation_id", command.reservation_id)
+                or _ttl(command.ttl_s, zero_is_default=False)
+            )
+        case AdjustStock():
+            return _key_scope(command.key, command.idempotency_key) or _adjust(command)
+        case SetStock():
+            return (
+                _key_scope(command.key, command.idempotency_key)
+                or _bounded("on_hand", command.on_hand, 0, limits.stock_quantity_max)
+                or _expected_version(command.expected_version)
+            )
+        case SetSafetyStock():
+            return (
+                _key_scope(command.key, command.idempotency_key)
+                or _bounded("safety_stock", command.safety_stock, 0, limits.stock_quantity_max)
+                or _expected_version(command.expected_version)
+            )
+        case Expire():
+            return None
+
+
+def effective_ttl_s(ttl_s: int) -> int:
+    """0 asks for the default TTL."""
+    return ttl_s or limits.reservation_ttl_s_default
+
+
+def _reserve(command: Reserve) -> Invalid | None:
+    if not command.lines:
+        return Invalid("lines", "must hold at least one line")
+    if len(command.lines) > limits.reserve_lines_max:
+        return Invalid(
+            "lines", f"at most {limits.reserve_lines_max} lines, got {len(command.lines)}"
+        )
+    first = command.lines[0].key
+    for index, line in enumerate(command.lines):
+        field = f"lines[{index}]"
+        problem = _key(f"{field}.key", line.key) or _bounded(
+            f"{field}.quantity", line.quantity, 1, limits.line_quantity_max
+        )
+        if problem:
+            return problem
+        if line.key.merchant_id != first.merchant_id:
+            return Invalid(f"{field}.key.merchant_id", "all lines must be at one merchant")
+        if line.key.location_id != first.location_id:
+            return Invalid(f"{field}.key.location_id", "all lines must be at one location")
+    return _idempotency_key(command.idempotency_key) or _ttl(command.ttl_s, zero_is_default=True)
+
+
+def _commit_lines(lines: tuple[Line, ...]) -> Invalid | None:
+    if len(lines) > limits.reserve_lines_max:
+        return Invalid("lines", f"at most {limits.reserve_lines_max} lines, got {len(lines)}")
+    seen: dict[InventoryKey, int] = {}
+    for index, line in enumerate(lines):
+        field = f"lines[{index}]"
+        problem = _key(f"{field}.key", line.key) or _bounded(
+            f"{field}.quantity", line.quantity, 0, limits.line_quantity_max
+        )
+        if problem:
+            return problem
+        if line.key in seen:
+            return Invalid(f"{field}.key", f"same key as lines[{seen[line.key]}]")
+        seen[line.key] = index
+    return None
+
+
+def _adjust(command: AdjustStock) -> Invalid | None:
+    if command.delta == 0:
+        return Invalid("delta", "must not be zero")
+    if abs(command.delta) > limits.adjust_delta_max:
+        return Invalid("delta", f"magnitude at most {limits.adjust_delta_max}")
+    if command.occurred_at_ms < 0:
+        return Invalid("occurred_at_ms", "must not be negative")
+    return None
+
+
+def _scope(merchant_id: str, idempotency_key: str) -> Invalid | None:
+    return _identifier("merchant_id", merchant_id) or _idempotency_key(idempotency_key)
+
+
+def _key_scope(key: InventoryKey, idempotency_key: str) -> Invalid | None:
+    return _key("key", key) or _idempotency_key(idempotency_key)
+
+
+def _key(field: str, key: InventoryKey) -> Invalid | None:
+    return (
+        _identifier(f"{field}.merchant_id", key.merchant_id)
+        or _identifier(f"{field}.sku_id", key.sku_id)
+        or _identifier(f"{field}.location_id", key.location_id)
+    )
+
+
+def _identifier(field: str, value: str) -> Invalid | None:
+    if not value:
+        return Invalid(field, "must not be empty")
+    if len(value) > limits.identifier_length_max:
+        return Invalid(field, f"at most {limits.identifier_length_max} characters")
+    if not IDENTIFIER_CHARACTERS.issuperset(value):
+        return Invalid(field, "only letters, digits and . _ : - are allowed")
+    return None
+
+
+def _idempotency_key(value: str) -> Invalid | None:
+    if not value:
+        return Invalid("idempotency_key", "must not be empty: every mutation carries one")
+    if len(value) > limits.idempotency_key_length_max:
+        return Invalid("idempotency_key", f"at most {limits.idempotency_key_length_max} characters")
+    return None
+
+
+def _ttl(ttl_s: int, *, zero_is_default: bool) -> Invalid | None:
+    if ttl_s == 0 and zero_is_default:
+        return None
+    return _bounded("ttl_s", ttl_s, limits.reservation_ttl_s_min, limits.reservation_ttl_s_max)
+
+
+def _expected_version(version: int | None) -> Invalid | None:
+    if version is not None and version < 0:
+        return Invalid("expected_version", "must not be negative")
+    return None
+
+
+def _bounded(field: str, value: int, low: int, high: int) -> Invalid | None:
+    if not low <= value <= high:
+        return Invalid(field, f"must be between {low} and {high}, got {value}")
+    return None

@@ -1,0 +1,76 @@
+"""The embedded servers keep their data across a stop and a start on the same directory."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+
+from persistence.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
+
+
+async def _execute(dsn: str, statement: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def _fetch_values(dsn: str, query: str) -> list[object]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        return [row[0] for row in await connection.fetch(query)]
+    finally:
+        await connection.close()
+
+
+def test_embedded_postgres_keeps_rows_across_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "postgres"
+    with EmbeddedPostgres() as postgres:
+        dsn = postgres.start(data_dir)
+        asyncio.run(_execute(dsn, "CREATE TABLE kept (sku text PRIMARY KEY)"))
+        asyncio.run(_execute(dsn, "INSERT INTO kept VALUES ('apple')"))
+    with pytest.raises(EmbeddedServerError):
+        _ = postgres.dsn  # stopped
+
+    with EmbeddedPostgres() as postgres:
+        dsn = postgres.start(data_dir)
+        assert asyncio.run(_fetch_values(dsn, "SELECT sku FROM kept")) == ["apple"]
+
+
+def test_embedded_postgres_refuses_second_start_on_same_object(tmp_path: Path) -> None:
+    with EmbeddedPostgres() as postgres:
+        postgres.start(tmp_path / "postgres")
+        with pytest.raises(EmbeddedServerError, match="already started"):
+            postgres.start(tmp_path / "other")
+
+
+def test_embedded_redis_keeps_keys_across_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "redis with space"
+    with EmbeddedRedis() as redis_server:
+        url = redis_server.start(data_dir)
+        assert url.startswith("redis://127.0.0.1:")
+        client = redis.Redis.from_url(url)
+        try:
+            client.set("stock:apple", b"7")
+        finally:
+            client.close()
+    assert not (data_dir / "redis.pid").exists()  # clean SHUTDOWN removes the pidfile
+
+    with EmbeddedRedis() as redis_server:
+        client = redis.Redis.from_url(redis_server.start(data_dir))
+        try:
+            assert client.get("stock:apple") == b"7"
+        finally:
+            client.close()
+
+
+def test_embedded_redis_refuses_a_second_server_on_the_same_files(tmp_path: Path) -> None:
+    with EmbeddedRedis() as first, EmbeddedRedis() as second:
+        first.start(tmp_path / "redis")
+        with pytest.raises(EmbeddedServerError, match="already running"):
+            second.start(tmp_path / "redis")
