@@ -6,8 +6,6 @@ exact part of its request.
 
 from __future__ import annotations
 
-import string
-
 from . import _limits as limits
 from ._commands import (
     AdjustStock,
@@ -23,7 +21,9 @@ from ._commands import (
 from ._model import InventoryKey, Line
 from ._outcomes import Invalid
 
-IDENTIFIER_CHARACTERS = frozenset(string.ascii_letters + string.digits + "._:-")
+IDENTIFIER_CHARACTERS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-"
+)
 
 
 def validate(command: Command) -> Invalid | None:

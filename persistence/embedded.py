@@ -61,6 +61,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = [
     "EmbeddedPostgres",
@@ -275,6 +277,9 @@ class EmbeddedRedis:
             port=self._port or 0,
             socket_timeout=REDIS_COMMAND_TIMEOUT_S,
             socket_connect_timeout=REDIS_COMMAND_TIMEOUT_S,
+            # No client-side retries: our loops own the waiting (redis-py >= 6 retries with
+            # backoff by default, which turns SHUTDOWN's closed socket into seconds of sleep).
+            retry=Retry(NoBackoff(), retries=0),
         )
 
     def _wait_until_ready(self) -> bool:

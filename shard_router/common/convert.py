@@ -1,0 +1,161 @@
+"""Protobuf <-> domain conversion: the only place that knows both shapes.
+
+Requests become core commands with ``now_ms=0``; the owner stamps the time when it applies
+them. Field checks are the core's (``inventory_core.validate``); this module only moves data.
+"""
+
+from __future__ import annotations
+
+from inventory.v1 import inventory_pb2 as pb
+
+from inventory_core import (
+    AdjustmentReason,
+    AdjustStock,
+    Commit,
+    Extend,
+    InventoryKey,
+    Line,
+    OverCommit,
+    Release,
+    Reservation,
+    ReservationState,
+    Reserve,
+    SetSafetyStock,
+    SetStock,
+    StockLevel,
+)
+
+STATE_TO_PROTO = {
+    ReservationState.ACTIVE: pb.RESERVATION_STATE_ACTIVE,
+    ReservationState.COMMITTED: pb.RESERVATION_STATE_COMMITTED,
+    ReservationState.RELEASED: pb.RESERVATION_STATE_RELEASED,
+    ReservationState.EXPIRED: pb.RESERVATION_STATE_EXPIRED,
+}
+STATE_FROM_PROTO = {v: k for k, v in STATE_TO_PROTO.items()}
+
+REASON_FROM_PROTO = {
+    pb.ADJUSTMENT_REASON_RECEIPT: AdjustmentReason.RECEIPT,
+    pb.ADJUSTMENT_REASON_SALE: AdjustmentReason.SALE,
+    pb.ADJUSTMENT_REASON_RETURN: AdjustmentReason.RETURN,
+    pb.ADJUSTMENT_REASON_SHRINKAGE: AdjustmentReason.SHRINKAGE,
+    pb.ADJUSTMENT_REASON_CORRECTION: AdjustmentReason.CORRECTION,
+    pb.ADJUSTMENT_REASON_TRANSFER: AdjustmentReason.TRANSFER,
+}
+
+
+def key_text(key: InventoryKey) -> str:
+    return f"{key.merchant_id}/{key.sku_id}@{key.location_id}"
+
+
+def key_from_proto(key: pb.InventoryKey) -> InventoryKey:
+    return InventoryKey(key.merchant_id, key.sku_id, key.location_id)
+
+
+def key_to_proto(key: InventoryKey) -> pb.InventoryKey:
+    return pb.InventoryKey(
+        merchant_id=key.merchant_id, sku_id=key.sku_id, location_id=key.location_id
+    )
+
+
+def lines_from_proto(lines: object) -> tuple[Line, ...]:
+    return tuple(Line(key_from_proto(line.key), line.quantity) for line in lines)  # type: ignore[attr-defined]
+
+
+def lines_to_proto(lines: tuple[Line, ...]) -> list[pb.ReservationLine]:
+    return [pb.ReservationLine(key=key_to_proto(x.key), quantity=x.quantity) for x in lines]
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+def reserve(request: pb.ReserveRequest) -> Reserve:
+    lines = lines_from_proto(request.lines)
+    merchant_id = lines[0].key.merchant_id if lines else ""
+    return Reserve(merchant_id, request.idempotency_key, lines, request.ttl_s, 0)
+
+
+def commit(request: pb.CommitRequest) -> Commit:
+    return Commit(
+        request.merchant_id,
+        request.idempotency_key,
+        request.reservation_id,
+        lines_from_proto(request.lines),
+        0,
+    )
+
+
+def release(request: pb.ReleaseRequest) -> Release:
+    return Release(request.merchant_id, request.idempotency_key, request.reservation_id, 0)
+
+
+def extend(request: pb.ExtendReservationRequest) -> Extend:
+    return Extend(
+        request.merchant_id, request.idempotency_key, request.reservation_id, request.ttl_s, 0
+    )
+
+
+def adjust_stock(request: pb.AdjustStockRequest) -> AdjustStock | str:
+    """The command, or the reason the adjustment reason is unusable."""
+    reason = REASON_FROM_PROTO.get(request.reason)
+    if reason is None:
+        return "must name why stock moved (receipt, sale, return, shrinkage, ...)"
+    return AdjustStock(
+        key_from_proto(request.key),
+        request.idempotency_key,
+        request.delta,
+        reason,
+        request.occurred_at_ms,
+        0,
+    )
+
+
+def set_stock(request: pb.SetStockRequest) -> SetStock:
+    expected = request.expected_version if request.HasField("expected_version") else None
+    return SetStock(
+        key_from_proto(request.key), request.idempotency_key, request.on_hand, expected, 0
+    )
+
+
+def set_safety_stock(request: pb.SetSafetyStockRequest) -> SetSafetyStock:
+    expected = request.expected_version if request.HasField("expected_version") else None
+    return SetSafetyStock(
+        key_from_proto(request.key), request.idempotency_key, request.safety_stock, expected, 0
+    )
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def level_to_proto(level: StockLevel) -> pb.StockLevel:
+    return pb.StockLevel(
+        key=key_to_proto(level.key),
+        on_hand=level.on_hand,
+        reserved=level.reserved,
+        safety_stock=level.safety_stock,
+        available=level.available,
+        sellable=level.sellable,
+        version=level.version,
+        exists=level.exists,
+    )
+
+
+def reservation_to_proto(reservation: Reservation) -> pb.Reservation:
+    return pb.Reservation(
+        reservation_id=reservation.reservation_id,
+        merchant_id=reservation.merchant_id,
+        location_id=reservation.location_id,
+        lines=lines_to_proto(reservation.lines),
+        state=STATE_TO_PROTO[reservation.state],
+        created_at_ms=reservation.created_at_ms,
+        expires_at_ms=reservation.expires_at_ms,
+        state_changed_at_ms=reservation.state_changed_at_ms,
+        committed_lines=lines_to_proto(reservation.committed_lines),
+    )
+
+
+def over_commit_to_proto(over: OverCommit | None) -> pb.OverCommit | None:
+    if over is None:
+        return None
+    return pb.OverCommit(
+        exposure=over.exposure, reservations_at_risk=list(over.reservations_at_risk)
+    )

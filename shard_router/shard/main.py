@@ -1,0 +1,97 @@
+"""Composition root of a shard process: wires persistence into the owner and serves gRPC.
+
+Start: migrate -> take its partitions (epoch bump) -> recover them (checkpoint + ledger
+tail) -> serve (health SERVING). Stop (SIGTERM/SIGINT): health NOT_SERVING, stop taking
+RPCs with a grace period, drain the owner's queue, write a last checkpoint, close the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+
+import asyncpg
+import structlog
+import uvloop
+from inventory.v1 import inventory_pb2
+
+from persistence.migrate import ensure_partitions, migrate
+from persistence.store import PartitionStore
+
+from ..common.config import ShardConfig
+from ..common.server import create_server, set_serving
+from ..common.telemetry import configure_logging
+from .owner import Owner
+from .service import InventoryService
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = inventory_pb2.DESCRIPTOR.services_by_name["Inventory"].full_name
+# Connections to PostgreSQL: one flush and one checkpoint at a time, plus recovery and reads.
+DATABASE_POOL_SIZE_MAX = 8
+# In-flight RPCs get this long to finish at shutdown.
+SHUTDOWN_GRACE_S = 5.0
+
+
+async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None:
+    started = time.monotonic()
+    pool = await asyncpg.create_pool(
+        config.database_url, min_size=2, max_size=DATABASE_POOL_SIZE_MAX
+    )
+    try:
+        async with pool.acquire() as connection:
+            await migrate(connection)
+            await ensure_partitions(connection, config.partition_count)
+        store = PartitionStore(pool)
+        partitions = list(range(config.partition_count))
+        owned = await store.acquire(partitions, config.shard_id)
+        loaded = await store.load(partitions)
+        owner = Owner(store)
+        owner.adopt(loaded, {o.partition: o.epoch for o in owned})
+        keys = sum(p.key_count for p in loaded.values())
+        live = sum(p.live_reservation_count for p in loaded.values())
+        server, health_servicer, port = create_server(config.listen, [SERVICE_NAME])
+        from inventory.v1 import inventory_pb2_grpc
+
+        inventory_pb2_grpc.add_InventoryServicer_to_server(InventoryService(owner), server)
+        await server.start()
+        await set_serving(health_servicer, [SERVICE_NAME], True)
+        log.info(
+            "shard_serving",
+            shard_id=config.shard_id,
+            port=port,
+            partitions=len(loaded),
+            keys=keys,
+            live_reservations=live,
+            startup_s=round(time.monotonic() - started, 3),
+        )
+        if ready is not None:
+            ready.set()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        owner_task = asyncio.create_task(owner.run())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({owner_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if owner_task.done():
+            owner_task.result()  # the loop died: raise its error (fail-stop the process)
+        log.info("shard_stopping", shard_id=config.shard_id)
+        await set_serving(health_servicer, [SERVICE_NAME], False)
+        await server.stop(SHUTDOWN_GRACE_S)
+        await owner.drain()
+        owner_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await owner_task
+        await owner.checkpoint_now()
+        await owner.close()
+        log.info("shard_stopped", shard_id=config.shard_id)
+    finally:
+        await pool.close()
+
+
+def main(config: ShardConfig) -> None:
+    configure_logging(config.log_level, f"shard:{config.shard_id}")
+    uvloop.run(serve(config))
