@@ -17,6 +17,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from google.rpc import status_pb2
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,10 +29,13 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 def generate(out_dir: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PACKAGE_DIR.glob("*.proto"))
     well_known = str(resources.files("grpc_tools") / "_proto")
+    # google/rpc/status.proto ships with googleapis-common-protos (a grpcio-status dependency).
+    googleapis = str(Path(status_pb2.__file__).resolve().parent.parent.parent)
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
+        f"-I{googleapis}",
         f"--python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--grpc_python_out={out_dir}",

@@ -32,6 +32,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -784,3 +785,174 @@ class SetSafetyStockResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetSafetyStockResponse: _TypeAlias = SetSafetyStockResponse  # noqa: Y015
+
+@_typing.final
+class BatchItem(_message.Message):
+    """One call inside a Batch stream. Each item keeps its own deadline and gets its own answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    GET_AVAILABILITY_FIELD_NUMBER: _builtins.int
+    RESERVE_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    EXTEND_RESERVATION_FIELD_NUMBER: _builtins.int
+    GET_RESERVATION_FIELD_NUMBER: _builtins.int
+    ADJUST_STOCK_FIELD_NUMBER: _builtins.int
+    SET_STOCK_FIELD_NUMBER: _builtins.int
+    SET_SAFETY_STOCK_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the sender, unique among its items in flight on the stream; echoed back."""
+    timeout_ms: _builtins.int
+    """Time the item may take from when the server receives it; 0 = the server default (10 s)."""
+    @_builtins.property
+    def get_availability(self) -> Global___GetAvailabilityRequest: ...
+    @_builtins.property
+    def reserve(self) -> Global___ReserveRequest: ...
+    @_builtins.property
+    def commit(self) -> Global___CommitRequest: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseRequest: ...
+    @_builtins.property
+    def extend_reservation(self) -> Global___ExtendReservationRequest: ...
+    @_builtins.property
+    def get_reservation(self) -> Global___GetReservationRequest: ...
+    @_builtins.property
+    def adjust_stock(self) -> Global___AdjustStockRequest: ...
+    @_builtins.property
+    def set_stock(self) -> Global___SetStockRequest: ...
+    @_builtins.property
+    def set_safety_stock(self) -> Global___SetSafetyStockRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
+        get_availability: Global___GetAvailabilityRequest | None = ...,
+        reserve: Global___ReserveRequest | None = ...,
+        commit: Global___CommitRequest | None = ...,
+        release: Global___ReleaseRequest | None = ...,
+        extend_reservation: Global___ExtendReservationRequest | None = ...,
+        get_reservation: Global___GetReservationRequest | None = ...,
+        adjust_stock: Global___AdjustStockRequest | None = ...,
+        set_stock: Global___SetStockRequest | None = ...,
+        set_safety_stock: Global___SetSafetyStockRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "id", b"id", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___BatchItem: _TypeAlias = BatchItem  # noqa: Y015
+
+@_typing.final
+class BatchItemResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    GET_AVAILABILITY_FIELD_NUMBER: _builtins.int
+    RESERVE_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    EXTEND_RESERVATION_FIELD_NUMBER: _builtins.int
+    GET_RESERVATION_FIELD_NUMBER: _builtins.int
+    ADJUST_STOCK_FIELD_NUMBER: _builtins.int
+    SET_STOCK_FIELD_NUMBER: _builtins.int
+    SET_SAFETY_STOCK_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """The item failed: the same status (code, message, details) the unary call would return."""
+
+    @_builtins.property
+    def get_availability(self) -> Global___GetAvailabilityResponse: ...
+    @_builtins.property
+    def reserve(self) -> Global___ReserveResponse: ...
+    @_builtins.property
+    def commit(self) -> Global___CommitResponse: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseResponse: ...
+    @_builtins.property
+    def extend_reservation(self) -> Global___ExtendReservationResponse: ...
+    @_builtins.property
+    def get_reservation(self) -> Global___GetReservationResponse: ...
+    @_builtins.property
+    def adjust_stock(self) -> Global___AdjustStockResponse: ...
+    @_builtins.property
+    def set_stock(self) -> Global___SetStockResponse: ...
+    @_builtins.property
+    def set_safety_stock(self) -> Global___SetSafetyStockResponse: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        error: _status_pb2.Status | None = ...,
+        get_availability: Global___GetAvailabilityResponse | None = ...,
+        reserve: Global___ReserveResponse | None = ...,
+        commit: Global___CommitResponse | None = ...,
+        release: Global___ReleaseResponse | None = ...,
+        extend_reservation: Global___ExtendReservationResponse | None = ...,
+        get_reservation: Global___GetReservationResponse | None = ...,
+        adjust_stock: Global___AdjustStockResponse | None = ...,
+        set_stock: Global___SetStockResponse | None = ...,
+        set_safety_stock: Global___SetSafetyStockResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "id", b"id", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___BatchItemResult: _TypeAlias = BatchItemResult  # noqa: Y015
+
+@_typing.final
+class BatchRequest(_message.Message):
+    """1 to 1000 items."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___BatchItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchRequest: _TypeAlias = BatchRequest  # noqa: Y015
+
+@_typing.final
+class BatchResponse(_message.Message):
+    """Results in any order and possibly split over several messages: match them by id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchItemResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchItemResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchResponse: _TypeAlias = BatchResponse  # noqa: Y015

@@ -79,6 +79,11 @@ class InventoryStub:
                 request_serializer=inventory_dot_v1_dot_inventory__pb2.SetSafetyStockRequest.SerializeToString,
                 response_deserializer=inventory_dot_v1_dot_inventory__pb2.SetSafetyStockResponse.FromString,
                 _registered_method=True)
+        self.Batch = channel.stream_stream(
+                '/inventory.v1.Inventory/Batch',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.BatchRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.BatchResponse.FromString,
+                _registered_method=True)
 
 
 class InventoryServicer:
@@ -145,6 +150,15 @@ class InventoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Batch(self, request_iterator, context):
+        """Many calls over one long-lived stream: tens of times the throughput of unary calls per
+        core. Items of one request are applied together where they share an owner, each with
+        its own deadline and answer. The Python client (shard_router.client) batches for you.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InventoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +206,11 @@ def add_InventoryServicer_to_server(servicer, server):
                     servicer.SetSafetyStock,
                     request_deserializer=inventory_dot_v1_dot_inventory__pb2.SetSafetyStockRequest.FromString,
                     response_serializer=inventory_dot_v1_dot_inventory__pb2.SetSafetyStockResponse.SerializeToString,
+            ),
+            'Batch': grpc.stream_stream_rpc_method_handler(
+                    servicer.Batch,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.BatchRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.BatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +456,33 @@ class Inventory:
             '/inventory.v1.Inventory/SetSafetyStock',
             inventory_dot_v1_dot_inventory__pb2.SetSafetyStockRequest.SerializeToString,
             inventory_dot_v1_dot_inventory__pb2.SetSafetyStockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Batch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inventory.v1.Inventory/Batch',
+            inventory_dot_v1_dot_inventory__pb2.BatchRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.BatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,11 @@ class InventoryStub:
     SetStock: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.SetStockRequest, _inventory_pb2.SetStockResponse]
     """Set on_hand absolutely (a count or a bulk import), optionally compare-and-set."""
     SetSafetyStock: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.SetSafetyStockRequest, _inventory_pb2.SetSafetyStockResponse]
+    Batch: _grpc.StreamStreamMultiCallable[_inventory_pb2.BatchRequest, _inventory_pb2.BatchResponse]
+    """Many calls over one long-lived stream: tens of times the throughput of unary calls per
+    core. Items of one request are applied together where they share an owner, each with
+    its own deadline and answer. The Python client (shard_router.client) batches for you.
+    """
 
 @_typing.type_check_only
 class InventoryAsyncStub(InventoryStub):
@@ -91,6 +96,11 @@ class InventoryAsyncStub(InventoryStub):
     SetStock: _aio.UnaryUnaryMultiCallable[_inventory_pb2.SetStockRequest, _inventory_pb2.SetStockResponse]  # type: ignore[assignment]
     """Set on_hand absolutely (a count or a bulk import), optionally compare-and-set."""
     SetSafetyStock: _aio.UnaryUnaryMultiCallable[_inventory_pb2.SetSafetyStockRequest, _inventory_pb2.SetSafetyStockResponse]  # type: ignore[assignment]
+    Batch: _aio.StreamStreamMultiCallable[_inventory_pb2.BatchRequest, _inventory_pb2.BatchResponse]  # type: ignore[assignment]
+    """Many calls over one long-lived stream: tens of times the throughput of unary calls per
+    core. Items of one request are applied together where they share an owner, each with
+    its own deadline and answer. The Python client (shard_router.client) batches for you.
+    """
 
 class InventoryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -162,5 +172,16 @@ class InventoryServicer(metaclass=_abc_1.ABCMeta):
         request: _inventory_pb2.SetSafetyStockRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inventory_pb2.SetSafetyStockResponse, _abc.Awaitable[_inventory_pb2.SetSafetyStockResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Batch(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inventory_pb2.BatchRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inventory_pb2.BatchResponse], _abc.AsyncIterator[_inventory_pb2.BatchResponse]]:
+        """Many calls over one long-lived stream: tens of times the throughput of unary calls per
+        core. Items of one request are applied together where they share an owner, each with
+        its own deadline and answer. The Python client (shard_router.client) batches for you.
+        """
 
 def add_InventoryServicer_to_server(servicer: InventoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
