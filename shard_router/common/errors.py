@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from inventory.v1 import errors_pb2
 
 from inventory_core import (
@@ -45,6 +45,8 @@ CODES: dict[type[Rejection], tuple[grpc.StatusCode, str]] = {
     InsufficientStock: (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_STOCK"),
 }
 REASONS = {reason: kind for kind, (_, reason) in CODES.items()}
+# ErrorInfo reason of a redirect: the partition lives elsewhere, or is being recovered.
+NOT_OWNER = "NOT_OWNER"
 
 
 def rejection_to_status(rejection: Rejection) -> status_pb2.Status:
@@ -60,6 +62,23 @@ def status(code: grpc.StatusCode, message: str, *details: object) -> status_pb2.
         any_detail.Pack(detail)  # type: ignore[arg-type]
         packed.append(any_detail)
     return status_pb2.Status(code=code.value[0], message=message, details=packed)
+
+
+def not_owner_status(partition: int, message: str) -> status_pb2.Status:
+    """UNAVAILABLE, retryable: this process does not own the partition (now)."""
+    info = error_details_pb2.ErrorInfo(
+        reason=NOT_OWNER, domain=DOMAIN, metadata={"partition": str(partition)}
+    )
+    return status(grpc.StatusCode.UNAVAILABLE, message, info)
+
+
+def is_not_owner(status_message: status_pb2.Status) -> bool:
+    for detail in status_message.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return bool(info.domain == DOMAIN and info.reason == NOT_OWNER)
+    return False
 
 
 def _message(rejection: Rejection) -> str:
@@ -177,6 +196,3 @@ def _from_detail(kind: type[Rejection], typed: dict[str, any_pb2.Any]) -> Reject
             for line in short.lines
         )
     )
-
-
-CODE_UNAVAILABLE = code_pb2.UNAVAILABLE

@@ -1,17 +1,21 @@
-"""The public Inventory API served by a shard over its Owner.
+"""The public Inventory API served by a shard over its Owner, unary and batched.
 
-Each handler: convert the request, check its shape with the core's rules (before it is
-routed or queued), submit it to the owner of its partition with the caller's deadline, and
-map the outcome through the one error table. No stock rule lives here.
+Each call: convert the request, check its shape with the core's rules (before it is routed
+or queued), submit it to the owner of its partition with its deadline, and map the outcome
+through the one error table. A refusal is a ``Refusal`` carrying the google.rpc.Status the
+unary call aborts with, or the Batch stream returns as that item's result. No stock rule
+lives here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
@@ -23,6 +27,7 @@ from inventory_core import (
     Invalid,
     InventoryKey,
     Outcome,
+    Rejection,
     Released,
     ReservationNotFound,
     Reserved,
@@ -35,144 +40,220 @@ from inventory_core import (
     validate,
 )
 
-from ..common import convert, errors
+from ..common import batching, convert, errors
 from .owner import DeadlineExpired, FlushFailed, NotOwner, Overloaded, Owner
 
 T = TypeVar("T")
 
 
-class InventoryService(pb_grpc.InventoryServicer):
+class Refusal(Exception):
+    """A call's answer is this status (code, message, details)."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+    @staticmethod
+    def of(rejection: Rejection) -> Refusal:
+        return Refusal(errors.rejection_to_status(rejection))
+
+
+class Calls:
+    """Every call as ``request, deadline -> response``, raising ``Refusal``."""
+
     def __init__(self, owner: Owner) -> None:
         self._owner = owner
 
-    async def GetAvailability(
-        self, request: pb.GetAvailabilityRequest, context: grpc.aio.ServicerContext
+    async def get_availability(
+        self, request: pb.GetAvailabilityRequest, deadline: float | None
     ) -> pb.GetAvailabilityResponse:
         keys = [convert.key_from_proto(k) for k in request.keys]
         if not keys or len(keys) > limits.availability_keys_max:
-            await _reject(context, Invalid("keys", f"1 to {limits.availability_keys_max} keys"))
+            raise Refusal.of(Invalid("keys", f"1 to {limits.availability_keys_max} keys"))
         by_partition: dict[int, list[int]] = {}
         for index, key in enumerate(keys):
             problem = validate_key(f"keys[{index}]", key)
             if problem:
-                await _reject(context, problem)
-            by_partition.setdefault(partition_of(key.merchant_id, key.location_id), []).append(
-                index
+                raise Refusal.of(problem)
+            partition = partition_of(key.merchant_id, key.location_id)
+            by_partition.setdefault(partition, []).append(index)
+        levels: list[pb.StockLevel] = [pb.StockLevel()] * len(keys)
+        answers = await asyncio.gather(
+            *(
+                _guard(self._owner.levels(p, tuple(keys[i] for i in indexes), deadline))
+                for p, indexes in by_partition.items()
             )
-        levels: list[pb.StockLevel | None] = [None] * len(keys)
-        deadline = _deadline(context)
-        for partition, indexes in by_partition.items():
-            found = await _guard(
-                context,
-                self._owner.levels(partition, tuple(keys[i] for i in indexes), deadline),
-            )
+        )
+        for indexes, found in zip(by_partition.values(), answers, strict=True):
             for index, level in zip(indexes, found, strict=True):
                 levels[index] = convert.level_to_proto(level)
-        return pb.GetAvailabilityResponse(levels=[lv for lv in levels if lv], staleness_ms=0)
+        return pb.GetAvailabilityResponse(levels=levels, staleness_ms=0)
 
-    async def Reserve(
-        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
+    async def reserve(
+        self, request: pb.ReserveRequest, deadline: float | None
     ) -> pb.ReserveResponse:
         command = convert.reserve(request)
-        outcome = await self._mutate(context, command, _partition_of_lines(command.lines))
+        lines = command.lines
+        partition = partition_of(lines[0].key.merchant_id, lines[0].key.location_id) if lines else 0
+        outcome = await self._mutate(command, partition, deadline)
         assert isinstance(outcome, Reserved)
         return pb.ReserveResponse(
             reservation=convert.reservation_to_proto(outcome.reservation),
             levels=[convert.level_to_proto(level) for level in outcome.levels],
         )
 
-    async def Commit(
-        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CommitResponse:
+    async def commit(self, request: pb.CommitRequest, deadline: float | None) -> pb.CommitResponse:
         command = convert.commit(request)
-        outcome = await self._mutate(
-            context, command, partition_of_reservation(command.reservation_id)
-        )
+        partition = partition_of_reservation(command.reservation_id)
+        outcome = await self._mutate(command, partition, deadline)
         assert isinstance(outcome, Committed)
         return pb.CommitResponse(
             reservation=convert.reservation_to_proto(outcome.reservation),
             levels=[convert.level_to_proto(level) for level in outcome.levels],
         )
 
-    async def Release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    async def release(
+        self, request: pb.ReleaseRequest, deadline: float | None
     ) -> pb.ReleaseResponse:
         command = convert.release(request)
-        outcome = await self._mutate(
-            context, command, partition_of_reservation(command.reservation_id)
-        )
+        partition = partition_of_reservation(command.reservation_id)
+        outcome = await self._mutate(command, partition, deadline)
         assert isinstance(outcome, Released)
         return pb.ReleaseResponse(
             reservation=convert.reservation_to_proto(outcome.reservation),
             levels=[convert.level_to_proto(level) for level in outcome.levels],
         )
 
-    async def ExtendReservation(
-        self, request: pb.ExtendReservationRequest, context: grpc.aio.ServicerContext
+    async def extend_reservation(
+        self, request: pb.ExtendReservationRequest, deadline: float | None
     ) -> pb.ExtendReservationResponse:
         command = convert.extend(request)
-        outcome = await self._mutate(
-            context, command, partition_of_reservation(command.reservation_id)
-        )
+        partition = partition_of_reservation(command.reservation_id)
+        outcome = await self._mutate(command, partition, deadline)
         assert isinstance(outcome, Extended)
         return pb.ExtendReservationResponse(
             reservation=convert.reservation_to_proto(outcome.reservation)
         )
 
-    async def GetReservation(
-        self, request: pb.GetReservationRequest, context: grpc.aio.ServicerContext
+    async def get_reservation(
+        self, request: pb.GetReservationRequest, deadline: float | None
     ) -> pb.GetReservationResponse:
         partition = partition_of_reservation(request.reservation_id)
         if partition is None:
-            await _reject(context, ReservationNotFound(request.reservation_id))
+            raise Refusal.of(ReservationNotFound(request.reservation_id))
         found = await _guard(
-            context,
             self._owner.reservation(
-                partition, request.merchant_id, request.reservation_id, _deadline(context)
-            ),
+                partition, request.merchant_id, request.reservation_id, deadline
+            )
         )
         if found is None:
-            await _reject(context, ReservationNotFound(request.reservation_id))
+            raise Refusal.of(ReservationNotFound(request.reservation_id))
         return pb.GetReservationResponse(reservation=convert.reservation_to_proto(found))
+
+    async def adjust_stock(
+        self, request: pb.AdjustStockRequest, deadline: float | None
+    ) -> pb.AdjustStockResponse:
+        command = convert.adjust_stock(request)
+        if isinstance(command, str):
+            raise Refusal.of(Invalid("reason", command))
+        level, over_commit = await self._stock_change(command, deadline)
+        return pb.AdjustStockResponse(level=level, over_commit=over_commit)
+
+    async def set_stock(
+        self, request: pb.SetStockRequest, deadline: float | None
+    ) -> pb.SetStockResponse:
+        level, over_commit = await self._stock_change(convert.set_stock(request), deadline)
+        return pb.SetStockResponse(level=level, over_commit=over_commit)
+
+    async def set_safety_stock(
+        self, request: pb.SetSafetyStockRequest, deadline: float | None
+    ) -> pb.SetSafetyStockResponse:
+        level, over_commit = await self._stock_change(convert.set_safety_stock(request), deadline)
+        return pb.SetSafetyStockResponse(level=level, over_commit=over_commit)
+
+    async def _stock_change(
+        self, command: ClientCommand, deadline: float | None
+    ) -> tuple[pb.StockLevel, pb.OverCommit | None]:
+        key: InventoryKey = command.key  # type: ignore[union-attr]
+        outcome = await self._mutate(
+            command, partition_of(key.merchant_id, key.location_id), deadline
+        )
+        assert isinstance(outcome, StockChanged)
+        return convert.level_to_proto(outcome.level), convert.over_commit_to_proto(
+            outcome.over_commit
+        )
+
+    async def _mutate(
+        self, command: ClientCommand, partition: int | None, deadline: float | None
+    ) -> Outcome:
+        invalid = validate(command)
+        if invalid is not None:
+            raise Refusal.of(invalid)
+        if partition is None:  # a reservation id that is not one of ours
+            raise Refusal.of(ReservationNotFound(getattr(command, "reservation_id", "")))
+        outcome = await _guard(self._owner.mutate(partition, command, deadline))
+        if not is_accepted(outcome):
+            raise Refusal.of(outcome)  # type: ignore[arg-type]
+        return outcome
+
+
+class InventoryService(pb_grpc.InventoryServicer):
+    """gRPC surface: unary methods and the Batch stream over the same ``Calls``."""
+
+    def __init__(self, owner: Owner) -> None:
+        self._calls = Calls(owner)
+        self._dispatch = batching.dispatch_table(self._calls)
+
+    async def GetAvailability(
+        self, request: pb.GetAvailabilityRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetAvailabilityResponse:
+        return await _unary(context, self._calls.get_availability(request, _deadline(context)))
+
+    async def Reserve(
+        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReserveResponse:
+        return await _unary(context, self._calls.reserve(request, _deadline(context)))
+
+    async def Commit(
+        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CommitResponse:
+        return await _unary(context, self._calls.commit(request, _deadline(context)))
+
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        return await _unary(context, self._calls.release(request, _deadline(context)))
+
+    async def ExtendReservation(
+        self, request: pb.ExtendReservationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExtendReservationResponse:
+        return await _unary(context, self._calls.extend_reservation(request, _deadline(context)))
+
+    async def GetReservation(
+        self, request: pb.GetReservationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetReservationResponse:
+        return await _unary(context, self._calls.get_reservation(request, _deadline(context)))
 
     async def AdjustStock(
         self, request: pb.AdjustStockRequest, context: grpc.aio.ServicerContext
     ) -> pb.AdjustStockResponse:
-        command = convert.adjust_stock(request)
-        if isinstance(command, str):
-            await _reject(context, Invalid("reason", command))
-        outcome = await self._mutate(context, command, _partition_of_key(command.key))
-        level, over_commit = _stock_changed(outcome)
-        return pb.AdjustStockResponse(level=level, over_commit=over_commit)
+        return await _unary(context, self._calls.adjust_stock(request, _deadline(context)))
 
     async def SetStock(
         self, request: pb.SetStockRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetStockResponse:
-        command = convert.set_stock(request)
-        outcome = await self._mutate(context, command, _partition_of_key(command.key))
-        level, over_commit = _stock_changed(outcome)
-        return pb.SetStockResponse(level=level, over_commit=over_commit)
+        return await _unary(context, self._calls.set_stock(request, _deadline(context)))
 
     async def SetSafetyStock(
         self, request: pb.SetSafetyStockRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetSafetyStockResponse:
-        command = convert.set_safety_stock(request)
-        outcome = await self._mutate(context, command, _partition_of_key(command.key))
-        level, over_commit = _stock_changed(outcome)
-        return pb.SetSafetyStockResponse(level=level, over_commit=over_commit)
+        return await _unary(context, self._calls.set_safety_stock(request, _deadline(context)))
 
-    async def _mutate(
-        self, context: grpc.aio.ServicerContext, command: ClientCommand, partition: int | None
-    ) -> Outcome:
-        invalid = validate(command)
-        if invalid is not None:
-            await _reject(context, invalid)
-        if partition is None:  # a reservation id that is not one of ours
-            await _reject(context, ReservationNotFound(getattr(command, "reservation_id", "")))
-        outcome = await _guard(context, self._owner.mutate(partition, command, _deadline(context)))
-        if not is_accepted(outcome):
-            await _reject(context, outcome)
-        return outcome
+    async def Batch(
+        self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BatchResponse]:
+        async for response in batching.serve_stream(requests, self._dispatch, _refusal_status):
+            yield response
 
 
 def validate_key(field: str, key: InventoryKey) -> Invalid | None:
@@ -183,51 +264,36 @@ def validate_key(field: str, key: InventoryKey) -> Invalid | None:
     return Invalid(problem.field.replace("key", field, 1), problem.reason)
 
 
-def _partition_of_lines(lines: tuple[object, ...]) -> int | None:
-    if not lines:
-        return 0  # refused by validation before it is routed
-    key = lines[0].key  # type: ignore[attr-defined]
-    return partition_of(key.merchant_id, key.location_id)
-
-
-def _partition_of_key(key: InventoryKey) -> int:
-    return partition_of(key.merchant_id, key.location_id)
-
-
-def _stock_changed(outcome: Outcome) -> tuple[pb.StockLevel, pb.OverCommit | None]:
-    assert isinstance(outcome, StockChanged)
-    return convert.level_to_proto(outcome.level), convert.over_commit_to_proto(outcome.over_commit)
-
-
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def _reject(context: grpc.aio.ServicerContext, rejection: object) -> NoReturn:
-    await _abort(context, errors.rejection_to_status(rejection))  # type: ignore[arg-type]
+def _refusal_status(error: Exception) -> status_pb2.Status | None:
+    return error.status if isinstance(error, Refusal) else None
 
 
-async def _abort(context: grpc.aio.ServicerContext, status: object) -> NoReturn:
-    await context.abort_with_status(rpc_status.to_status(status))
-    raise AssertionError("abort_with_status returned")
+async def _unary(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except Refusal as refusal:
+        await context.abort_with_status(rpc_status.to_status(refusal.status))
+        raise AssertionError("abort_with_status returned") from refusal
 
 
-async def _guard(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+async def _guard(call: Awaitable[T]) -> T:
     """Await the owner, turning its refusals into statuses."""
     try:
         return await call
     except NotOwner as error:
-        await _abort(context, errors.status(grpc.StatusCode.UNAVAILABLE, str(error)))
+        raise Refusal(errors.not_owner_status(error.partition, str(error))) from None
     except Overloaded as error:
-        await _abort(context, errors.status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)))
+        raise Refusal(errors.status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))) from None
     except DeadlineExpired:
-        await _abort(
-            context,
-            errors.status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed; nothing applied"),
-        )
+        message = "deadline passed; nothing applied"
+        raise Refusal(errors.status(grpc.StatusCode.DEADLINE_EXCEEDED, message)) from None
     except FlushFailed as error:
-        await _abort(context, errors.status(grpc.StatusCode.UNAVAILABLE, str(error)))
+        raise Refusal(errors.status(grpc.StatusCode.UNAVAILABLE, str(error))) from None
 
 
 Handler = Callable[..., Awaitable[object]]

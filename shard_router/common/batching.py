@@ -1,0 +1,134 @@
+"""Serving the ``Inventory.Batch`` stream over a set of calls (shard and router alike).
+
+Each ``BatchRequest`` read from the stream becomes one task that runs its items
+concurrently (so the owner applies them in one pump batch) and answers with one
+``BatchResponse`` when they are all done; several requests may be in flight on a stream at
+once, and their responses leave in completion order, matched to items by id. Every item has
+its own deadline (``timeout_ms``, else ``item_timeout_s_default``) and its own answer: a
+refusal is that item's ``error`` status, exactly what the unary call would return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+import structlog
+from google.rpc import status_pb2
+from inventory.v1 import inventory_pb2 as pb
+
+from . import errors
+
+log = structlog.get_logger(__name__)
+
+# The oneof fields of BatchItem; the calls object has a method of the same name for each.
+CALL_FIELDS = (
+    "get_availability",
+    "reserve",
+    "commit",
+    "release",
+    "extend_reservation",
+    "get_reservation",
+    "adjust_stock",
+    "set_stock",
+    "set_safety_stock",
+)
+# Items per BatchRequest: bounds one message and one task's fan-out.
+BATCH_ITEMS_MAX = 1000
+# Items in flight on one stream; past it, new items are refused RESOURCE_EXHAUSTED at once
+# (back-pressure to the sender rather than an unbounded backlog).
+STREAM_ITEMS_IN_FLIGHT_MAX = 20_000
+# An item without timeout_ms gets this long, like a unary call with a 10 s deadline.
+ITEM_TIMEOUT_S_DEFAULT = 10.0
+
+Call = Callable[[Any, float | None], Awaitable[Any]]
+
+
+class Calls(Protocol):
+    def __getattr__(self, name: str) -> Call: ...
+
+
+def dispatch_table(calls: object) -> dict[str, Call]:
+    return {name: getattr(calls, name) for name in CALL_FIELDS}
+
+
+async def run_item(
+    item: pb.BatchItem,
+    dispatch: dict[str, Call],
+    refusal_status: Callable[[Exception], status_pb2.Status | None],
+) -> pb.BatchItemResult:
+    name = item.WhichOneof("call")
+    if name is None:
+        message = "items[].call: one call must be set"
+        return pb.BatchItemResult(
+            id=item.id, error=errors.status(grpc.StatusCode.INVALID_ARGUMENT, message)
+        )
+    timeout_s = item.timeout_ms / 1000 if item.timeout_ms else ITEM_TIMEOUT_S_DEFAULT
+    try:
+        response = await dispatch[name](getattr(item, name), time.monotonic() + timeout_s)
+    except Exception as error:
+        status = refusal_status(error)
+        if status is None:
+            log.exception("batch_item_failed", call=name)
+            status = errors.status(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
+        return pb.BatchItemResult(id=item.id, error=status)
+    result = pb.BatchItemResult(id=item.id)
+    getattr(result, name).CopyFrom(response)
+    return result
+
+
+async def serve_stream(
+    requests: AsyncIterator[pb.BatchRequest],
+    dispatch: dict[str, Call],
+    refusal_status: Callable[[Exception], status_pb2.Status | None],
+) -> AsyncIterator[pb.BatchResponse]:
+    """Answer every request of the stream; stops when the sender closes and all are answered."""
+    responses: asyncio.Queue[pb.BatchResponse | None] = asyncio.Queue()
+    in_flight = 0
+
+    async def answer(items: list[pb.BatchItem]) -> None:
+        nonlocal in_flight
+        try:
+            results = await asyncio.gather(*(run_item(i, dispatch, refusal_status) for i in items))
+            await responses.put(pb.BatchResponse(results=results))
+        finally:
+            in_flight -= len(items)
+
+    async def read() -> None:
+        nonlocal in_flight
+        async with asyncio.TaskGroup() as group:
+            async for request in requests:
+                admitted, refused = _admit(request.items, STREAM_ITEMS_IN_FLIGHT_MAX - in_flight)
+                if refused:
+                    await responses.put(pb.BatchResponse(results=refused))
+                if admitted:
+                    in_flight += len(admitted)
+                    group.create_task(answer(admitted))
+        await responses.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (response := await responses.get()) is not None:
+            yield response
+        await reader
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+def _admit(items: Any, room: int) -> tuple[list[pb.BatchItem], list[pb.BatchItemResult]]:
+    items = list(items)
+    if len(items) > BATCH_ITEMS_MAX:
+        message = f"items: at most {BATCH_ITEMS_MAX} per BatchRequest, got {len(items)}"
+        status = errors.status(grpc.StatusCode.INVALID_ARGUMENT, message)
+        return [], [pb.BatchItemResult(id=i.id, error=status) for i in items]
+    if len(items) > room:
+        message = f"{STREAM_ITEMS_IN_FLIGHT_MAX} items already in flight on this stream"
+        status = errors.status(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        return items[:room], [pb.BatchItemResult(id=i.id, error=status) for i in items[room:]]
+    return items, []
