@@ -204,6 +204,7 @@ def reservation_to_data(reservation: Reservation) -> Data:
         "state_changed_at_ms": reservation.state_changed_at_ms,
         "committed_lines": lines_to_data(reservation.committed_lines),
         "created_lsn": reservation.created_lsn,
+        "finished_lsn": reservation.finished_lsn,
     }
 
 
@@ -219,6 +220,7 @@ def reservation_from_data(data: Data) -> Reservation:
         state_changed_at_ms=int(data["state_changed_at_ms"]),
         committed_lines=lines_from_data(data["committed_lines"]),
         created_lsn=int(data["created_lsn"]),
+        finished_lsn=int(data["finished_lsn"]),
     )
 
 

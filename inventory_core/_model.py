@@ -128,6 +128,8 @@ class Reservation:
     committed_lines: tuple[Line, ...] = field(default=())
     # The lsn of the record that created it: orders reservations by age.
     created_lsn: int = 0
+    # The lsn of the record that committed, released or expired it (0 while active).
+    finished_lsn: int = 0
 
 
 def reservation_id_for(partition: int, lsn: int) -> str:

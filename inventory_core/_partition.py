@@ -346,7 +346,7 @@ class Partition:
                 on_hand=row.on_hand - taken[key],
             )
         committed = tuple(Line(k, q) for k, q in taken.items() if q > 0)
-        done = self._finish(found, ReservationState.COMMITTED, command.now_ms, committed)
+        done = self._finish(found, ReservationState.COMMITTED, lsn, command.now_ms, committed)
         return Committed(done, self._levels_now(held))
 
     def _release(self, command: Release, lsn: int, events: list[AvailabilityChanged]) -> Outcome:
@@ -354,7 +354,7 @@ class Partition:
         if not isinstance(found, Reservation):
             return found
         self._return_holds(found, lsn, command.now_ms, ChangeReason.RELEASE, events)
-        done = self._finish(found, ReservationState.RELEASED, command.now_ms, ())
+        done = self._finish(found, ReservationState.RELEASED, lsn, command.now_ms, ())
         return Released(done, self._levels_now({line.key: 0 for line in found.lines}))
 
     def _extend(self, command: Extend) -> Outcome:
@@ -366,12 +366,14 @@ class Partition:
         return Extended(extended)
 
     def _expire(self, command: Expire, lsn: int, events: list[AvailabilityChanged]) -> Outcome:
-        for reservation_id in command.reservation_ids:
+        # In id order: the order finished reservations are kept (and forgotten) in must be
+        # one a checkpoint can restore, by (finished_lsn, reservation_id).
+        for reservation_id in sorted(command.reservation_ids):
             found = self._live.get(reservation_id)
             if found is None or found.expires_at_ms > command.now_ms:
                 raise AssertionError(f"expiry of {reservation_id} that is not due: {found}")
             self._return_holds(found, lsn, command.now_ms, ChangeReason.EXPIRY, events)
-            self._finish(found, ReservationState.EXPIRED, command.now_ms, ())
+            self._finish(found, ReservationState.EXPIRED, lsn, command.now_ms, ())
         return Expired(command.reservation_ids)
 
     def _set_counts(
@@ -454,11 +456,16 @@ class Partition:
         self,
         reservation: Reservation,
         state: ReservationState,
+        lsn: int,
         now_ms: int,
         committed: tuple[Line, ...],
     ) -> Reservation:
         done = replace(
-            reservation, state=state, state_changed_at_ms=now_ms, committed_lines=committed
+            reservation,
+            state=state,
+            state_changed_at_ms=now_ms,
+            committed_lines=committed,
+            finished_lsn=lsn,
         )
         del self._live[reservation.reservation_id]
         for line in reservation.lines:
@@ -628,7 +635,9 @@ class Partition:
         """Rebuild from a checkpoint; the ledger records after ``lsn`` are replayed next."""
         restored = cls(partition, lsn)
         restored._stock = dict(stock)
-        ordered = sorted(reservations, key=lambda r: (r.state_changed_at_ms, r.created_lsn))
+        # Live keeps finished reservations in the order they finished: by the lsn that
+        # finished them, then by id within one record (see _expire).
+        ordered = sorted(reservations, key=lambda r: (r.finished_lsn, r.reservation_id))
         for reservation in ordered:
             if reservation.state is ReservationState.ACTIVE:
                 restored._put_live(reservation)
@@ -643,7 +652,7 @@ class Partition:
             holders_sorted = {rid: holders[rid] for rid in ordered_ids}
             holders.clear()
             holders.update(holders_sorted)
-        for entry in sorted(idempotency, key=lambda e: (e.recorded_at_ms, e.lsn)):
+        for entry in sorted(idempotency, key=lambda e: e.lsn):  # live order: by lsn
             restored._idempotency[(entry.merchant_id, entry.idempotency_key)] = entry
         restored._dirty = _Dirty()
         restored._checkpoint_full_pending = False

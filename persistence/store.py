@@ -50,6 +50,14 @@ Connection: TypeAlias = (
 )
 
 
+# Every statement that changes partition rows first locks them in partition order, so a
+# takeover and a flush over overlapping partitions queue behind each other instead of
+# deadlocking. MATERIALIZED keeps the locking query from being folded into the UPDATE.
+LOCK_IN_ORDER = """WITH locked AS MATERIALIZED (
+        SELECT partition FROM partitions WHERE partition = ANY($1::integer[])
+         ORDER BY partition FOR UPDATE)"""
+
+
 class FencedOut(Exception):
     """Another owner took these partitions: this process must stop serving them."""
 
@@ -83,10 +91,11 @@ class PartitionStore:
     async def acquire(self, partitions: Sequence[int], owner: str) -> list[Owned]:
         """Take partitions: bump their epochs, fencing whoever held them."""
         rows = await self._pool.fetch(
-            """UPDATE partitions
+            f"""{LOCK_IN_ORDER}
+               UPDATE partitions AS p
                   SET epoch = epoch + 1, owner = $2, owned_since = now()
-                WHERE partition = ANY($1::integer[])
-            RETURNING partition, epoch""",
+                 FROM locked WHERE p.partition = locked.partition
+            RETURNING p.partition, p.epoch""",
             list(partitions),
             owner,
         )
@@ -122,11 +131,13 @@ class PartitionStore:
         partitions = sorted(heads)  # a fixed lock order: no deadlock between owners
         async with self._pool.acquire() as connection, connection.transaction():
             advanced = await connection.fetch(
-                """UPDATE partitions AS p SET head_lsn = v.head
-                     FROM unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[])
+                f"""{LOCK_IN_ORDER}
+                   UPDATE partitions AS p SET head_lsn = v.head
+                     FROM locked,
+                          unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[])
                           AS v(partition, epoch, previous, head)
-                    WHERE p.partition = v.partition AND p.epoch = v.epoch
-                      AND p.head_lsn = v.previous
+                    WHERE p.partition = locked.partition AND p.partition = v.partition
+                      AND p.epoch = v.epoch AND p.head_lsn = v.previous
                 RETURNING p.partition""",
                 partitions,
                 [epochs[p] for p in partitions],
@@ -170,10 +181,12 @@ class PartitionStore:
         partitions = sorted(by_partition)
         async with self._pool.acquire() as connection, connection.transaction():
             advanced = await connection.fetch(
-                """UPDATE partitions AS p SET checkpoint_lsn = v.lsn
-                     FROM unnest($1::integer[], $2::bigint[], $3::bigint[])
+                f"""{LOCK_IN_ORDER}
+                   UPDATE partitions AS p SET checkpoint_lsn = v.lsn
+                     FROM locked, unnest($1::integer[], $2::bigint[], $3::bigint[])
                           AS v(partition, epoch, lsn)
-                    WHERE p.partition = v.partition AND p.epoch = v.epoch
+                    WHERE p.partition = locked.partition AND p.partition = v.partition
+                      AND p.epoch = v.epoch
                 RETURNING p.partition""",
                 partitions,
                 [epochs[p] for p in partitions],

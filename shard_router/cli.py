@@ -1,9 +1,10 @@
-"""The ``inventory`` command: ``up``, ``shard``, ``migrate``.
+"""The ``inventory`` command: ``up``, ``router``, ``shard``, ``migrate``.
 
 ``inventory up`` is the one-command run: with no ``--database-url`` (or
 INVENTORY_DATABASE_URL) it starts an embedded PostgreSQL whose data lives in ``--data-dir``
-(default ``.inventory/``, kept across restarts), then the shard process, prints where it
-listens and stays in the foreground until Ctrl-C, then stops everything in order.
+(default ``.inventory/``, kept across restarts), then ``--shards`` shard processes (2 by
+default) and one router, prints the router's address and stays in the foreground until
+Ctrl-C; then it stops the router, the shards and the database, in that order.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-from .common.config import add_database_argument, add_shard_arguments, env, shard_config
+from .common.config import (
+    add_database_argument,
+    add_router_arguments,
+    add_shard_arguments,
+    env,
+    router_config,
+    shard_config,
+)
 
 # How long `up` waits for a process it started to answer health checks.
 PROCESS_READY_TIMEOUT_S = 60.0
@@ -41,8 +49,18 @@ def main(argv: list[str] | None = None) -> None:
         default=int(env("PORT", "50051")),
         help="port of the public gRPC API on 127.0.0.1 [INVENTORY_PORT]",
     )
+    up.add_argument(
+        "--shards",
+        type=int,
+        default=int(env("SHARDS", "2")),
+        help="number of shard processes [INVENTORY_SHARDS]",
+    )
     add_database_argument(up, required=False)
     up.set_defaults(run=_up)
+
+    router = commands.add_parser("router", help="run one router process (stateless front)")
+    add_router_arguments(router)
+    router.set_defaults(run=_router)
 
     shard = commands.add_parser("shard", help="run one shard process (owns partitions)")
     add_shard_arguments(shard)
@@ -60,6 +78,12 @@ def _shard(options: argparse.Namespace) -> None:
     from .shard.main import main as shard_main
 
     shard_main(shard_config(options))
+
+
+def _router(options: argparse.Namespace) -> None:
+    from .router.main import main as router_main
+
+    router_main(router_config(options))
 
 
 def _migrate(options: argparse.Namespace) -> None:
@@ -81,38 +105,55 @@ def _migrate(options: argparse.Namespace) -> None:
 def _up(options: argparse.Namespace) -> None:
     from persistence.embedded import EmbeddedPostgres
 
+    if options.shards < 1:
+        raise SystemExit("--shards must be at least 1")
     data_dir = Path(options.data_dir).resolve()
     embedded = EmbeddedPostgres()
     database_url = options.database_url
     if not database_url:
         print(f"starting embedded PostgreSQL (data in {data_dir / 'postgres'}) ...", flush=True)
         database_url = embedded.start(data_dir / "postgres")
-    listen = f"127.0.0.1:{options.port}"
-    shard = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shard_router",
-            "shard",
-            "--shard-id",
-            "shard-0",
-            "--listen",
-            listen,
-            "--database-url",
-            database_url,
-        ],
-    )
+    _migrate(argparse.Namespace(database_url=database_url))
+    processes: list[subprocess.Popen[bytes]] = []
     try:
-        _wait_ready(listen, shard)
-        print(f"inventory service listening on {listen} (Ctrl-C to stop)", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        shard.wait()
+        for index in range(options.shards):
+            listen = f"127.0.0.1:{options.port + 10 + index}"
+            shard = _spawn(
+                "shard",
+                "--shard-id",
+                f"shard-{index}",
+                "--listen",
+                listen,
+                "--database-url",
+                database_url,
+            )
+            processes.append(shard)
+            _wait_ready(listen, shard)
+            print(f"shard-{index} serving on {listen}", flush=True)
+        listen = f"127.0.0.1:{options.port}"
+        router = _spawn("router", "--listen", listen, "--database-url", database_url)
+        processes.append(router)
+        _wait_ready(listen, router)
+        print(f"inventory service listening on {listen} (router; Ctrl-C to stop)", flush=True)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        while all(p.poll() is None for p in processes):
+            time.sleep(0.5)
+        print("a process exited; stopping the rest", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
-        _stop(shard)
+        for process in reversed(processes):  # router first, then shards
+            _stop(process)
         embedded.stop()
         print("stopped", flush=True)
+
+
+def _spawn(*arguments: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "shard_router", *arguments])
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _wait_ready(address: str, process: subprocess.Popen[bytes]) -> None:

@@ -81,13 +81,15 @@ def free_port() -> int:
 
 
 @dataclass
-class ShardProcess:
-    """A real shard process on loopback that tests can kill -9 and restart."""
+class ServiceProcess:
+    """A real shard or router process on loopback that tests can kill -9, stop and restart."""
 
     database_url: str
     log_dir: Path
+    role: str = "shard"
     shard_id: str = "shard-0"
     port: int = field(default_factory=free_port)
+    lease_s: float = 3.0
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -95,25 +97,47 @@ class ShardProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    @property
+    def name(self) -> str:
+        return self.shard_id if self.role == "shard" else "router"
+
+    def arguments(self) -> list[str]:
+        common = [
+            "--listen",
+            self.address,
+            "--database-url",
+            self.database_url,
+            "--membership-lease-s",
+            str(self.lease_s),
+        ]
+        if self.role == "shard":
+            return ["shard", "--shard-id", self.shard_id, *common]
+        return ["router", *common]
+
+    def start(self, wait: bool = True) -> None:
         self.starts += 1
-        with (self.log_dir / f"{self.shard_id}.{self.starts}.log").open("wb") as log:
+        with (self.log_dir / f"{self.name}.{self.starts}.log").open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "shard_router", "shard", "--shard-id", self.shard_id,
-                 "--listen", self.address, "--database-url", self.database_url],
+                [sys.executable, "-m", "shard_router", *self.arguments()],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_healthy(self.address, self.process)
+        if wait:
+            wait_healthy(self.address, self.process)
+
+    def signal(self, signum: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
 
     def kill(self) -> None:
         """kill -9: no shutdown path runs."""
+        self.signal(signal.SIGKILL)
         assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
         self.process.wait(PROCESS_STOP_TIMEOUT_S)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused process cannot stop
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(PROCESS_STOP_TIMEOUT_S)
@@ -122,7 +146,11 @@ class ShardProcess:
                 self.process.wait()
 
     def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
+        logs = sorted(self.log_dir.glob(f"{self.name}.*.log"))
+        return "\n".join(p.read_text(errors="replace") for p in logs)
+
+
+ShardProcess = ServiceProcess
 
 
 def wait_healthy(address: str, process: subprocess.Popen[bytes]) -> None:
@@ -143,10 +171,37 @@ def wait_healthy(address: str, process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def shard(database_url: str, tmp_path: Path) -> Iterator[ShardProcess]:
-    process = ShardProcess(database_url, tmp_path)
+def shard(database_url: str, tmp_path: Path) -> Iterator[ServiceProcess]:
+    process = ServiceProcess(database_url, tmp_path)
     process.start()
     try:
         yield process
     finally:
         process.stop()
+
+
+@dataclass
+class Cluster:
+    shards: list[ServiceProcess]
+    router: ServiceProcess
+
+    def stop(self) -> None:
+        for process in [self.router, *self.shards]:
+            process.stop()
+
+
+def start_cluster(database_url: str, log_dir: Path, shards: int, lease_s: float = 2.0) -> Cluster:
+    """Shards first (the first one migrates), then the router once all have joined."""
+    members = [
+        ServiceProcess(database_url, log_dir, shard_id=f"shard-{i}", lease_s=lease_s)
+        for i in range(shards)
+    ]
+    members[0].start()
+    for member in members[1:]:
+        member.start(wait=False)
+    for member in members[1:]:
+        assert member.process is not None
+        wait_healthy(member.address, member.process)
+    router = ServiceProcess(database_url, log_dir, role="router", lease_s=lease_s)
+    router.start()
+    return Cluster(members, router)

@@ -20,6 +20,61 @@ class ShardConfig:
     database_url: str
     partition_count: int
     log_level: str
+    # The address others reach this shard at (default: the listen host and bound port).
+    advertise: str = ""
+    # A shard whose heartbeat is older than this is considered dead and its partitions move.
+    # Must exceed a few heartbeat periods (0.5 s) plus a database hiccup.
+    membership_lease_s: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    listen: str
+    database_url: str
+    partition_count: int
+    log_level: str
+    membership_lease_s: float = 3.0
+
+
+def router_config(options: argparse.Namespace) -> RouterConfig:
+    from inventory_core import PARTITION_COUNT
+
+    return RouterConfig(
+        listen=options.listen,
+        database_url=options.database_url,
+        partition_count=PARTITION_COUNT,
+        log_level=options.log_level,
+        membership_lease_s=options.membership_lease_s,
+    )
+
+
+def add_router_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        default=env("ROUTER_LISTEN", "127.0.0.1:50051"),
+        help="host:port of the public API [INVENTORY_ROUTER_LISTEN]",
+    )
+    add_database_argument(parser)
+    add_lease_argument(parser)
+    add_log_level_argument(parser)
+
+
+def add_lease_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--membership-lease-s",
+        type=float,
+        default=float(env("MEMBERSHIP_LEASE_S", "3.0")),
+        help="heartbeat age after which a shard counts as dead [INVENTORY_MEMBERSHIP_LEASE_S]",
+    )
+
+
+def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="[INVENTORY_LOG_LEVEL]",
+    )
 
 
 def env(name: str, default: str) -> str:
@@ -37,13 +92,14 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("LISTEN", "127.0.0.1:50061"),
         help="host:port to serve gRPC on [INVENTORY_LISTEN]",
     )
-    add_database_argument(parser)
     parser.add_argument(
-        "--log-level",
-        default=env("LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="[INVENTORY_LOG_LEVEL]",
+        "--advertise",
+        default=env("ADVERTISE", ""),
+        help="address routers use to reach this shard [INVENTORY_ADVERTISE]",
     )
+    add_lease_argument(parser)
+    add_database_argument(parser)
+    add_log_level_argument(parser)
 
 
 def add_database_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -64,4 +120,6 @@ def shard_config(options: argparse.Namespace) -> ShardConfig:
         database_url=options.database_url,
         partition_count=PARTITION_COUNT,
         log_level=options.log_level,
+        advertise=options.advertise,
+        membership_lease_s=options.membership_lease_s,
     )

@@ -17,6 +17,7 @@ import structlog
 import uvloop
 from inventory.v1 import inventory_pb2
 
+from persistence.membership import Membership
 from persistence.migrate import ensure_partitions, migrate
 from persistence.store import PartitionStore
 
@@ -24,6 +25,7 @@ from ..common.config import ShardConfig
 from ..common.server import create_server, set_serving
 from ..common.telemetry import configure_logging
 from .owner import Owner
+from .ownership import Ownership
 from .service import InventoryService
 
 log = structlog.get_logger(__name__)
@@ -45,14 +47,22 @@ async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None
             await migrate(connection)
             await ensure_partitions(connection, config.partition_count)
         store = PartitionStore(pool)
-        partitions = list(range(config.partition_count))
-        owned = await store.acquire(partitions, config.shard_id)
-        loaded = await store.load(partitions)
         owner = Owner(store)
-        owner.adopt(loaded, {o.partition: o.epoch for o in owned})
-        keys = sum(p.key_count for p in loaded.values())
-        live = sum(p.live_reservation_count for p in loaded.values())
         server, health_servicer, port = create_server(config.listen, [SERVICE_NAME])
+        address = config.advertise or f"{config.listen.rsplit(':', 1)[0]}:{port}"
+        membership = Membership(pool, config.membership_lease_s)
+        ownership = Ownership(
+            owner,
+            membership,
+            store,
+            shard_id=config.shard_id,
+            address=address,
+            partition_count=config.partition_count,
+            lease_s=config.membership_lease_s,
+        )
+        first_pass = asyncio.Event()
+        ownership_task = asyncio.create_task(ownership.run(first_pass))
+        await first_pass.wait()
         from inventory.v1 import inventory_pb2_grpc
 
         inventory_pb2_grpc.add_InventoryServicer_to_server(InventoryService(owner), server)
@@ -61,10 +71,8 @@ async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None
         log.info(
             "shard_serving",
             shard_id=config.shard_id,
-            port=port,
-            partitions=len(loaded),
-            keys=keys,
-            live_reservations=live,
+            address=address,
+            partitions=len(owner.owned_partitions),
             startup_s=round(time.monotonic() - started, 3),
         )
         if ready is not None:
@@ -78,7 +86,12 @@ async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None
         await asyncio.wait({owner_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if owner_task.done():
             owner_task.result()  # the loop died: raise its error (fail-stop the process)
+        if ownership_task.done():
+            ownership_task.result()
         log.info("shard_stopping", shard_id=config.shard_id)
+        ownership_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ownership_task
         await set_serving(health_servicer, [SERVICE_NAME], False)
         await server.stop(SHUTDOWN_GRACE_S)
         await owner.drain()
@@ -87,6 +100,7 @@ async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None
             await owner_task
         await owner.checkpoint_now()
         await owner.close()
+        await ownership.leave()  # the others take our partitions at their next poll
         log.info("shard_stopped", shard_id=config.shard_id)
     finally:
         await pool.close()

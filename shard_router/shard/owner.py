@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -97,6 +98,8 @@ class NoEvents:
 
 @dataclass(frozen=True, slots=True)
 class OwnerLimits:
+    """Every bound of the loop; each must be positive (0 would mean unbounded to asyncio)."""
+
     # Requests waiting for the loop. At ~20k requests/s per process, 10,000 is half a second
     # of work: beyond that, answering RESOURCE_EXHAUSTED beats queueing past deadlines.
     request_queue_max: int = 10_000
@@ -111,6 +114,11 @@ class OwnerLimits:
     checkpoint_interval_s: float = 5.0
     # Recovery retries a failing database with exponential backoff up to this period.
     recovery_backoff_s_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"OwnerLimits.{name} must be positive")
 
 
 @dataclass(slots=True)
@@ -179,6 +187,12 @@ class Owner:
         self._last_checkpoint = time.monotonic()
         self._dirty: set[int] = set()
         self.stats = OwnerStats()
+        # Until when (time.monotonic()) this process may act as owner without hearing from
+        # the database: a process that was paused past it serves nothing until its next
+        # heartbeat and epoch check (ownership.py). Unbounded when no lease is kept.
+        self.lease_valid_until = math.inf
+        # Partitions with an expiry tick waiting in the queue (one each at most).
+        self._ticks_queued: set[int] = set()
 
     # -------------------------------------------------------------------------- the API
 
@@ -206,6 +220,14 @@ class Owner:
     @property
     def owned_partitions(self) -> list[int]:
         return sorted(self._owned)
+
+    def epoch_of(self, partition: int) -> int | None:
+        owned = self._owned.get(partition)
+        return None if owned is None else owned.epoch
+
+    @property
+    def recovering_partitions(self) -> list[int]:
+        return sorted(self._recovering)
 
     def adopt(self, partitions: dict[int, Partition], epochs: dict[int, int]) -> None:
         for partition, core in partitions.items():
@@ -267,8 +289,12 @@ class Owner:
         records: list[Record] = []
         events: list[AvailabilityChanged] = []
         flushed_heads: dict[int, int] = {}
+        lease_lapsed = now > self.lease_valid_until
+        for work in batch:
+            if isinstance(work.operation, _ExpireTick):
+                self._ticks_queued.discard(work.partition)
         for work in sorted(batch, key=_reads_first):
-            owned = self._owned.get(work.partition)
+            owned = None if lease_lapsed else self._owned.get(work.partition)
             if owned is None:
                 _answer(work, NotOwner(work.partition, work.partition in self._recovering))
             elif work.deadline is not None and work.deadline <= now:
@@ -302,9 +328,10 @@ class Owner:
             return
         self.stats.observe_flush(len(records), time.monotonic() - started)
         for partition in touched:
-            owned = self._owned[partition]
-            owned.flushed_lsn = owned.core.head_lsn
-        self._dirty.update(touched)
+            owned = self._owned.get(partition)  # absent if dropped during the flush
+            if owned is not None:
+                owned.flushed_lsn = owned.core.head_lsn
+        self._dirty.update(p for p in touched if p in self._owned)
         self._records_since_checkpoint += len(records)
         for work, outcome in writes:
             _answer(work, outcome)
@@ -323,14 +350,19 @@ class Owner:
             now_ms = self._now_ms()
             for partition, owned in list(self._owned.items()):
                 due = owned.core.next_expiry_ms()
-                if due is not None and due <= now_ms and not self._queue.full():
-                    self._queue.put_nowait(_Work(partition, _ExpireTick(), None))
+                if due is None or due > now_ms or partition in self._ticks_queued:
+                    continue
+                if self._queue.full():
+                    break  # any command expires what is due first; the next tick retries
+                self._ticks_queued.add(partition)  # at most one tick per partition queued
+                self._queue.put_nowait(_Work(partition, _ExpireTick(), None))
 
     def _fail_stop(self, partitions: list[int]) -> None:
         for partition in partitions:
-            owned = self._owned.pop(partition)
+            owned = self._owned.pop(partition, None)
             self._dirty.discard(partition)
-            self._recovering[partition] = owned.epoch
+            if owned is not None:  # not dropped meanwhile
+                self._recovering[partition] = owned.epoch
         task = asyncio.create_task(self._recover(partitions))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

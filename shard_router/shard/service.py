@@ -10,13 +10,10 @@ lives here.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import grpc
-from google.rpc import status_pb2
-from grpc_status import rpc_status
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
@@ -27,11 +24,9 @@ from inventory_core import (
     Invalid,
     InventoryKey,
     Outcome,
-    Rejection,
     Released,
     ReservationNotFound,
     Reserved,
-    SetStock,
     StockChanged,
     is_accepted,
     limits,
@@ -41,21 +36,10 @@ from inventory_core import (
 )
 
 from ..common import batching, convert, errors
+from ..common.calls import Refusal, deadline_of, refusal_status, unary, validate_key
 from .owner import DeadlineExpired, FlushFailed, NotOwner, Overloaded, Owner
 
 T = TypeVar("T")
-
-
-class Refusal(Exception):
-    """A call's answer is this status (code, message, details)."""
-
-    def __init__(self, status: status_pb2.Status) -> None:
-        super().__init__(status.message)
-        self.status = status
-
-    @staticmethod
-    def of(rejection: Rejection) -> Refusal:
-        return Refusal(errors.rejection_to_status(rejection))
 
 
 class Calls:
@@ -207,78 +191,53 @@ class InventoryService(pb_grpc.InventoryServicer):
     async def GetAvailability(
         self, request: pb.GetAvailabilityRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAvailabilityResponse:
-        return await _unary(context, self._calls.get_availability(request, _deadline(context)))
+        return await unary(context, self._calls.get_availability(request, deadline_of(context)))
 
     async def Reserve(
         self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReserveResponse:
-        return await _unary(context, self._calls.reserve(request, _deadline(context)))
+        return await unary(context, self._calls.reserve(request, deadline_of(context)))
 
     async def Commit(
         self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
     ) -> pb.CommitResponse:
-        return await _unary(context, self._calls.commit(request, _deadline(context)))
+        return await unary(context, self._calls.commit(request, deadline_of(context)))
 
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseResponse:
-        return await _unary(context, self._calls.release(request, _deadline(context)))
+        return await unary(context, self._calls.release(request, deadline_of(context)))
 
     async def ExtendReservation(
         self, request: pb.ExtendReservationRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExtendReservationResponse:
-        return await _unary(context, self._calls.extend_reservation(request, _deadline(context)))
+        return await unary(context, self._calls.extend_reservation(request, deadline_of(context)))
 
     async def GetReservation(
         self, request: pb.GetReservationRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetReservationResponse:
-        return await _unary(context, self._calls.get_reservation(request, _deadline(context)))
+        return await unary(context, self._calls.get_reservation(request, deadline_of(context)))
 
     async def AdjustStock(
         self, request: pb.AdjustStockRequest, context: grpc.aio.ServicerContext
     ) -> pb.AdjustStockResponse:
-        return await _unary(context, self._calls.adjust_stock(request, _deadline(context)))
+        return await unary(context, self._calls.adjust_stock(request, deadline_of(context)))
 
     async def SetStock(
         self, request: pb.SetStockRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetStockResponse:
-        return await _unary(context, self._calls.set_stock(request, _deadline(context)))
+        return await unary(context, self._calls.set_stock(request, deadline_of(context)))
 
     async def SetSafetyStock(
         self, request: pb.SetSafetyStockRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetSafetyStockResponse:
-        return await _unary(context, self._calls.set_safety_stock(request, _deadline(context)))
+        return await unary(context, self._calls.set_safety_stock(request, deadline_of(context)))
 
     async def Batch(
         self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.BatchResponse]:
-        async for response in batching.serve_stream(requests, self._dispatch, _refusal_status):
+        async for response in batching.serve_stream(requests, self._dispatch, refusal_status):
             yield response
-
-
-def validate_key(field: str, key: InventoryKey) -> Invalid | None:
-    """A key's shape, by the core's rules (a read has no command to validate)."""
-    problem = validate(SetStock(key, "read", 0, None, 0))
-    if problem is None:
-        return None
-    return Invalid(problem.field.replace("key", field, 1), problem.reason)
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-def _refusal_status(error: Exception) -> status_pb2.Status | None:
-    return error.status if isinstance(error, Refusal) else None
-
-
-async def _unary(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
-    try:
-        return await call
-    except Refusal as refusal:
-        await context.abort_with_status(rpc_status.to_status(refusal.status))
-        raise AssertionError("abort_with_status returned") from refusal
 
 
 async def _guard(call: Awaitable[T]) -> T:
@@ -294,6 +253,3 @@ async def _guard(call: Awaitable[T]) -> T:
         raise Refusal(errors.status(grpc.StatusCode.DEADLINE_EXCEEDED, message)) from None
     except FlushFailed as error:
         raise Refusal(errors.status(grpc.StatusCode.UNAVAILABLE, str(error))) from None
-
-
-Handler = Callable[..., Awaitable[object]]

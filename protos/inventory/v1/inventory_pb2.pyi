@@ -787,6 +787,64 @@ class SetSafetyStockResponse(_message.Message):
 Global___SetSafetyStockResponse: _TypeAlias = SetSafetyStockResponse  # noqa: Y015
 
 @_typing.final
+class ReserveOrderRequest(_message.Message):
+    """An order split over several locations: one leg per location, reserved as a saga. Each leg
+    is atomic on its owner; if any leg fails, the legs already taken are released and the
+    call fails with the failing leg's status. Served by the router.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEGS_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    ttl_s: _builtins.int
+    idempotency_key: _builtins.str
+    """At most 100 characters."""
+    @_builtins.property
+    def legs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReserveRequest]:
+        """1 to 20 legs, each a ReserveRequest at one location (their idempotency_key is ignored:
+        leg keys derive from the order's). The TTL of the order applies to every leg.
+        """
+
+    def __init__(
+        self,
+        *,
+        legs: _abc.Iterable[Global___ReserveRequest] | None = ...,
+        ttl_s: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "legs", b"legs", "ttl_s", b"ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveOrderRequest: _TypeAlias = ReserveOrderRequest  # noqa: Y015
+
+@_typing.final
+class ReserveOrderResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reservations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reservation]:
+        """One reservation per leg, in leg order."""
+
+    def __init__(
+        self,
+        *,
+        reservations: _abc.Iterable[Global___Reservation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservations", b"reservations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveOrderResponse: _TypeAlias = ReserveOrderResponse  # noqa: Y015
+
+@_typing.final
 class BatchItem(_message.Message):
     """One call inside a Batch stream. Each item keeps its own deadline and gets its own answer."""
 

@@ -84,6 +84,11 @@ class InventoryStub:
                 request_serializer=inventory_dot_v1_dot_inventory__pb2.BatchRequest.SerializeToString,
                 response_deserializer=inventory_dot_v1_dot_inventory__pb2.BatchResponse.FromString,
                 _registered_method=True)
+        self.ReserveOrder = channel.unary_unary(
+                '/inventory.v1.Inventory/ReserveOrder',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.ReserveOrderRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.ReserveOrderResponse.FromString,
+                _registered_method=True)
 
 
 class InventoryServicer:
@@ -159,6 +164,13 @@ class InventoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveOrder(self, request, context):
+        """Reserve an order split across locations (saga with compensation). Router only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InventoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +223,11 @@ def add_InventoryServicer_to_server(servicer, server):
                     servicer.Batch,
                     request_deserializer=inventory_dot_v1_dot_inventory__pb2.BatchRequest.FromString,
                     response_serializer=inventory_dot_v1_dot_inventory__pb2.BatchResponse.SerializeToString,
+            ),
+            'ReserveOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveOrder,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.ReserveOrderRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.ReserveOrderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +500,33 @@ class Inventory:
             '/inventory.v1.Inventory/Batch',
             inventory_dot_v1_dot_inventory__pb2.BatchRequest.SerializeToString,
             inventory_dot_v1_dot_inventory__pb2.BatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.Inventory/ReserveOrder',
+            inventory_dot_v1_dot_inventory__pb2.ReserveOrderRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.ReserveOrderResponse.FromString,
             options,
             channel_credentials,
             insecure,

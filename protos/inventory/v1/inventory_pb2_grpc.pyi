@@ -76,6 +76,8 @@ class InventoryStub:
     core. Items of one request are applied together where they share an owner, each with
     its own deadline and answer. The Python client (shard_router.client) batches for you.
     """
+    ReserveOrder: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.ReserveOrderRequest, _inventory_pb2.ReserveOrderResponse]
+    """Reserve an order split across locations (saga with compensation). Router only."""
 
 @_typing.type_check_only
 class InventoryAsyncStub(InventoryStub):
@@ -101,6 +103,8 @@ class InventoryAsyncStub(InventoryStub):
     core. Items of one request are applied together where they share an owner, each with
     its own deadline and answer. The Python client (shard_router.client) batches for you.
     """
+    ReserveOrder: _aio.UnaryUnaryMultiCallable[_inventory_pb2.ReserveOrderRequest, _inventory_pb2.ReserveOrderResponse]  # type: ignore[assignment]
+    """Reserve an order split across locations (saga with compensation). Router only."""
 
 class InventoryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -183,5 +187,13 @@ class InventoryServicer(metaclass=_abc_1.ABCMeta):
         core. Items of one request are applied together where they share an owner, each with
         its own deadline and answer. The Python client (shard_router.client) batches for you.
         """
+
+    @_abc_1.abstractmethod
+    def ReserveOrder(
+        self,
+        request: _inventory_pb2.ReserveOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.ReserveOrderResponse, _abc.Awaitable[_inventory_pb2.ReserveOrderResponse]]:
+        """Reserve an order split across locations (saga with compensation). Router only."""
 
 def add_InventoryServicer_to_server(servicer: InventoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,66 @@
+"""Composition root of a router process: membership from PostgreSQL, routes, gRPC.
+
+The router is stateless: it reads which shards are alive (persistence.membership), hashes
+each call's partition onto the ring and forwards it over that shard's batch stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import asyncpg
+import structlog
+import uvloop
+from inventory.v1 import inventory_pb2, inventory_pb2_grpc
+
+from persistence.membership import Membership
+
+from ..common.config import RouterConfig
+from ..common.server import create_server, set_serving
+from ..common.telemetry import configure_logging
+from .routing import Routes
+from .service import RouterService
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = inventory_pb2.DESCRIPTOR.services_by_name["Inventory"].full_name
+# Membership reads only: one connection is plenty, two ride out a reconnect.
+DATABASE_POOL_SIZE_MAX = 2
+SHUTDOWN_GRACE_S = 5.0
+
+
+async def serve(config: RouterConfig) -> None:
+    pool = await asyncpg.create_pool(
+        config.database_url, min_size=1, max_size=DATABASE_POOL_SIZE_MAX
+    )
+    try:
+        membership = Membership(pool, config.membership_lease_s)
+        routes = Routes(membership.alive, config.partition_count)
+        await routes.refresh(force=True)
+        server, health_servicer, port = create_server(config.listen, [SERVICE_NAME])
+        inventory_pb2_grpc.add_InventoryServicer_to_server(RouterService(routes), server)
+        await server.start()
+        await set_serving(health_servicer, [SERVICE_NAME], True)
+        log.info("router_serving", listen=config.listen, port=port, ring=routes.ring_version)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        refresher = asyncio.create_task(routes.run())
+        await stop.wait()
+        await set_serving(health_servicer, [SERVICE_NAME], False)
+        await server.stop(SHUTDOWN_GRACE_S)
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        await routes.close()
+        log.info("router_stopped")
+    finally:
+        await pool.close()
+
+
+def main(config: RouterConfig) -> None:
+    configure_logging(config.log_level, "router")
+    uvloop.run(serve(config))
