@@ -14,6 +14,8 @@ from . import _limits as limits
 from ._codec import (
     command_from_data,
     command_to_data,
+    event_from_data,
+    event_to_data,
     key_from_data,
     key_to_data,
     outcome_from_data,
@@ -130,6 +132,8 @@ __all__ = [
     "VersionMismatch",
     "command_from_data",
     "command_to_data",
+    "event_from_data",
+    "event_to_data",
     "fingerprint",
     "is_accepted",
     "key_from_data",

@@ -23,6 +23,8 @@ from ._commands import (
 )
 from ._model import (
     AdjustmentReason,
+    AvailabilityChanged,
+    ChangeReason,
     InventoryKey,
     Line,
     Reservation,
@@ -285,3 +287,30 @@ def outcome_from_data(data: Data) -> Accepted:
         case "Expired":
             return Expired(tuple(data["reservation_ids"]))
     raise ValueError(f"unknown outcome kind {kind!r}")
+
+
+# ------------------------------------------------------------------------------- events
+
+
+def event_to_data(event: AvailabilityChanged) -> list[Any]:
+    """Compact: [key, before row, after row, reason, recorded_at_ms] (partition/lsn implied)."""
+    return [
+        key_to_data(event.key),
+        row_to_data(event.before),
+        row_to_data(event.after),
+        event.reason.value,
+        event.recorded_at_ms,
+    ]
+
+
+def event_from_data(data: Any, partition: int, lsn: int) -> AvailabilityChanged:
+    key, before, after, reason, recorded_at_ms = data
+    return AvailabilityChanged(
+        key_from_data(key),
+        partition,
+        lsn,
+        ChangeReason(reason),
+        row_from_data(before),
+        row_from_data(after),
+        int(recorded_at_ms),
+    )

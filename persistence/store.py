@@ -28,6 +28,7 @@ import asyncpg
 import structlog
 
 from inventory_core import (
+    AvailabilityChanged,
     CheckpointDelta,
     IdempotencyEntry,
     InventoryKey,
@@ -35,6 +36,7 @@ from inventory_core import (
     Record,
     command_from_data,
     command_to_data,
+    event_to_data,
     outcome_from_data,
     outcome_to_data,
     reservation_from_data,
@@ -115,12 +117,17 @@ class PartitionStore:
     # ------------------------------------------------------------------------ the ledger
 
     async def flush(
-        self, records: Sequence[Record], epochs: Mapping[int, int], flushed_heads: Mapping[int, int]
+        self,
+        records: Sequence[Record],
+        epochs: Mapping[int, int],
+        flushed_heads: Mapping[int, int],
+        events: Sequence[AvailabilityChanged] = (),
     ) -> None:
         """Append one batch durably, or raise (``FencedOut``, or unknown outcome).
 
         ``flushed_heads`` is each partition's head lsn before this batch; the batch must hold
-        each partition's records contiguously after it.
+        each partition's records contiguously after it. ``events`` are the key changes the
+        records made; each record stores its own, so the ledger doubles as the outbox.
         """
         heads: dict[int, int] = {}
         for record in records:
@@ -149,15 +156,16 @@ class PartitionStore:
                 raise FencedOut(sorted(lost))
             await connection.execute(
                 """INSERT INTO ledger (partition, lsn, epoch, recorded_at, occurred_at, kind,
-                                       merchant_id, idempotency_key, payload)
+                                       merchant_id, idempotency_key, payload, changes)
                    SELECT partition, lsn, epoch, to_timestamp(recorded_ms / 1000.0),
                           to_timestamp(occurred_ms / 1000.0), kind, merchant_id,
-                          idempotency_key, payload::jsonb
+                          idempotency_key, payload::jsonb, changes::jsonb
                      FROM unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[],
-                                 $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[])
+                                 $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[],
+                                 $10::text[])
                           AS v(partition, lsn, epoch, recorded_ms, occurred_ms, kind,
-                               merchant_id, idempotency_key, payload)""",
-                *_ledger_columns(records, epochs),
+                               merchant_id, idempotency_key, payload, changes)""",
+                *_ledger_columns(records, epochs, events),
             )
 
     async def ledger(self, partition: int, after_lsn: int = 0) -> list[LedgerRow]:
@@ -281,8 +289,15 @@ class PartitionStore:
 # ------------------------------------------------------------------------------ helpers
 
 
-def _ledger_columns(records: Sequence[Record], epochs: Mapping[int, int]) -> list[list[object]]:
-    columns: list[list[object]] = [[] for _ in range(9)]
+def _ledger_columns(
+    records: Sequence[Record],
+    epochs: Mapping[int, int],
+    events: Sequence[AvailabilityChanged],
+) -> list[list[object]]:
+    changes: dict[tuple[int, int], list[object]] = defaultdict(list)
+    for event in events:
+        changes[(event.partition, event.lsn)].append(event_to_data(event))
+    columns: list[list[object]] = [[] for _ in range(10)]
     for record in records:
         command = record.command
         occurred = getattr(command, "occurred_at_ms", 0) or None
@@ -296,6 +311,7 @@ def _ledger_columns(records: Sequence[Record], epochs: Mapping[int, int]) -> lis
             getattr(command, "merchant_id", None),
             getattr(command, "idempotency_key", None),
             json.dumps(command_to_data(command), separators=(",", ":")),
+            json.dumps(changes.get((record.partition, record.lsn), []), separators=(",", ":")),
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)

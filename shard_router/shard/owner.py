@@ -75,7 +75,11 @@ class Store(Protocol):
     """What the owner needs from persistence (persistence.store.PartitionStore)."""
 
     async def flush(
-        self, records: Sequence[Record], epochs: dict[int, int], flushed_heads: dict[int, int]
+        self,
+        records: Sequence[Record],
+        epochs: dict[int, int],
+        flushed_heads: dict[int, int],
+        events: Sequence[AvailabilityChanged] = (),
     ) -> None: ...
 
     async def write_checkpoint(
@@ -318,7 +322,7 @@ class Owner:
         try:
             epochs = {p: self._owned[p].epoch for p in touched}
             started = time.monotonic()
-            await self._store.flush(records, epochs, flushed_heads)
+            await self._store.flush(records, epochs, flushed_heads, events)
         except Exception as error:  # unknown outcome: fail-stop these partitions
             log.error("flush_failed", partitions=touched, records=len(records), error=repr(error))
             self.stats.flush_failures += 1

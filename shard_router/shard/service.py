@@ -233,6 +233,14 @@ class InventoryService(pb_grpc.InventoryServicer):
     ) -> pb.SetSafetyStockResponse:
         return await unary(context, self._calls.set_safety_stock(request, deadline_of(context)))
 
+    async def ReserveOrder(
+        self, request: pb.ReserveOrderRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReserveOrderResponse:
+        """Orders across locations span owners: the router runs them as a saga."""
+        message = "ReserveOrder is served by the router, not by a shard"
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+        raise AssertionError("abort returned")
+
     async def Batch(
         self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.BatchResponse]:

@@ -72,7 +72,11 @@ class FakeStore:
             self.durable.setdefault(partition, [])
 
     async def flush(
-        self, records: Sequence[Record], epochs: dict[int, int], flushed_heads: dict[int, int]
+        self,
+        records: Sequence[Record],
+        epochs: dict[int, int],
+        flushed_heads: dict[int, int],
+        events: Sequence[AvailabilityChanged] = (),
     ) -> None:
         self.flush_calls.append(list(records))
         if self.flush_gate is not None:
