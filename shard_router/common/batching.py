@@ -1,9 +1,8 @@
 """Serving the ``Inventory.Batch`` stream over a set of calls (shard and router alike).
 
-Each ``BatchRequest`` read from the stream becomes one task that runs its items
-concurrently (so the owner applies them in one pump batch) and answers with one
-``BatchResponse`` when they are all done; several requests may be in flight on a stream at
-once, and their responses leave in completion order, matched to items by id. Every item has
+Every item read from the stream runs as its own task, so the items of a request reach the
+owner together and are applied in one pump batch; results are written back as they become
+ready, several per ``BatchResponse``, matched to items by id. Every item has
 its own deadline (``timeout_ms``, else ``item_timeout_s_default``) and its own answer: a
 refusal is that item's ``error`` status, exactly what the unary call would return.
 """
@@ -86,34 +85,44 @@ async def serve_stream(
     dispatch: dict[str, Call],
     refusal_status: Callable[[Exception], status_pb2.Status | None],
 ) -> AsyncIterator[pb.BatchResponse]:
-    """Answer every request of the stream; stops when the sender closes and all are answered."""
-    responses: asyncio.Queue[pb.BatchResponse | None] = asyncio.Queue()
+    """Answer every item of the stream; stops when the sender closes and all are answered.
+
+    Results leave as soon as they are ready: whatever finished while the previous response
+    was being written goes out together, so one slow item never holds back the others.
+    """
+    ready: asyncio.Queue[pb.BatchItemResult | None] = asyncio.Queue()
     in_flight = 0
 
-    async def answer(items: list[pb.BatchItem]) -> None:
+    async def answer(item: pb.BatchItem) -> None:
         nonlocal in_flight
         try:
-            results = await asyncio.gather(*(run_item(i, dispatch, refusal_status) for i in items))
-            await responses.put(pb.BatchResponse(results=results))
+            ready.put_nowait(await run_item(item, dispatch, refusal_status))
         finally:
-            in_flight -= len(items)
+            in_flight -= 1
 
     async def read() -> None:
         nonlocal in_flight
         async with asyncio.TaskGroup() as group:
             async for request in requests:
                 admitted, refused = _admit(request.items, STREAM_ITEMS_IN_FLIGHT_MAX - in_flight)
-                if refused:
-                    await responses.put(pb.BatchResponse(results=refused))
-                if admitted:
-                    in_flight += len(admitted)
-                    group.create_task(answer(admitted))
-        await responses.put(None)
+                for result in refused:
+                    ready.put_nowait(result)
+                in_flight += len(admitted)
+                for item in admitted:
+                    group.create_task(answer(item))
+        ready.put_nowait(None)  # every item answered: the task group waited for them
 
     reader = asyncio.create_task(read())
     try:
-        while (response := await responses.get()) is not None:
-            yield response
+        while (first := await ready.get()) is not None:
+            results = [first]
+            while len(results) < BATCH_ITEMS_MAX and not ready.empty():
+                following = ready.get_nowait()
+                if following is None:
+                    ready.put_nowait(None)
+                    break
+                results.append(following)
+            yield pb.BatchResponse(results=results)
         await reader
     finally:
         reader.cancel()

@@ -56,7 +56,9 @@ async def ledger_is_fenced_and_contiguous(database_url: str) -> None:
     """Per partition: lsns 1..head without gaps, epochs never decreasing along them."""
     connection = await asyncpg.connect(database_url)
     try:
-        rows = await connection.fetch("SELECT partition, lsn, epoch FROM ledger ORDER BY partition, lsn")
+        rows = await connection.fetch(
+            "SELECT partition, lsn, epoch FROM ledger ORDER BY partition, lsn"
+        )
         heads = {
             r["partition"]: r["head_lsn"]
             for r in await connection.fetch("SELECT partition, head_lsn FROM partitions")
@@ -98,7 +100,11 @@ def test_kill_9_of_one_shard_under_load_moves_its_partitions_and_loses_nothing(
             for location in locations:
                 for sku in skus:
                     await stub.SetStock(
-                        pb.SetStockRequest(key=key(sku, location), on_hand=stock, idempotency_key="seed"),
+                        pb.SetStockRequest(
+                            key=key(sku, location),
+                            on_hand=stock,
+                            idempotency_key=f"seed-{sku}-{location}",
+                        ),
                         timeout=CALL_TIMEOUT_S,
                     )
             stop_at = time.monotonic() + 8.0
@@ -224,11 +230,16 @@ async def _paused_owner_scenario(cluster: Cluster, zombie_id: str, database_url:
         results = await asyncio.gather(*pending, return_exceptions=True)
         refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
         for error in refused:
-            assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+            assert error.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
         admitted = [r for r in results if isinstance(r, pb.ReserveResponse)]
         # Only 3 units were left after the new owner's 7: a stale zombie would admit 4.
         assert not admitted, "the zombie admitted a reservation against stale state"
-        level = await router.GetAvailability(pb.GetAvailabilityRequest(keys=[k]), timeout=CALL_TIMEOUT_S)
+        level = await router.GetAvailability(
+            pb.GetAvailabilityRequest(keys=[k]), timeout=CALL_TIMEOUT_S
+        )
         assert level.levels[0].reserved == 7
         found = await router.GetReservation(
             pb.GetReservationRequest(
@@ -247,7 +258,9 @@ def test_order_whose_last_leg_is_short_leaves_no_stock_held_anywhere(cluster3: C
             locations = ["store-a", "store-b", "warehouse-c"]
             for location in locations:
                 await stub.SetStock(
-                    pb.SetStockRequest(key=key("rice", location), on_hand=5, idempotency_key="s")
+                    pb.SetStockRequest(
+                        key=key("rice", location), on_hand=5, idempotency_key=f"s-{location}"
+                    )
                 )
             legs = [
                 pb.ReserveRequest(lines=[line(key("rice", "store-a"), 3)]),

@@ -123,7 +123,9 @@ def test_kill_9_during_reservation_load_loses_no_acknowledged_reservation(
             async def worker() -> None:
                 while asyncio.get_running_loop().time() < stop_at:
                     picked = rng.sample(skus, 2)  # two lines: a cart is all or nothing
-                    attempt = Attempt(f"cart-{next(counter)}", [(s, rng.randint(1, 3)) for s in picked])
+                    attempt = Attempt(
+                        f"cart-{next(counter)}", [(s, rng.randint(1, 3)) for s in picked]
+                    )
                     attempts.append(attempt)
                     request = pb.ReserveRequest(
                         lines=[line(key(s), q) for s, q in attempt.lines],
@@ -156,7 +158,9 @@ def test_kill_9_during_reservation_load_loses_no_acknowledged_reservation(
             stub = pb_grpc.InventoryStub(channel)
             for attempt in acknowledged:  # every acknowledged reservation is there, whole
                 found = await stub.GetReservation(
-                    pb.GetReservationRequest(merchant_id="m-1", reservation_id=attempt.reservation_id),
+                    pb.GetReservationRequest(
+                        merchant_id="m-1", reservation_id=attempt.reservation_id
+                    ),
                     timeout=CALL_TIMEOUT_S,
                 )
                 held = sorted((x.key.sku_id, x.quantity) for x in found.reservation.lines)
