@@ -87,18 +87,9 @@ def _router(options: argparse.Namespace) -> None:
 
 
 def _migrate(options: argparse.Namespace) -> None:
-    import asyncpg
+    from persistence.connections import migrate_database
 
-    from persistence.migrate import migrate
-
-    async def run() -> list[int]:
-        connection = await asyncpg.connect(options.database_url)
-        try:
-            return await migrate(connection)
-        finally:
-            await connection.close()
-
-    applied = asyncio.run(run())
+    applied = asyncio.run(migrate_database(options.database_url))
     print(f"migrations applied: {applied or 'none (up to date)'}")
 
 

@@ -103,7 +103,12 @@ SHARD_ROUTER_ROOT_RULE = Rule(
 )
 BENCHMARKS_RULE = Rule(
     "benchmarks",
-    STDLIB | {"benchmarks", GENERATED_PROTOS, "grpc", "google", "asyncpg", "redis"},
+    STDLIB
+    | {"benchmarks", GENERATED_PROTOS, "grpc", "google", "asyncpg", "redis", "uvloop"}
+    # The public Python client is what an order-service team would load-test through.
+    | {"shard_router.client"}
+    # Measuring and reporting: HDR histograms, CPU use, progress, plots.
+    | {"hdrh", "psutil", "tqdm", "matplotlib"},
 )
 
 # Top-level packages of pyproject.toml that no rule covers, on purpose.

@@ -10,11 +10,11 @@ import asyncio
 import contextlib
 import signal
 
-import asyncpg
 import structlog
 import uvloop
 from inventory.v1 import inventory_pb2, inventory_pb2_grpc
 
+from persistence.connections import create_pool
 from persistence.membership import Membership
 
 from ..common.config import RouterConfig
@@ -32,9 +32,7 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 async def serve(config: RouterConfig) -> None:
-    pool = await asyncpg.create_pool(
-        config.database_url, min_size=1, max_size=DATABASE_POOL_SIZE_MAX
-    )
+    pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX)
     try:
         membership = Membership(pool, config.membership_lease_s)
         routes = Routes(membership.alive, config.partition_count)

@@ -12,11 +12,11 @@ import contextlib
 import signal
 import time
 
-import asyncpg
 import structlog
 import uvloop
 from inventory.v1 import inventory_pb2
 
+from persistence.connections import create_pool
 from persistence.membership import Membership
 from persistence.migrate import ensure_partitions, migrate
 from persistence.store import PartitionStore
@@ -39,9 +39,7 @@ SHUTDOWN_GRACE_S = 5.0
 
 async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None:
     started = time.monotonic()
-    pool = await asyncpg.create_pool(
-        config.database_url, min_size=2, max_size=DATABASE_POOL_SIZE_MAX
-    )
+    pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX)
     try:
         async with pool.acquire() as connection:
             await migrate(connection)
