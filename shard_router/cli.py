@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     add_database_argument(migrate)
     migrate.set_defaults(run=_migrate)
 
+    from benchmarks import add_subcommand
+
+    add_subcommand(commands)  # `inventory bench ...`: the load harness (black box over gRPC)
+
     options = parser.parse_args(argv)
     options.run(options)
 

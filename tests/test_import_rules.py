@@ -108,7 +108,9 @@ BENCHMARKS_RULE = Rule(
     # The public Python client is what an order-service team would load-test through.
     | {"shard_router.client"}
     # Measuring and reporting: HDR histograms, CPU use, progress, plots.
-    | {"hdrh", "psutil", "tqdm", "matplotlib"},
+    | {"hdrh", "psutil", "tqdm", "matplotlib"}
+    # The embedded PostgreSQL a load tester gets when it names no database.
+    | {"pgserver"},
 )
 
 # Top-level packages of pyproject.toml that no rule covers, on purpose.
