@@ -141,10 +141,16 @@ def partition_of_reservation(reservation_id: str) -> int | None:
     """The partition encoded in a reservation id, or None if the id is not one of ours."""
     head, dash, lsn = reservation_id.partition("-")
     digits = head[1:]
-    well_formed = head[:1] == "r" and dash and digits.isdigit() and lsn.isdigit()
+    well_formed = head[:1] == "r" and dash and _ascii_number(digits) and _ascii_number(lsn)
     if not well_formed or len(reservation_id) > 32:
         return None
-    return int(digits)
+    partition = int(digits)
+    return partition if partition < PARTITION_COUNT else None
+
+
+def _ascii_number(text: str) -> bool:
+    """Only 0-9: str.isdigit also accepts superscripts and other scripts' digits."""
+    return text.isascii() and text.isdecimal()
 
 
 @dataclass(frozen=True, slots=True)

@@ -362,7 +362,10 @@ class Partition:
         if not isinstance(found, Reservation):
             return found
         extended = replace(found, expires_at_ms=command.now_ms + command.ttl_s * 1000)
-        self._put_live(extended)
+        self._live[extended.reservation_id] = extended
+        self._dirty.reservations[extended.reservation_id] = None
+        if extended.expires_at_ms != found.expires_at_ms:  # one heap entry per expiry
+            heapq.heappush(self._expiry, (extended.expires_at_ms, extended.reservation_id))
         return Extended(extended)
 
     def _expire(self, command: Expire, lsn: int, events: list[AvailabilityChanged]) -> Outcome:
@@ -525,13 +528,15 @@ class Partition:
         Walks only the due part of the heap: a node later than now_ms has no due children.
         """
         due: dict[InventoryKey, int] = {}
+        counted: dict[str, None] = {}  # a reservation counts once, whatever the heap holds
         pending = [0] if self._expiry else []
         while pending:
             index = pending.pop()
             entry = self._expiry[index]
             if entry[0] > now_ms:
                 continue
-            if self._is_due_entry(entry, now_ms):
+            if self._is_due_entry(entry, now_ms) and entry[1] not in counted:
+                counted[entry[1]] = None
                 for line in self._live[entry[1]].lines:
                     due[line.key] = due.get(line.key, 0) + line.quantity
             pending.extend(i for i in (2 * index + 1, 2 * index + 2) if i < len(self._expiry))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 
@@ -80,6 +81,7 @@ async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         owner_task = asyncio.create_task(owner.run())
+        stats_task = asyncio.create_task(_log_stats(owner, ownership))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({owner_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if owner_task.done():
@@ -87,9 +89,10 @@ async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None
         if ownership_task.done():
             ownership_task.result()
         log.info("shard_stopping", shard_id=config.shard_id)
-        ownership_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ownership_task
+        for task in (ownership_task, stats_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await set_serving(health_servicer, [SERVICE_NAME], False)
         await server.stop(SHUTDOWN_GRACE_S)
         await owner.drain()
@@ -102,6 +105,34 @@ async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None
         log.info("shard_stopped", shard_id=config.shard_id)
     finally:
         await pool.close()
+
+
+# One structured stats line per period: enough to see throughput, batch size, flush latency,
+# backlog and over-commitment in the logs without a metrics stack.
+STATS_LOG_INTERVAL_S = 10.0
+
+
+async def _log_stats(owner: Owner, ownership: Ownership) -> None:
+    previous = dataclasses.replace(owner.stats)
+    while True:
+        await asyncio.sleep(STATS_LOG_INTERVAL_S)
+        now = dataclasses.replace(owner.stats)
+        flushes = now.flushes - previous.flushes
+        records = now.records_flushed - previous.records_flushed
+        seconds = now.flush_seconds_total - previous.flush_seconds_total
+        log.info(
+            "shard_stats",
+            records_per_s=round(records / STATS_LOG_INTERVAL_S, 1),
+            flushes=flushes,
+            batch_records_mean=round(records / flushes, 1) if flushes else 0,
+            flush_ms_mean=round(1000 * seconds / flushes, 2) if flushes else 0,
+            flush_failures=now.flush_failures,
+            checkpoints=now.checkpoints,
+            shed=now.shed,
+            ring=ownership.ring_version,
+            **owner.gauges(),
+        )
+        previous = now
 
 
 def main(config: ShardConfig) -> None:

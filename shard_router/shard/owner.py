@@ -435,6 +435,18 @@ class Owner:
         """Wait until every queued request has been answered."""
         await self._queue.join()
 
+    def gauges(self) -> dict[str, int]:
+        """Point-in-time figures for the periodic stats log and health views."""
+        cores = [owned.core for owned in self._owned.values()]
+        return {
+            "queue_depth": self._queue.qsize(),
+            "partitions_owned": len(cores),
+            "partitions_recovering": len(self._recovering),
+            "keys": sum(core.key_count for core in cores),
+            "live_reservations": sum(core.live_reservation_count for core in cores),
+            "over_committed_keys": sum(len(core.over_committed()) for core in cores),
+        }
+
     def queue_depth(self) -> int:
         return self._queue.qsize()
 

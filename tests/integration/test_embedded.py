@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -28,8 +31,24 @@ async def _fetch_values(dsn: str, query: str) -> list[object]:
         await connection.close()
 
 
-def test_embedded_postgres_keeps_rows_across_restart(tmp_path: Path) -> None:
-    data_dir = tmp_path / "postgres"
+@pytest.fixture
+def server_dir() -> Iterator[Path]:
+    """A directory outside pytest's tmp tree for PostgreSQL's data.
+
+    PostgreSQL runs as the ``pgserver`` user when started as root, so every ancestor of its
+    data directory must stay readable to that user; pytest resets its own tmp root to 0700
+    at the start of every session (another session running meanwhile would lock PostgreSQL
+    out mid-start), so the data lives in a directory of its own.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="inv-embedded-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_embedded_postgres_keeps_rows_across_restart(server_dir: Path) -> None:
+    data_dir = server_dir / "postgres"
     with EmbeddedPostgres() as postgres:
         dsn = postgres.start(data_dir)
         asyncio.run(_execute(dsn, "CREATE TABLE kept (sku text PRIMARY KEY)"))
@@ -42,11 +61,11 @@ def test_embedded_postgres_keeps_rows_across_restart(tmp_path: Path) -> None:
         assert asyncio.run(_fetch_values(dsn, "SELECT sku FROM kept")) == ["apple"]
 
 
-def test_embedded_postgres_refuses_second_start_on_same_object(tmp_path: Path) -> None:
+def test_embedded_postgres_refuses_second_start_on_same_object(server_dir: Path) -> None:
     with EmbeddedPostgres() as postgres:
-        postgres.start(tmp_path / "postgres")
+        postgres.start(server_dir / "postgres")
         with pytest.raises(EmbeddedServerError, match="already started"):
-            postgres.start(tmp_path / "other")
+            postgres.start(server_dir / "other")
 
 
 def test_embedded_redis_keeps_keys_across_restart(tmp_path: Path) -> None:

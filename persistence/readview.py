@@ -1,0 +1,420 @@
+"""The Redis side of real-time availability (DESIGN section 8): layout, apply script, reader.
+
+Layout (fixed: the publisher writes it, routers read it)::
+
+    inv:events:{partition:04d}   stream per partition; entry id "{lsn}-{index}" (index = the
+                                 change's position in its ledger record, from 0); one field
+                                 "e" = AvailabilityChanged protobuf bytes; MAXLEN ~ capped
+    inv:level:{merchant_id}|{location_id}|{sku_id}
+                                 hash: on_hand, reserved, safety_stock, available, version,
+                                 partition, lsn, committed_at_ms (the read view)
+    inv:keys:{merchant_id}       set of "{location_id}|{sku_id}" (the read view's index)
+
+One Lua script (``APPLY_SCRIPT``) applies a batch of changes atomically. Per change it
+  1. appends the stream entry only if its id is greater than the stream's last id, so a
+     republished duplicate is refused (ids increase with lsn; the script never errors on it);
+  2. writes the level hash only if the change's version is greater than the stored one, so
+     duplicated or out-of-order delivery converges to the latest version;
+  3. adds the key to its merchant's index when the hash was written.
+A publisher must append each partition's changes in lsn order (a late lower id is refused).
+
+``EventReader`` is the router's view: snapshots of the read view, the streams' first and last
+ids (to judge a resume position), XREAD after positions, and XRANGE for replays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+from inventory.v1 import events_pb2, inventory_pb2
+from redis.asyncio.client import Pipeline
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from inventory_core import PARTITION_COUNT, AvailabilityChanged, InventoryKey, StockRow
+
+__all__ = [
+    "APPLY_SCRIPT",
+    "EMPTY_STREAM_ID",
+    "STREAM_FIELD",
+    "ApplyResult",
+    "EventReader",
+    "ReaderLimits",
+    "SnapshotTooLarge",
+    "apply_arguments",
+    "apply_changes",
+    "change_to_proto",
+    "index_key",
+    "level_key",
+    "parse_stream_id",
+    "stream_id",
+    "stream_key",
+]
+
+STREAM_FIELD = b"e"
+# What last_ids / first_ids report for an empty (or missing) stream: before every entry.
+EMPTY_STREAM_ID = "0-0"
+# Keys and arguments the script takes per change (see apply_arguments).
+KEYS_PER_CHANGE = 3
+ARGUMENTS_PER_CHANGE = 11
+
+
+def stream_key(partition: int) -> str:
+    return f"inv:events:{partition:04d}"
+
+
+def level_key(merchant_id: str, location_id: str, sku_id: str) -> str:
+    return f"inv:level:{merchant_id}|{location_id}|{sku_id}"
+
+
+def index_key(merchant_id: str) -> str:
+    return f"inv:keys:{merchant_id}"
+
+
+def stream_id(lsn: int, index: int) -> str:
+    return f"{lsn}-{index}"
+
+
+def parse_stream_id(entry_id: str) -> tuple[int, int]:
+    lsn, _, index = entry_id.partition("-")
+    return int(lsn), int(index)
+
+
+# KEYS: per change, stream key, level key, index key.
+# ARGV[1] = the stream's approximate length cap; then per change:
+#   lsn, index, payload, version, on_hand, reserved, safety_stock, available, partition,
+#   committed_at_ms, index member.
+# Returns {appended, duplicates (stream entries refused), levels written}.
+# Numbers are Lua doubles: exact up to 2^53, far beyond any lsn or version.
+APPLY_SCRIPT = """
+local cap = ARGV[1]
+local last = {}
+local appended, duplicates, written = 0, 0, 0
+for i = 0, #KEYS / 3 - 1 do
+  local stream, level, index = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local a = 1 + 11 * i
+  local lsn, position = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local top = last[stream]
+  if top == nil then
+    top = {0, 0}
+    local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    if #newest > 0 then
+      local l, p = string.match(newest[1][1], '^(%d+)-(%d+)$')
+      top = {tonumber(l), tonumber(p)}
+    end
+  end
+  if lsn > top[1] or (lsn == top[1] and position > top[2]) then
+    redis.call('XADD', stream, 'MAXLEN', '~', cap, ARGV[a + 1] .. '-' .. ARGV[a + 2],
+               'e', ARGV[a + 3])
+    top = {lsn, position}
+    appended = appended + 1
+  else
+    duplicates = duplicates + 1
+  end
+  last[stream] = top
+  local stored = tonumber(redis.call('HGET', level, 'version') or '0')
+  if tonumber(ARGV[a + 4]) > stored then
+    redis.call('HSET', level, 'on_hand', ARGV[a + 5], 'reserved', ARGV[a + 6],
+               'safety_stock', ARGV[a + 7], 'available', ARGV[a + 8],
+               'version', ARGV[a + 4], 'partition', ARGV[a + 9], 'lsn', ARGV[a + 1],
+               'committed_at_ms', ARGV[a + 10])
+    redis.call('SADD', index, ARGV[a + 11])
+    written = written + 1
+  end
+end
+return {appended, duplicates, written}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    appended: int
+    duplicates: int
+    levels_written: int
+
+
+def change_to_proto(
+    event: AvailabilityChanged, committed_at_ms: int
+) -> events_pb2.AvailabilityChanged:
+    key = event.key
+    return events_pb2.AvailabilityChanged(
+        key=inventory_pb2.InventoryKey(
+            merchant_id=key.merchant_id, sku_id=key.sku_id, location_id=key.location_id
+        ),
+        version=event.version,
+        before=_counts(event.before),
+        after=_counts(event.after),
+        reason=event.reason.value,
+        partition=event.partition,
+        lsn=event.lsn,
+        recorded_at_ms=event.recorded_at_ms,
+        committed_at_ms=committed_at_ms,
+    )
+
+
+def _counts(row: StockRow) -> events_pb2.StockCounts:
+    return events_pb2.StockCounts(
+        on_hand=row.on_hand,
+        reserved=row.reserved,
+        safety_stock=row.safety_stock,
+        available=row.available,
+    )
+
+
+def apply_arguments(
+    change: events_pb2.AvailabilityChanged, index: int, payload: bytes | None = None
+) -> tuple[list[str], list[str | bytes | int]]:
+    """The script's keys and arguments for one change (``payload``: its bytes, if known)."""
+    key, after = change.key, change.after
+    keys = [
+        stream_key(change.partition),
+        level_key(key.merchant_id, key.location_id, key.sku_id),
+        index_key(key.merchant_id),
+    ]
+    arguments: list[str | bytes | int] = [
+        change.lsn,
+        index,
+        change.SerializeToString() if payload is None else payload,
+        change.version,
+        after.on_hand,
+        after.reserved,
+        after.safety_stock,
+        after.available,
+        change.partition,
+        change.committed_at_ms,
+        f"{key.location_id}|{key.sku_id}",
+    ]
+    return keys, arguments
+
+
+# -------------------------------------------------------------------------------- reader
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderLimits:
+    # Keys one snapshot may return: a merchant's whole catalogue at one dark store is ~50k
+    # keys; 100k bounds a snapshot to ~10 MiB in memory and a few hundred ms of Redis time.
+    snapshot_keys_max: int = 100_000
+    # HGETALLs per pipeline round trip: large enough to amortise the trip, small enough not
+    # to hold Redis for more than a millisecond or two.
+    snapshot_pipeline_keys_max: int = 1_000
+    # XREAD BLOCK longer than this is clamped: the socket waits at most this plus the command
+    # timeout, so a dead server is noticed.
+    read_block_ms_max: int = 30_000
+    # Entries one read() or range() call may ask for, across all streams.
+    read_count_max: int = 10_000
+    # Every non-blocking command: Redis answers local commands in well under a millisecond.
+    command_timeout_s: float = 5.0
+
+
+class SnapshotTooLarge(Exception):
+    """The filter matches more keys than ``snapshot_keys_max``: narrow it."""
+
+    def __init__(self, matching: int, limit: int) -> None:
+        super().__init__(f"{matching} keys match, at most {limit} per snapshot")
+        self.matching = matching
+        self.limit = limit
+
+
+StreamChange = tuple[int, str, events_pb2.AvailabilityChanged]
+
+
+class EventReader:
+    """Reads the read view and the change streams (router side). Call ``close`` when done."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        limits: ReaderLimits | None = None,
+        partition_count: int = PARTITION_COUNT,
+    ) -> None:
+        self.limits = limits or ReaderLimits()
+        self.partition_count = partition_count
+        self._redis = _client(redis_url, self.limits.command_timeout_s)
+        blocking_timeout_s = self.limits.read_block_ms_max / 1000 + self.limits.command_timeout_s
+        self._blocking = _client(redis_url, blocking_timeout_s)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        await self._blocking.aclose()
+
+    async def snapshot(
+        self, merchant_id: str, location_ids: Iterable[str] = (), sku_ids: Iterable[str] = ()
+    ) -> list[tuple[inventory_pb2.StockLevel, int, int]]:
+        """The read view's levels of a merchant's matching keys: (level, partition, lsn).
+
+        Empty filters match everything. Sorted by (location_id, sku_id). Raises
+        ``SnapshotTooLarge`` beyond ``snapshot_keys_max`` keys.
+        """
+        locations, skus = set(location_ids), set(sku_ids)
+        members: Any = await self._redis.smembers(index_key(merchant_id))
+        matching: list[tuple[str, str]] = []
+        for member in members:
+            location_id, _, sku_id = _text(member).partition("|")
+            if (not locations or location_id in locations) and (not skus or sku_id in skus):
+                matching.append((location_id, sku_id))
+        if len(matching) > self.limits.snapshot_keys_max:
+            raise SnapshotTooLarge(len(matching), self.limits.snapshot_keys_max)
+        matching.sort()
+        levels = []
+        step = self.limits.snapshot_pipeline_keys_max
+        for start in range(0, len(matching), step):
+            chunk = matching[start : start + step]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for location_id, sku_id in chunk:
+                    pipe.hgetall(level_key(merchant_id, location_id, sku_id))
+                hashes = await pipe.execute()
+            for (location_id, sku_id), fields in zip(chunk, hashes, strict=True):
+                if fields:  # indexed but gone (flushed by hand): skip rather than invent zeros
+                    key = InventoryKey(merchant_id, sku_id, location_id)
+                    levels.append(_level(key, fields))
+        return levels
+
+    async def levels(
+        self, keys: Sequence[InventoryKey]
+    ) -> list[tuple[inventory_pb2.StockLevel, int, int, int] | None]:
+        """Read-view levels of given keys, in order: (level, partition, lsn, committed_at_ms),
+        or None for a key the read view has never seen. For EVENTUAL reads."""
+        if len(keys) > self.limits.snapshot_keys_max:
+            raise SnapshotTooLarge(len(keys), self.limits.snapshot_keys_max)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(level_key(key.merchant_id, key.location_id, key.sku_id))
+            hashes = await pipe.execute()
+        found: list[tuple[inventory_pb2.StockLevel, int, int, int] | None] = []
+        for key, fields in zip(keys, hashes, strict=True):
+            if not fields:
+                found.append(None)
+                continue
+            level, partition, lsn = _level(key, fields)
+            found.append((level, partition, lsn, int(fields[b"committed_at_ms"])))
+        return found
+
+    async def last_ids(self) -> dict[int, str]:
+        """The newest entry id of every partition's stream ("0-0" when empty)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for partition in range(self.partition_count):
+                pipe.xrevrange(stream_key(partition), "+", "-", count=1)
+            answers = await pipe.execute()
+        return {p: _first_id(entries) for p, entries in enumerate(answers)}
+
+    async def first_ids(self) -> dict[int, str]:
+        """The oldest retained entry id of every partition's stream ("0-0" when empty).
+
+        A resume position lower than its partition's first id may have missed trimmed
+        entries: treat it as too old (fresh snapshot). Compare ids as (lsn, index) pairs
+        (``parse_stream_id``), not as strings.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for partition in range(self.partition_count):
+                pipe.xrange(stream_key(partition), "-", "+", count=1)
+            answers = await pipe.execute()
+        return {p: _first_id(entries) for p, entries in enumerate(answers)}
+
+    async def read(
+        self, positions: Mapping[int, str], block_ms: int, count: int
+    ) -> list[StreamChange]:
+        """XREAD the given partitions' streams after the given ids.
+
+        Waits up to ``block_ms`` (clamped to ``read_block_ms_max``; 0 or less does not
+        wait, unlike Redis where 0 waits forever) when nothing is there. ``count`` is per
+        stream, as in XREAD. Changes come back per partition in id order.
+        """
+        if not positions:
+            return []
+        streams = {stream_key(p): position for p, position in positions.items()}
+        count = max(1, min(count, self.limits.read_count_max))
+        block = min(block_ms, self.limits.read_block_ms_max)
+        answer: Any = await self._blocking.xread(
+            streams,  # type: ignore[arg-type]
+            count=count,
+            block=block if block > 0 else None,
+        )
+        if isinstance(answer, dict):  # RESP3 answers a map, RESP2 a list of pairs
+            answer = list(answer.items())
+        changes: list[StreamChange] = []
+        for name, entries in answer or []:
+            partition = int(_text(name).rsplit(":", 1)[1])
+            changes.extend(_changes(partition, entries))
+        return changes
+
+    async def range(
+        self, partition: int, after_id: str, up_to_id: str = "+", count: int = 1_000
+    ) -> list[StreamChange]:
+        """Entries of one partition's stream with after_id < id <= up_to_id, oldest first."""
+        count = max(1, min(count, self.limits.read_count_max))
+        entries: Any = await self._redis.xrange(
+            stream_key(partition), f"({after_id}", up_to_id, count=count
+        )
+        return _changes(partition, entries)
+
+
+def _client(redis_url: str, timeout_s: float) -> redis.Redis:
+    return redis.Redis.from_url(
+        redis_url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        # No client-side retries: the callers' loops own waiting and backoff.
+        retry=Retry(NoBackoff(), retries=0),
+        protocol=2,  # the answer shapes parsed here
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _first_id(entries: Sequence[tuple[bytes, Any]]) -> str:
+    return _text(entries[0][0]) if entries else EMPTY_STREAM_ID
+
+
+def _changes(
+    partition: int, entries: Iterable[tuple[bytes, dict[bytes, bytes]]]
+) -> list[StreamChange]:
+    return [
+        (
+            partition,
+            _text(entry_id),
+            events_pb2.AvailabilityChanged.FromString(fields[STREAM_FIELD]),
+        )
+        for entry_id, fields in entries
+    ]
+
+
+def _level(
+    key: InventoryKey, fields: Mapping[bytes, bytes]
+) -> tuple[inventory_pb2.StockLevel, int, int]:
+    available = int(fields[b"available"])
+    level = inventory_pb2.StockLevel(
+        key=inventory_pb2.InventoryKey(
+            merchant_id=key.merchant_id, sku_id=key.sku_id, location_id=key.location_id
+        ),
+        on_hand=int(fields[b"on_hand"]),
+        reserved=int(fields[b"reserved"]),
+        safety_stock=int(fields[b"safety_stock"]),
+        available=available,
+        sellable=max(available, 0),
+        version=int(fields[b"version"]),
+        exists=True,
+    )
+    return level, int(fields[b"partition"]), int(fields[b"lsn"])
+
+
+async def apply_changes(
+    target: redis.Redis | Pipeline,
+    script: Any,
+    cap: int,
+    changes: Sequence[tuple[events_pb2.AvailabilityChanged, int, bytes | None]],
+) -> Any:
+    """Queue (on a pipeline) or run one script call applying ``changes`` (change, index,
+    payload) in order."""
+    keys: list[str] = []
+    arguments: list[str | bytes | int] = [cap]
+    for change, index, payload in changes:
+        change_keys, change_arguments = apply_arguments(change, index, payload)
+        keys.extend(change_keys)
+        arguments.extend(change_arguments)
+    return await script(keys=keys, args=arguments, client=target)
