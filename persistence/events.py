@@ -49,7 +49,7 @@ from redis.retry import Retry
 
 from inventory_core import AvailabilityChanged, event_from_data
 
-from .readview import APPLY_SCRIPT, apply_changes, change_to_proto
+from .readview import APPLY_SCRIPT, apply_changes, asof_key, change_to_proto
 from .store import LOCK_IN_ORDER
 
 __all__ = ["EventPublisher", "PublisherLimits", "PublisherStats"]
@@ -76,6 +76,10 @@ class PublisherLimits:
     # How often the ledger is checked for unpublished records even when nothing failed
     # (another owner's leftovers after a takeover, records that made no change).
     catch_up_interval_s: float = 10.0
+    # How often "everything committed before T is in the read view" is stamped per partition
+    # (inv:asof:{p}), so EVENTUAL readers can state how stale they may be: about this much
+    # when the publisher keeps up, growing when it does not.
+    freshness_interval_s: float = 0.5
     # Ledger records read per catch-up query: a few MiB of changes at most.
     catch_up_page_records_max: int = 1_000
     # Waits after a failure, doubling from min to max: quick recovery from a blip without
@@ -234,6 +238,7 @@ class EventPublisher:
         backoff_s = limits.redis_backoff_s_min
         next_catch_up_s = time.monotonic()
         next_flush_s = time.monotonic() + limits.published_lsn_flush_interval_s
+        next_fresh_s = time.monotonic()
         while True:
             failed = False
             if self._catch_up_wanted or time.monotonic() >= next_catch_up_s:
@@ -244,6 +249,9 @@ class EventPublisher:
             if time.monotonic() >= next_flush_s:
                 next_flush_s = time.monotonic() + limits.published_lsn_flush_interval_s
                 await self._attempt(self._flush_published())
+            if not failed and time.monotonic() >= next_fresh_s:
+                next_fresh_s = time.monotonic() + limits.freshness_interval_s
+                failed = not await self._attempt(self._stamp_freshness())
             self._update_gauges()
             if failed:
                 await asyncio.sleep(backoff_s)
@@ -254,7 +262,7 @@ class EventPublisher:
             if self._ready_partitions() or self._catch_up_wanted:
                 await asyncio.sleep(0)  # let the owner loop run between round trips
                 continue
-            wait_s = min(next_catch_up_s, next_flush_s) - time.monotonic()
+            wait_s = min(next_catch_up_s, next_flush_s, next_fresh_s) - time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), max(wait_s, 0.0))
 
@@ -263,6 +271,26 @@ class EventPublisher:
         with contextlib.suppress(*_DATABASE_ERRORS):
             await self._flush_published()
         await self._redis.aclose()
+
+    async def _stamp_freshness(self) -> None:
+        """For every partition this publisher keeps up: all committed before T is in Redis,
+        where T is the commit time of its oldest unsent change, or now when none waits."""
+        now_ms = self._clock_ms()
+        stamps = {}
+        for partition in self._cursors:
+            if partition in self._dirty:
+                continue  # behind: its stamp stays where it was, and ages
+            queue = self._buffers.get(partition)
+            stamps[partition] = queue[0].change.committed_at_ms if queue else now_ms
+        if not stamps:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for partition, stamp in stamps.items():
+                    pipe.set(asof_key(partition), stamp)
+                await pipe.execute()
+        except _REDIS_ERRORS as error:
+            raise _RedisUnavailable from error
 
     def lag_ms(self) -> int:
         """How long the oldest buffered change has waited since its commit (0: none)."""

@@ -74,6 +74,11 @@ def index_key(merchant_id: str) -> str:
     return f"inv:keys:{merchant_id}"
 
 
+def asof_key(partition: int) -> str:
+    """Unix ms T such that every change of the partition committed before T is in Redis."""
+    return f"inv:asof:{partition:04d}"
+
+
 def stream_id(lsn: int, index: int) -> str:
     return f"{lsn}-{index}"
 
@@ -292,6 +297,12 @@ class EventReader:
             level, partition, lsn = _level(key, fields)
             found.append((level, partition, lsn, int(fields[b"committed_at_ms"])))
         return found
+
+    async def asof(self, partitions: Sequence[int]) -> dict[int, int | None]:
+        """Freshness stamps (see ``asof_key``); None where no publisher has stamped yet."""
+        wanted = sorted(set(partitions))
+        values = await self._redis.mget([asof_key(p) for p in wanted]) if wanted else []
+        return {p: None if v is None else int(v) for p, v in zip(wanted, values, strict=True)}
 
     async def last_ids(self) -> dict[int, str]:
         """The newest entry id of every partition's stream ("0-0" when empty)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from .common.config import (
     add_database_argument,
+    add_redis_argument,
     add_router_arguments,
     add_shard_arguments,
     env,
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         help="number of shard processes [INVENTORY_SHARDS]",
     )
     add_database_argument(up, required=False)
+    add_redis_argument(up)
     up.set_defaults(run=_up)
 
     router = commands.add_parser("router", help="run one router process (stateless front)")
@@ -98,49 +101,48 @@ def _migrate(options: argparse.Namespace) -> None:
 
 
 def _up(options: argparse.Namespace) -> None:
-    from persistence.embedded import EmbeddedPostgres
+    from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
 
     if options.shards < 1:
         raise SystemExit("--shards must be at least 1")
     data_dir = Path(options.data_dir).resolve()
-    embedded = EmbeddedPostgres()
-    database_url = options.database_url
-    if not database_url:
-        print(f"starting embedded PostgreSQL (data in {data_dir / 'postgres'}) ...", flush=True)
-        database_url = embedded.start(data_dir / "postgres")
-    _migrate(argparse.Namespace(database_url=database_url))
     processes: list[subprocess.Popen[bytes]] = []
-    try:
-        for index in range(options.shards):
-            listen = f"127.0.0.1:{options.port + 10 + index}"
-            shard = _spawn(
-                "shard",
-                "--shard-id",
-                f"shard-{index}",
-                "--listen",
-                listen,
-                "--database-url",
-                database_url,
-            )
-            processes.append(shard)
-            _wait_ready(listen, shard)
-            print(f"shard-{index} serving on {listen}", flush=True)
-        listen = f"127.0.0.1:{options.port}"
-        router = _spawn("router", "--listen", listen, "--database-url", database_url)
-        processes.append(router)
-        _wait_ready(listen, router)
-        print(f"inventory service listening on {listen} (router; Ctrl-C to stop)", flush=True)
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-        while all(p.poll() is None for p in processes):
-            time.sleep(0.5)
-        print("a process exited; stopping the rest", flush=True)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for process in reversed(processes):  # router first, then shards
-            _stop(process)
-        embedded.stop()
-        print("stopped", flush=True)
+    with contextlib.ExitStack() as stack:  # unwinds in reverse: processes, Redis, PostgreSQL
+        database_url = options.database_url
+        if not database_url:
+            print(f"starting embedded PostgreSQL (data in {data_dir / 'postgres'}) ...", flush=True)
+            database_url = stack.enter_context(EmbeddedPostgres()).start(data_dir / "postgres")
+        redis_url = options.redis_url
+        if not redis_url:
+            print(f"starting embedded Redis (data in {data_dir / 'redis'}) ...", flush=True)
+            redis_url = stack.enter_context(EmbeddedRedis()).start(data_dir / "redis")
+        _migrate(argparse.Namespace(database_url=database_url))
+        stack.callback(_stop_all, processes)
+        stores = ["--database-url", database_url, "--redis-url", redis_url]
+        try:
+            for index in range(options.shards):
+                listen = f"127.0.0.1:{options.port + 10 + index}"
+                shard = _spawn("shard", "--shard-id", f"shard-{index}", "--listen", listen, *stores)
+                processes.append(shard)
+                _wait_ready(listen, shard)
+                print(f"shard-{index} serving on {listen}", flush=True)
+            listen = f"127.0.0.1:{options.port}"
+            router = _spawn("router", "--listen", listen, *stores)
+            processes.append(router)
+            _wait_ready(listen, router)
+            print(f"inventory service listening on {listen} (router; Ctrl-C to stop)", flush=True)
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+            while all(p.poll() is None for p in processes):
+                time.sleep(0.5)
+            print("a process exited; stopping the rest", flush=True)
+        except KeyboardInterrupt:
+            pass
+    print("stopped", flush=True)
+
+
+def _stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in reversed(processes):  # router first, then the shards
+        _stop(process)
 
 
 def _spawn(*arguments: str) -> subprocess.Popen[bytes]:

@@ -25,6 +25,8 @@ class ShardConfig:
     # A shard whose heartbeat is older than this is considered dead and its partitions move.
     # Must exceed a few heartbeat periods (0.5 s) plus a database hiccup.
     membership_lease_s: float = 3.0
+    # Where availability changes are published (streams + read view); none: not published.
+    redis_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,8 @@ class RouterConfig:
     partition_count: int
     log_level: str
     membership_lease_s: float = 3.0
+    # The read view and event streams (EVENTUAL reads, Watch); none: STRONG reads only.
+    redis_url: str = ""
 
 
 def router_config(options: argparse.Namespace) -> RouterConfig:
@@ -45,6 +49,7 @@ def router_config(options: argparse.Namespace) -> RouterConfig:
         partition_count=PARTITION_COUNT,
         log_level=options.log_level,
         membership_lease_s=options.membership_lease_s,
+        redis_url=options.redis_url,
     )
 
 
@@ -55,8 +60,17 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         help="host:port of the public API [INVENTORY_ROUTER_LISTEN]",
     )
     add_database_argument(parser)
+    add_redis_argument(parser)
     add_lease_argument(parser)
     add_log_level_argument(parser)
+
+
+def add_redis_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=env("REDIS_URL", ""),
+        help="Redis for availability events and the read view [INVENTORY_REDIS_URL]",
+    )
 
 
 def add_lease_argument(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +113,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_lease_argument(parser)
     add_database_argument(parser)
+    add_redis_argument(parser)
     add_log_level_argument(parser)
 
 
@@ -122,4 +137,5 @@ def shard_config(options: argparse.Namespace) -> ShardConfig:
         log_level=options.log_level,
         advertise=options.advertise,
         membership_lease_s=options.membership_lease_s,
+        redis_url=options.redis_url,
     )

@@ -16,6 +16,7 @@ from inventory.v1 import inventory_pb2, inventory_pb2_grpc
 
 from persistence.connections import create_pool
 from persistence.membership import Membership
+from persistence.readview import EventReader
 
 from ..common.config import RouterConfig
 from ..common.server import create_server, set_serving
@@ -33,12 +34,16 @@ SHUTDOWN_GRACE_S = 5.0
 
 async def serve(config: RouterConfig) -> None:
     pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX)
+    read_view: EventReader | None = None
     try:
         membership = Membership(pool, config.membership_lease_s)
         routes = Routes(membership.alive, config.partition_count)
         await routes.refresh(force=True)
+        if config.redis_url:
+            read_view = EventReader(config.redis_url)
         server, health_servicer, port = create_server(config.listen, [SERVICE_NAME])
-        inventory_pb2_grpc.add_InventoryServicer_to_server(RouterService(routes), server)
+        service = RouterService(routes, read_view)
+        inventory_pb2_grpc.add_InventoryServicer_to_server(service, server)
         await server.start()
         await set_serving(health_servicer, [SERVICE_NAME], True)
         log.info("router_serving", listen=config.listen, port=port, ring=routes.ring_version)
@@ -56,6 +61,8 @@ async def serve(config: RouterConfig) -> None:
         await routes.close()
         log.info("router_stopped")
     finally:
+        if read_view is not None:
+            await read_view.close()
         await pool.close()
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol, TypeVar
 
 import grpc
+import structlog
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
@@ -23,6 +24,7 @@ from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from inventory_core import (
     Invalid,
+    InventoryKey,
     ReservationNotFound,
     limits,
     partition_of,
@@ -43,6 +45,7 @@ from ..common.calls import (
 from .routing import Routes
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 # Retries of one call on UNAVAILABLE before giving up (within its deadline anyway).
 FORWARD_ATTEMPTS_MAX = 30
@@ -54,9 +57,20 @@ ORDER_LEGS_MAX = 20
 ORDER_IDEMPOTENCY_KEY_LENGTH_MAX = 100
 
 
+class ReadView(Protocol):
+    """The eventually consistent read view (persistence.readview.EventReader)."""
+
+    async def levels(
+        self, keys: Sequence[InventoryKey]
+    ) -> list[tuple[pb.StockLevel, int, int, int] | None]: ...
+
+    async def asof(self, partitions: Sequence[int]) -> dict[int, int | None]: ...
+
+
 class RouterCalls:
-    def __init__(self, routes: Routes) -> None:
+    def __init__(self, routes: Routes, read_view: ReadView | None = None) -> None:
         self._routes = routes
+        self._read_view = read_view
 
     # ------------------------------------------------------------------------ reads
 
@@ -73,6 +87,12 @@ class RouterCalls:
             partitions.append(partition_of(key.merchant_id, key.location_id))
         levels: list[pb.StockLevel] = [pb.StockLevel()] * len(partitions)
         pending = list(range(len(partitions)))
+        staleness_ms = 0
+        eventual = request.consistency == pb.CONSISTENCY_EVENTUAL
+        if eventual and self._read_view is not None:
+            pending, staleness_ms = await self._from_read_view(request, partitions, levels)
+        if not pending:
+            return pb.GetAvailabilityResponse(levels=levels, staleness_ms=staleness_ms)
         await self._routes.refresh()
         for attempt in range(FORWARD_ATTEMPTS_MAX):
             groups: dict[str | None, list[int]] = {}
@@ -94,9 +114,38 @@ class RouterCalls:
                 for index, level in zip(indexes, answer.levels, strict=True):
                     levels[index] = level
             if not pending:
-                return pb.GetAvailabilityResponse(levels=levels, staleness_ms=0)
+                return pb.GetAvailabilityResponse(levels=levels, staleness_ms=staleness_ms)
             await self._backoff(attempt, deadline)
         raise Refusal(errors.status(grpc.StatusCode.UNAVAILABLE, "owners unavailable"))
+
+    async def _from_read_view(
+        self,
+        request: pb.GetAvailabilityRequest,
+        partitions: list[int],
+        levels: list[pb.StockLevel],
+    ) -> tuple[list[int], int]:
+        """Fill what the read view can answer with a known staleness bound; the indexes
+        left (keys it has never seen, partitions no publisher has stamped, or Redis down)
+        are read from their owners instead."""
+        assert self._read_view is not None
+        keys = [convert.key_from_proto(k) for k in request.keys]
+        try:
+            found = await self._read_view.levels(keys)
+            stamps = await self._read_view.asof(partitions)
+        except Exception as error:  # the view is an optimisation: fall back to owners
+            log.warning("read_view_unavailable", error=repr(error))
+            return list(range(len(keys))), 0
+        now_ms = int(time.time() * 1000)
+        pending: list[int] = []
+        oldest_ms = now_ms
+        for index, answer in enumerate(found):
+            stamp = stamps.get(partitions[index])
+            if answer is None or stamp is None:
+                pending.append(index)
+                continue
+            levels[index] = answer[0]
+            oldest_ms = min(oldest_ms, stamp)
+        return pending, max(now_ms - oldest_ms, 0)
 
     async def _read_group(
         self,
@@ -294,8 +343,8 @@ class RouterCalls:
 
 
 class RouterService(pb_grpc.InventoryServicer):
-    def __init__(self, routes: Routes) -> None:
-        self._calls = RouterCalls(routes)
+    def __init__(self, routes: Routes, read_view: ReadView | None = None) -> None:
+        self._calls = RouterCalls(routes, read_view)
         self._dispatch = batching.dispatch_table(self._calls)
 
     async def GetAvailability(

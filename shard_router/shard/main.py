@@ -15,9 +15,10 @@ import time
 
 import structlog
 import uvloop
-from inventory.v1 import inventory_pb2
+from inventory.v1 import inventory_pb2, inventory_pb2_grpc
 
 from persistence.connections import create_pool
+from persistence.events import EventPublisher
 from persistence.membership import Membership
 from persistence.migrate import ensure_partitions, migrate
 from persistence.store import PartitionStore
@@ -38,33 +39,38 @@ DATABASE_POOL_SIZE_MAX = 8
 SHUTDOWN_GRACE_S = 5.0
 
 
-async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None:
+async def serve(config: ShardConfig) -> None:
     started = time.monotonic()
     pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX)
+    publisher: EventPublisher | None = None
     try:
         async with pool.acquire() as connection:
             await migrate(connection)
             await ensure_partitions(connection, config.partition_count)
         store = PartitionStore(pool)
-        owner = Owner(store)
+        if config.redis_url:
+            publisher = EventPublisher(config.redis_url, pool, config.shard_id)
+        owner = Owner(store, events=publisher)
         server, health_servicer, port = create_server(config.listen, [SERVICE_NAME])
+        inventory_pb2_grpc.add_InventoryServicer_to_server(InventoryService(owner), server)
         address = config.advertise or f"{config.listen.rsplit(':', 1)[0]}:{port}"
-        membership = Membership(pool, config.membership_lease_s)
         ownership = Ownership(
             owner,
-            membership,
+            Membership(pool, config.membership_lease_s),
             store,
             shard_id=config.shard_id,
             address=address,
             partition_count=config.partition_count,
             lease_s=config.membership_lease_s,
+            on_acquired=publisher.partitions_acquired if publisher else None,
         )
         first_pass = asyncio.Event()
-        ownership_task = asyncio.create_task(ownership.run(first_pass))
+        background = [asyncio.create_task(ownership.run(first_pass))]
         await first_pass.wait()
-        from inventory.v1 import inventory_pb2_grpc
-
-        inventory_pb2_grpc.add_InventoryServicer_to_server(InventoryService(owner), server)
+        owner_task = asyncio.create_task(owner.run())
+        background.append(asyncio.create_task(_log_stats(owner, ownership, publisher)))
+        if publisher is not None:
+            background.append(asyncio.create_task(publisher.run()))
         await server.start()
         await set_serving(health_servicer, [SERVICE_NAME], True)
         log.info(
@@ -72,39 +78,48 @@ async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None
             shard_id=config.shard_id,
             address=address,
             partitions=len(owner.owned_partitions),
+            events="redis" if publisher else "off",
             startup_s=round(time.monotonic() - started, 3),
         )
-        if ready is not None:
-            ready.set()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        owner_task = asyncio.create_task(owner.run())
-        stats_task = asyncio.create_task(_log_stats(owner, ownership))
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({owner_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if owner_task.done():
-            owner_task.result()  # the loop died: raise its error (fail-stop the process)
-        if ownership_task.done():
-            ownership_task.result()
+        await _until_stopped(owner_task, background)
         log.info("shard_stopping", shard_id=config.shard_id)
-        for task in (ownership_task, stats_task):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(background[:1])  # take no more partitions
         await set_serving(health_servicer, [SERVICE_NAME], False)
-        await server.stop(SHUTDOWN_GRACE_S)
+        await server.stop(SHUTDOWN_GRACE_S)  # in-flight calls finish
         await owner.drain()
-        owner_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await owner_task
+        await _cancel([owner_task])
         await owner.checkpoint_now()
         await owner.close()
         await ownership.leave()  # the others take our partitions at their next poll
+        await _cancel(background[1:])
         log.info("shard_stopped", shard_id=config.shard_id)
     finally:
+        if publisher is not None:
+            await publisher.close()
         await pool.close()
+
+
+async def _until_stopped(
+    owner_task: asyncio.Task[None], background: list[asyncio.Task[None]]
+) -> None:
+    """Until SIGTERM/SIGINT; a loop that dies raises here (fail-stop the process)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    stopped = asyncio.create_task(stop.wait())
+    watched = {owner_task, stopped, *background}
+    await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    for task in (owner_task, *background):
+        if task.done():
+            task.result()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # One structured stats line per period: enough to see throughput, batch size, flush latency,
@@ -112,7 +127,7 @@ async def serve(config: ShardConfig, ready: asyncio.Event | None = None) -> None
 STATS_LOG_INTERVAL_S = 10.0
 
 
-async def _log_stats(owner: Owner, ownership: Ownership) -> None:
+async def _log_stats(owner: Owner, ownership: Ownership, publisher: EventPublisher | None) -> None:
     previous = dataclasses.replace(owner.stats)
     while True:
         await asyncio.sleep(STATS_LOG_INTERVAL_S)
@@ -131,8 +146,20 @@ async def _log_stats(owner: Owner, ownership: Ownership) -> None:
             shed=now.shed,
             ring=ownership.ring_version,
             **owner.gauges(),
+            **(_publisher_figures(publisher) if publisher else {}),
         )
         previous = now
+
+
+def _publisher_figures(publisher: EventPublisher) -> dict[str, int]:
+    stats = publisher.stats
+    return {
+        "events_published": stats.events_published,
+        "event_lag_ms": publisher.lag_ms(),
+        "event_buffer_drops": stats.buffer_drops,
+        "event_redis_errors": stats.redis_errors,
+        "event_catch_ups": stats.catch_ups,
+    }
 
 
 def main(config: ShardConfig) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,8 +74,11 @@ class Ownership:
         partition_count: int,
         lease_s: float,
         limits: OwnershipLimits | None = None,
+        on_acquired: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
         self._lease_s = lease_s
+        # Told of partitions just taken, before they serve (the event publisher catches up).
+        self._on_acquired = on_acquired
         self._owner = owner
         self._membership = membership
         self._partitions = partitions
@@ -120,6 +123,8 @@ class Ownership:
             acquired = await self._partitions.acquire(take, self.shard_id)
             loaded = await self._partitions.load(take)
             epochs = {o.partition: o.epoch for o in acquired}
+            if self._on_acquired is not None:
+                self._on_acquired(take)
             self._owner.adopt(loaded, epochs)
             self.rebalances += 1
             log.info(

@@ -1,0 +1,729 @@
+"""AvailabilityStream.Watch on the router: one reader of the change streams, many subscribers.
+
+How it works. A ``WatchHub`` owns one task that reads every partition's stream after the
+hub's positions (``EventSource.read``, started at ``last_ids()``) and offers each entry to
+the subscribers of its merchant. Offering never awaits: a ``Subscriber`` keeps the matching
+changes pending in an ``OrderedDict`` keyed by key (latest version wins and moves to the
+end, so pending stays in read order); past ``subscriber_pending_keys_max`` keys the pending
+changes are dropped and the subscriber is marked for resync. Each Watch RPC drains its own
+subscriber, so a slow client only slows itself.
+
+List-then-watch. A subscriber registers first (live entries start buffering), then either
+reads a snapshot from the read view, or, given a resume token whose positions are all still
+retained (not older than ``first_ids()``), replays its partitions with ``range()`` from the
+token up to the hub's positions at registration, then goes live.
+
+Rules.
+- Per key the versions sent only go up: a change is sent only above the last version sent,
+  a snapshot level only at or above it (a snapshot repeats unchanged keys, it is complete).
+- A resume token names, per partition, a position the subscriber has passed: every matching
+  entry at or before it was sent or superseded by a later entry of the same key. It reads
+  "snapshot needed" while a snapshot is sent and until the stream has passed the source's
+  last ids read right after the snapshot (``barrier``): replaying from before that point
+  could repeat versions older than the snapshot showed. The read view must therefore be at
+  least as new as the stream entries (the publisher writes both in one step).
+- Source errors are retried with backoff by whoever called; streams keep their heartbeats.
+  When the hub cannot prove it missed nothing (positions trimmed or gone after an outage),
+  every subscriber gets a ``Resync`` and a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, TypeVar
+
+import grpc
+import structlog
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+from inventory.v1 import events_pb2, events_pb2_grpc
+from inventory.v1 import inventory_pb2 as pb
+
+from inventory_core import PARTITION_COUNT, CapacityExhausted, Invalid, limits, partition_of
+
+from ..common import errors
+from ._watch_token import (
+    ZERO,
+    EntryId,
+    ResumeToken,
+    decode,
+    encode_positions,
+    fingerprint_of,
+    format_entry_id,
+    parse_entry_id,
+    positions_token,
+    snapshot_token,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+KeyId = tuple[str, str]  # (sku_id, location_id): a subscriber's merchant is fixed
+
+SNAPSHOT_INITIAL = "initial"
+SNAPSHOT_RESUME_TOKEN_TOO_OLD = "resume_token_too_old"
+SNAPSHOT_RESYNC = "resync"
+RESYNC_SUBSCRIBER_TOO_SLOW = "subscriber_too_slow"
+RESYNC_EVENTS_UNAVAILABLE = "events_unavailable"
+
+
+class EventSource(Protocol):
+    """The change streams and the read view (persistence.events.EventReader in production)."""
+
+    async def snapshot(
+        self, merchant_id: str, location_ids: Sequence[str], sku_ids: Sequence[str]
+    ) -> list[tuple[pb.StockLevel, int, int]]: ...
+
+    async def last_ids(self) -> dict[int, str]: ...
+
+    async def first_ids(self) -> dict[int, str]: ...
+
+    async def read(
+        self, positions: dict[int, str], block_ms: int, count: int
+    ) -> list[tuple[int, str, events_pb2.AvailabilityChanged]]: ...
+
+    async def range(
+        self, partition: int, after_id: str, up_to_id: str, count: int
+    ) -> list[tuple[int, str, events_pb2.AvailabilityChanged]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WatchLimits:
+    # Issue 5 asks one router to sustain at least 1,000 subscribers; twice that leaves room
+    # for reconnect storms. Beyond it Watch answers RESOURCE_EXHAUSTED.
+    subscribers_max: int = 2000
+    # Distinct keys pending per subscriber (coalesced, latest wins). A subscriber this far
+    # behind is cheaper to serve with a snapshot; ~300 bytes each bounds a subscriber at
+    # ~300 KiB and all of them at ~600 MiB in the worst case.
+    subscriber_pending_keys_max: int = 1000
+    # Last version sent per key, remembered beyond a snapshot's keys: past this the oldest
+    # are forgotten (order per partition still keeps versions going up).
+    subscriber_versions_keys_max: int = 10_000
+    # ~100 bytes per StockLevel: ~100 KiB messages, far under the 4 MiB message bound.
+    snapshot_levels_per_message_max: int = 1000
+    # Idle streams get a heartbeat this often: proxies keep them open, clients notice death.
+    heartbeat_interval_s: float = 5.0
+    # The hub's blocking read returns at once when entries arrive; the bound only sets how
+    # long a read may sit idle.
+    read_block_ms: int = 1000
+    # Entries per hub read and per catch-up range: bounds the memory of one step.
+    read_entries_max: int = 1000
+    range_entries_max: int = 1000
+    # Backoff between attempts when the source (Redis) fails.
+    source_retry_backoff_s_initial: float = 0.05
+    source_retry_backoff_s_max: float = 2.0
+    # A filter is a catalogue page or a store list, not a catalogue.
+    filter_location_ids_max: int = 100
+    filter_sku_ids_max: int = 1000
+
+
+@dataclass(slots=True)
+class WatchMetrics:
+    subscribers: int = 0
+    subscribers_peak: int = 0
+    subscribes_total: int = 0
+    subscribers_refused: int = 0
+    resyncs: int = 0
+    snapshots: int = 0
+    events_read: int = 0
+    events_delivered: int = 0
+    events_coalesced: int = 0
+    heartbeats: int = 0
+    source_errors: int = 0
+    # Commit to hub read, from the entries' committed_at_ms.
+    lag_ms_last: int = 0
+    lag_ms_max: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WatchFilter:
+    merchant_id: str
+    location_ids: frozenset[str] = frozenset()
+    sku_ids: frozenset[str] = frozenset()
+
+    def matches(self, key: pb.InventoryKey) -> bool:
+        return (
+            key.merchant_id == self.merchant_id
+            and (not self.location_ids or key.location_id in self.location_ids)
+            and (not self.sku_ids or key.sku_id in self.sku_ids)
+        )
+
+    def partitions(self, partition_count: int) -> tuple[int, ...]:
+        """The partitions this filter's keys can live on (all of them without locations)."""
+        if not self.location_ids:
+            return tuple(range(partition_count))
+        return tuple(
+            sorted({partition_of(self.merchant_id, x, partition_count) for x in self.location_ids})
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.merchant_id, self.location_ids, self.sku_ids)
+
+
+class HubClosed(Exception):
+    """The hub stopped (router shutdown): streams end with UNAVAILABLE and clients resume."""
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class WatchHub:
+    """Owns the reader task and the subscriber registry. ``async with hub:`` or start/close."""
+
+    def __init__(
+        self,
+        source: EventSource,
+        limits: WatchLimits | None = None,
+        *,
+        partition_count: int = PARTITION_COUNT,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.source = source
+        self.limits = limits or WatchLimits()
+        self.partition_count = partition_count
+        self.clock_ms = clock_ms
+        self.metrics = WatchMetrics()
+        # Every entry at or before these was offered to every subscriber registered then.
+        self.positions: dict[int, EntryId] = {}
+        self._read_positions: dict[int, str] = {}
+        self._established = asyncio.Event()
+        self.generation = 0  # +1 whenever positions move: tokens are cached against it
+        self._positions_blob: tuple[int, str] = (-1, "")
+        self._subscribers: dict[str, set[Subscriber]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self.closed = False
+
+    async def __aenter__(self) -> WatchHub:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        assert self._reader is None, "started twice"
+        self._reader = asyncio.create_task(self._run(), name="watch-hub-reader")
+
+    async def close(self) -> None:
+        """Stop reading, then end every subscriber's stream (each RPC unregisters itself)."""
+        self.closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        for subscriber in self._all_subscribers():
+            subscriber.close()
+
+    # ----------------------------------------------------------------- subscribers
+
+    def subscribe(self, watch_filter: WatchFilter) -> Subscriber | CapacityExhausted:
+        if self.closed or self.metrics.subscribers >= self.limits.subscribers_max:
+            self.metrics.subscribers_refused += 1
+            return CapacityExhausted("subscribers_max", self.limits.subscribers_max)
+        subscriber = Subscriber(self, watch_filter)
+        self._subscribers.setdefault(watch_filter.merchant_id, set()).add(subscriber)
+        self.metrics.subscribers += 1
+        self.metrics.subscribes_total += 1
+        self.metrics.subscribers_peak = max(self.metrics.subscribers_peak, self.metrics.subscribers)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        group = self._subscribers.get(subscriber.filter.merchant_id)
+        if group is None or subscriber not in group:
+            return
+        group.discard(subscriber)
+        if not group:
+            del self._subscribers[subscriber.filter.merchant_id]
+        self.metrics.subscribers -= 1
+        subscriber.close()
+
+    @property
+    def established(self) -> bool:
+        """Whether the reader has positions (Watch calls wait for it before registering)."""
+        return self._established.is_set()
+
+    async def wait_established(self) -> bool:
+        return await self._established.wait()
+
+    def positions_blob(self) -> str:
+        """The hub's positions, encoded once per read batch and shared by all tokens."""
+        if self._positions_blob[0] != self.generation:
+            self._positions_blob = (self.generation, encode_positions(self.positions))
+        return self._positions_blob[1]
+
+    def _all_subscribers(self) -> list[Subscriber]:
+        return [s for group in self._subscribers.values() for s in group]
+
+    # ---------------------------------------------------------------------- reader
+
+    async def _run(self) -> None:
+        backoff_s = self.limits.source_retry_backoff_s_initial
+        continuous = False
+        while True:
+            try:
+                if not continuous:
+                    await self._establish()
+                    continuous = True
+                batch = await self.source.read(
+                    self._read_positions, self.limits.read_block_ms, self.limits.read_entries_max
+                )
+            except Exception as error:
+                self.metrics.source_errors += 1
+                log.warning("watch_source_failed", error=repr(error), backoff_s=backoff_s)
+                continuous = False
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, self.limits.source_retry_backoff_s_max)
+                continue
+            backoff_s = self.limits.source_retry_backoff_s_initial
+            self._fan_out(batch)
+
+    async def _establish(self) -> None:
+        """(Re)start reading: continue from our positions if nothing can have been missed."""
+        firsts = {p: parse_entry_id(i) for p, i in (await self.source.first_ids()).items()}
+        lasts = {p: parse_entry_id(i) for p, i in (await self.source.last_ids()).items()}
+        if self._established.is_set():
+            lost = [
+                p
+                for p in range(self.partition_count)
+                if self.positions.get(p, ZERO) < firsts.get(p, ZERO)
+                or lasts.get(p, ZERO) < self.positions.get(p, ZERO)
+            ]
+            if not lost:
+                return
+            log.warning("watch_positions_lost", partitions=len(lost), first=lost[0])
+        self.positions = {p: e for p, e in lasts.items() if 0 <= p < self.partition_count}
+        self._read_positions = {
+            p: format_entry_id(self.positions.get(p, ZERO)) for p in range(self.partition_count)
+        }
+        self._established.set()
+        self.generation += 1
+        for subscriber in self._all_subscribers():
+            subscriber.mark_resync(RESYNC_EVENTS_UNAVAILABLE)
+
+    def _fan_out(self, batch: list[tuple[int, str, events_pb2.AvailabilityChanged]]) -> None:
+        """Offer each new entry to its merchant's subscribers; never awaits."""
+        now_ms = self.clock_ms()
+        for partition, entry_text, event in batch:
+            assert 0 <= partition < self.partition_count, f"partition {partition} out of range"
+            entry = parse_entry_id(entry_text)
+            if entry <= self.positions.get(partition, ZERO):
+                continue  # read twice (a retried read): offered already
+            self.positions[partition] = entry
+            self._read_positions[partition] = entry_text
+            self.metrics.events_read += 1
+            if event.committed_at_ms:
+                lag_ms = max(now_ms - event.committed_at_ms, 0)
+                self.metrics.lag_ms_last = lag_ms
+                self.metrics.lag_ms_max = max(self.metrics.lag_ms_max, lag_ms)
+            for subscriber in self._subscribers.get(event.key.merchant_id, ()):
+                subscriber.offer(partition, entry, event)
+        self.generation += 1
+
+
+Pending = tuple[int, EntryId, events_pb2.AvailabilityChanged]
+
+
+class Subscriber:
+    """One Watch stream's state: its pending changes, positions and the versions it sent."""
+
+    def __init__(self, hub: WatchHub, watch_filter: WatchFilter) -> None:
+        self.hub = hub
+        self.filter = watch_filter
+        self.limits = hub.limits
+        self.partitions = watch_filter.partitions(hub.partition_count)
+        self._all_partitions = len(self.partitions) == hub.partition_count
+        self._fingerprint = watch_filter.fingerprint
+        # Partitions where a resumed token is ahead of this hub (another router read further).
+        self._ahead: set[int] = set()
+        self.pending: OrderedDict[KeyId, Pending] = OrderedDict()
+        self._pending_per_partition: dict[int, int] = {}
+        # Offers at or before these are skipped (a resumed token may be ahead of this hub).
+        self._floor: dict[int, EntryId] = {}
+        # Per partition, the position passed (see the token rule in the module docstring).
+        self._positions: dict[int, EntryId] = {}
+        self._follows_hub = False
+        self._snapshot_needed = True
+        self._barrier: dict[int, EntryId] | None = None
+        self.resync_reason: str | None = None
+        self._versions_sent: OrderedDict[KeyId, int] = OrderedDict()
+        self._wake = asyncio.Event()
+        self.closed = False
+        self._last_sent_s = asyncio.get_running_loop().time()
+        self._token_cache: tuple[int, int, str] | None = None
+        self._generation = 0
+
+    # ------------------------------------------------------------ hub side (sync)
+
+    def offer(self, partition: int, entry: EntryId, event: events_pb2.AvailabilityChanged) -> None:
+        if self.resync_reason is not None or not self.filter.matches(event.key):
+            return
+        if entry <= self._floor.get(partition, ZERO):
+            return
+        key = (event.key.sku_id, event.key.location_id)
+        if key in self.pending:
+            self.pending[key] = (partition, entry, event)
+            self.pending.move_to_end(key)
+            self.hub.metrics.events_coalesced += 1
+        elif len(self.pending) >= self.limits.subscriber_pending_keys_max:
+            self.mark_resync(RESYNC_SUBSCRIBER_TOO_SLOW)
+            return
+        else:
+            self.pending[key] = (partition, entry, event)
+            self._pending_per_partition[partition] = (
+                self._pending_per_partition.get(partition, 0) + 1
+            )
+        self._wake.set()
+
+    def mark_resync(self, reason: str) -> None:
+        """Drop what is pending; the stream sends Resync and a fresh snapshot next."""
+        self.pending.clear()
+        self._pending_per_partition.clear()
+        self.resync_reason = reason
+        self.hub.metrics.resyncs += 1
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    # --------------------------------------------------------------- stream side
+
+    async def stream(self, token: ResumeToken | None) -> AsyncIterator[events_pb2.WatchEvent]:
+        """The events of one Watch call: snapshot or catch-up, then changes and heartbeats."""
+        if not self.hub.established:
+            ready: list[bool] = []
+            async for event in self._call_source(self.hub.wait_established, ready):
+                yield event
+        if token is None or token.positions is None:
+            reason = SNAPSHOT_INITIAL if token is None else SNAPSHOT_RESUME_TOKEN_TOO_OLD
+            async for event in self._snapshot(reason):
+                yield event
+        else:
+            async for event in self._resume(token.positions):
+                yield event
+        while True:
+            if self.closed:
+                raise HubClosed
+            if self.resync_reason is not None:
+                yield self._emit(
+                    events_pb2.WatchEvent(resync=events_pb2.Resync(reason=self.resync_reason))
+                )
+                async for event in self._snapshot(SNAPSHOT_RESYNC):
+                    yield event
+                continue
+            if self.pending:
+                change = self._pop()
+                if change is not None:
+                    yield self._emit(events_pb2.WatchEvent(change=change))
+                continue
+            await self._wait(self._heartbeat_due_s())
+            if not self.pending and self.resync_reason is None and self._heartbeat_due_s() <= 0:
+                yield self._heartbeat()
+
+    async def _resume(self, start: Mapping[int, EntryId]) -> AsyncIterator[events_pb2.WatchEvent]:
+        box: list[dict[int, str]] = []
+        async for event in self._call_source(self.hub.source.first_ids, box):
+            yield event
+        firsts = box[0]
+        too_old = [
+            p for p in self.partitions if start.get(p, ZERO) < parse_entry_id(firsts.get(p, "0-0"))
+        ]
+        if too_old:
+            async for event in self._snapshot(SNAPSHOT_RESUME_TOKEN_TOO_OLD):
+                yield event
+            return
+        async for event in self._catch_up(start):
+            yield event
+
+    async def _catch_up(self, start: Mapping[int, EntryId]) -> AsyncIterator[events_pb2.WatchEvent]:
+        """Replay each partition from the token up to the hub's positions, then go live."""
+        self._register(floor={p: start.get(p, ZERO) for p in self.partitions}, follows_hub=False)
+        self._snapshot_needed = False
+        registered = {p: self.hub.positions.get(p, ZERO) for p in self.partitions}
+        for partition in self.partitions:
+            after, up_to = start.get(partition, ZERO), registered[partition]
+            while after < up_to:
+                box: list[list[tuple[int, str, events_pb2.AvailabilityChanged]]] = []
+                fetch = self._range_call(partition, after, up_to)
+                async for event in self._call_source(fetch, box):
+                    yield event
+                if self.resync_reason is not None or self.closed:
+                    return  # the stream loop sends Resync and a snapshot
+                for _, entry_text, changed in box[0]:
+                    entry = parse_entry_id(entry_text)
+                    if not after < entry <= up_to:
+                        continue
+                    after = entry
+                    self._positions[partition] = entry
+                    if self.filter.matches(changed.key) and self._accept_change(changed):
+                        yield self._emit(events_pb2.WatchEvent(change=changed))
+                if len(box[0]) < self.limits.range_entries_max:
+                    break
+            self._positions[partition] = max(self._positions[partition], up_to)
+            self._generation += 1
+        self._follows_hub = True
+
+    def _range_call(
+        self, partition: int, after: EntryId, up_to: EntryId
+    ) -> Callable[[], Awaitable[list[tuple[int, str, events_pb2.AvailabilityChanged]]]]:
+        def call() -> Awaitable[list[tuple[int, str, events_pb2.AvailabilityChanged]]]:
+            return self.hub.source.range(
+                partition,
+                format_entry_id(after),
+                format_entry_id(up_to),
+                self.limits.range_entries_max,
+            )
+
+        return call
+
+    async def _snapshot(self, reason: str) -> AsyncIterator[events_pb2.WatchEvent]:
+        """Register at the hub's positions, read the view, then the barrier; send in chunks."""
+        self._register(floor={}, follows_hub=True)
+        source = self.hub.source
+        levels_box: list[list[tuple[pb.StockLevel, int, int]]] = []
+        read = self._snapshot_call()
+        async for event in self._call_source(read, levels_box):
+            yield event
+        barrier_box: list[dict[int, str]] = []
+        async for event in self._call_source(source.last_ids, barrier_box):
+            yield event
+        if self.resync_reason is not None or self.closed:
+            return
+        touched = set(self.partitions)
+        self._barrier = {p: parse_entry_id(i) for p, i in barrier_box[0].items() if p in touched}
+        self.hub.metrics.snapshots += 1
+        levels = [level for level, _, _ in levels_box[0] if self._accept_level(level)]
+        size = self.limits.snapshot_levels_per_message_max
+        for start in range(0, max(len(levels), 1), size):
+            chunk = levels[start : start + size]
+            complete = start + size >= len(levels)
+            self._snapshot_needed = not complete
+            snapshot = events_pb2.Snapshot(levels=chunk, complete=complete, reason=reason)
+            yield self._emit(events_pb2.WatchEvent(snapshot=snapshot))
+
+    def _snapshot_call(self) -> Callable[[], Awaitable[list[tuple[pb.StockLevel, int, int]]]]:
+        def call() -> Awaitable[list[tuple[pb.StockLevel, int, int]]]:
+            return self.hub.source.snapshot(
+                self.filter.merchant_id,
+                sorted(self.filter.location_ids),
+                sorted(self.filter.sku_ids),
+            )
+
+        return call
+
+    def _register(self, floor: dict[int, EntryId], follows_hub: bool) -> None:
+        """Start buffering live entries from the hub's current positions on."""
+        self.pending.clear()
+        self._pending_per_partition.clear()
+        self.resync_reason = None
+        self._floor = floor
+        self._ahead = {p for p, e in floor.items() if e > self.hub.positions.get(p, ZERO)}
+        self._positions = (
+            {p: max(floor.get(p, ZERO), self.hub.positions.get(p, ZERO)) for p in self.partitions}
+            if follows_hub
+            else dict(floor)
+        )
+        self._follows_hub = follows_hub
+        self._snapshot_needed = True
+        self._barrier = None
+        self._generation += 1
+
+    def _pop(self) -> events_pb2.AvailabilityChanged | None:
+        _, (partition, entry, changed) = self.pending.popitem(last=False)
+        count = self._pending_per_partition[partition] - 1
+        if count:
+            self._pending_per_partition[partition] = count
+        else:
+            del self._pending_per_partition[partition]
+        self._positions[partition] = entry
+        self._generation += 1
+        return changed if self._accept_change(changed) else None
+
+    def _accept_change(self, changed: events_pb2.AvailabilityChanged) -> bool:
+        key = (changed.key.sku_id, changed.key.location_id)
+        if changed.version <= self._versions_sent.get(key, 0):
+            return False
+        self._remember(key, changed.version)
+        return True
+
+    def _accept_level(self, level: pb.StockLevel) -> bool:
+        key = (level.key.sku_id, level.key.location_id)
+        if level.version < self._versions_sent.get(key, 0):
+            return False  # the read view is behind what this stream already showed
+        self._remember(key, level.version)
+        return True
+
+    def _remember(self, key: KeyId, version: int) -> None:
+        self._versions_sent[key] = version
+        self._versions_sent.move_to_end(key)
+        # While a barrier stands the snapshot's versions are needed; past it, order suffices.
+        if self._barrier is None:
+            while len(self._versions_sent) > self.limits.subscriber_versions_keys_max:
+                self._versions_sent.popitem(last=False)
+
+    # ------------------------------------------------------------------ tokens
+
+    def _position(self, partition: int) -> EntryId:
+        own = self._positions.get(partition, ZERO)
+        if not self._follows_hub or partition in self._pending_per_partition:
+            return own
+        return max(own, self.hub.positions.get(partition, ZERO))
+
+    def token(self) -> str:
+        cached = self._token_cache
+        if cached is not None and cached[:2] == (self.hub.generation, self._generation):
+            return cached[2]
+        text = self._compute_token()
+        self._token_cache = (self.hub.generation, self._generation, text)
+        return text
+
+    def _compute_token(self) -> str:
+        if self._snapshot_needed or self.resync_reason is not None:
+            return snapshot_token(self._fingerprint)
+        if self._barrier is not None:
+            if any(self._position(p) < b for p, b in self._barrier.items()):
+                return snapshot_token(self._fingerprint)
+            self._barrier = None
+        if self._follows_hub and self._all_partitions:
+            # The hub's shared encoding, and only the partitions where this one differs.
+            overrides = {p: self._positions.get(p, ZERO) for p in self._pending_per_partition}
+            for p in self._ahead - overrides.keys():
+                overrides[p] = self._position(p)
+            base = self.hub.positions_blob()
+            return positions_token(self._fingerprint, base, encode_positions(overrides, True))
+        positions = {p: self._position(p) for p in self.partitions}
+        return positions_token(self._fingerprint, encode_positions(positions))
+
+    # --------------------------------------------------------------- plumbing
+
+    def _emit(self, event: events_pb2.WatchEvent) -> events_pb2.WatchEvent:
+        event.resume_token = self.token()
+        self._last_sent_s = asyncio.get_running_loop().time()
+        if event.HasField("change"):
+            self.hub.metrics.events_delivered += 1
+        return event
+
+    def _heartbeat(self) -> events_pb2.WatchEvent:
+        self.hub.metrics.heartbeats += 1
+        heartbeat = events_pb2.Heartbeat(server_time_ms=self.hub.clock_ms())
+        return self._emit(events_pb2.WatchEvent(heartbeat=heartbeat))
+
+    def _heartbeat_due_s(self) -> float:
+        now_s = asyncio.get_running_loop().time()
+        return self._last_sent_s + self.limits.heartbeat_interval_s - now_s
+
+    async def _wait(self, timeout_s: float) -> None:
+        """Until something is offered, a resync or close, or the timeout."""
+        if self.pending or self.resync_reason is not None or self.closed or timeout_s <= 0:
+            return
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()
+
+    async def _call_source(
+        self, call: Callable[[], Awaitable[T]], result: list[T]
+    ) -> AsyncIterator[events_pb2.WatchEvent]:
+        """Await a source call, retrying with backoff; heartbeats go out meanwhile."""
+        backoff_s = self.limits.source_retry_backoff_s_initial
+        while True:
+            task: asyncio.Future[T] = asyncio.ensure_future(call())
+            try:
+                while not task.done():
+                    if self.closed:
+                        raise HubClosed
+                    await asyncio.wait({task}, timeout=max(self._heartbeat_due_s(), 0.0))
+                    if not task.done() and self._heartbeat_due_s() <= 0:
+                        yield self._heartbeat()
+            finally:
+                if not task.done():
+                    task.cancel()
+                    await asyncio.wait({task})
+            error = task.exception()
+            if error is None:
+                result.append(task.result())
+                return
+            self.hub.metrics.source_errors += 1
+            log.warning("watch_source_call_failed", error=repr(error), backoff_s=backoff_s)
+            resume_at_s = asyncio.get_running_loop().time() + backoff_s
+            while (remaining_s := resume_at_s - asyncio.get_running_loop().time()) > 0:
+                if self.closed:
+                    raise HubClosed
+                await asyncio.sleep(min(remaining_s, max(self._heartbeat_due_s(), 0.0)))
+                if self._heartbeat_due_s() <= 0:
+                    yield self._heartbeat()
+            backoff_s = min(backoff_s * 2, self.limits.source_retry_backoff_s_max)
+
+
+# ------------------------------------------------------------------------------ the RPC
+
+
+def parse_request(
+    request: events_pb2.WatchRequest, limits_: WatchLimits, partition_count: int
+) -> tuple[WatchFilter, ResumeToken | None] | Invalid:
+    """The filter and token of a request, or what is wrong with it."""
+    identifier_max = limits.identifier_length_max
+    if not 0 < len(request.merchant_id) <= identifier_max:
+        return Invalid("merchant_id", f"1 to {identifier_max} characters")
+    for field, values, count_max in (
+        ("location_ids", request.location_ids, limits_.filter_location_ids_max),
+        ("sku_ids", request.sku_ids, limits_.filter_sku_ids_max),
+    ):
+        if len(values) > count_max:
+            return Invalid(field, f"at most {count_max}")
+        if any(not 0 < len(value) <= identifier_max for value in values):
+            return Invalid(field, f"each 1 to {identifier_max} characters")
+    watch_filter = WatchFilter(
+        request.merchant_id, frozenset(request.location_ids), frozenset(request.sku_ids)
+    )
+    if not request.resume_token:
+        return watch_filter, None
+    token = decode(request.resume_token, partition_count)
+    if isinstance(token, str):
+        return Invalid("resume_token", token)
+    if token.fingerprint != watch_filter.fingerprint:
+        return Invalid("resume_token", "issued for another filter")
+    return watch_filter, token
+
+
+class AvailabilityStreamService(events_pb2_grpc.AvailabilityStreamServicer):
+    def __init__(self, hub: WatchHub) -> None:
+        self._hub = hub
+
+    async def Watch(  # noqa: N802 (the RPC's name)
+        self, request: events_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[events_pb2.WatchEvent]:
+        parsed = parse_request(request, self._hub.limits, self._hub.partition_count)
+        if isinstance(parsed, Invalid):
+            await _abort(context, errors.rejection_to_status(parsed))
+            return
+        watch_filter, token = parsed
+        subscriber = self._hub.subscribe(watch_filter)
+        if isinstance(subscriber, CapacityExhausted):
+            await _abort(context, errors.rejection_to_status(subscriber))
+            return
+        try:
+            async for event in subscriber.stream(token):
+                yield event
+        except HubClosed:
+            message = "router stopping: resume elsewhere with the last token"
+            await _abort(context, errors.status(grpc.StatusCode.UNAVAILABLE, message))
+        finally:
+            self._hub.unsubscribe(subscriber)
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    await context.abort_with_status(rpc_status.to_status(status))
