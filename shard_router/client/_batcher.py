@@ -41,7 +41,7 @@ from google.protobuf.message import Message
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from ..common import batching, errors
+from ..common import batching, calls, errors
 from ._errors import Overloaded
 
 log = structlog.get_logger(__name__)
@@ -98,6 +98,8 @@ class _Item:
     request: Message
     deadline: float  # event-loop time
     future: asyncio.Future[pb.BatchItemResult]
+    # Caller metadata to carry along (request id, trace context), if any.
+    metadata: dict[str, str] = field(default_factory=dict)
     flight: _Flight | None = field(default=None)
 
 
@@ -183,6 +185,7 @@ class _Stream:
                 self._in_flight[item.id] = item
                 timeout_ms = min(TIMEOUT_MS_MAX, max(1, math.ceil((item.deadline - now) * 1000)))
                 entry = request.items.add(id=item.id, timeout_ms=timeout_ms)
+                entry.metadata.update(item.metadata)
                 getattr(entry, item.field_name).CopyFrom(item.request)
             await self._call.write(request)
             self._stats.requests_sent += 1
@@ -311,7 +314,12 @@ class StreamBatcher:
             raise Overloaded.pending_items_full(self._bounds.pending_items_max)
         loop = asyncio.get_running_loop()
         item = _Item(
-            next(self._ids), field_name, request, loop.time() + timeout_s, loop.create_future()
+            next(self._ids),
+            field_name,
+            request,
+            loop.time() + timeout_s,
+            loop.create_future(),
+            calls.request_metadata.get(),
         )
         stream.enqueue(item)
         try:

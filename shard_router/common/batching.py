@@ -20,7 +20,7 @@ import structlog
 from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
 
-from . import errors
+from . import calls, errors
 
 log = structlog.get_logger(__name__)
 
@@ -67,8 +67,9 @@ async def run_item(
             id=item.id, error=errors.status(grpc.StatusCode.INVALID_ARGUMENT, message)
         )
     timeout_s = item.timeout_ms / 1000 if item.timeout_ms else ITEM_TIMEOUT_S_DEFAULT
+    call = dispatch[name](getattr(item, name), time.monotonic() + timeout_s)
     try:
-        response = await dispatch[name](getattr(item, name), time.monotonic() + timeout_s)
+        response = await calls.with_metadata(calls.propagated(item.metadata.items()), call)
     except Exception as error:
         status = refusal_status(error)
         if status is None:

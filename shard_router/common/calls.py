@@ -8,10 +8,12 @@ as that item's result.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Iterable
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import grpc
+import structlog
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
@@ -20,6 +22,11 @@ from inventory_core import Invalid, InventoryKey, Rejection, SetStock, validate
 from . import errors
 
 T = TypeVar("T")
+
+# Caller metadata that travels with a call from router to owner (and into log lines).
+PROPAGATED_METADATA = ("x-request-id", "traceparent", "tracestate")
+# The metadata of the call being served, for whatever it forwards.
+request_metadata: ContextVar[dict[str, str]] = ContextVar("request_metadata", default={})  # noqa: B039
 
 # A call without a deadline gets this one, so no work waits forever.
 CALL_TIMEOUT_S_DEFAULT = 10.0
@@ -65,9 +72,33 @@ def refusal_status(error: Exception) -> status_pb2.Status | None:
     return error.status if isinstance(error, Refusal) else None
 
 
-async def unary(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+def propagated(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    return {k: str(v) for k, v in pairs if k in PROPAGATED_METADATA}
+
+
+async def with_metadata(metadata: dict[str, str], call: Awaitable[T]) -> T:
+    """Run a call with its caller's metadata in context (forwarding and logs)."""
+    token = request_metadata.set(metadata)
     try:
-        return await call
+        with structlog.contextvars.bound_contextvars(**_log_fields(metadata)):
+            return await call
+    finally:
+        request_metadata.reset(token)
+
+
+def _log_fields(metadata: dict[str, str]) -> dict[str, str]:
+    fields = {}
+    if "x-request-id" in metadata:
+        fields["request_id"] = metadata["x-request-id"]
+    if "traceparent" in metadata:
+        fields["traceparent"] = metadata["traceparent"]
+    return fields
+
+
+async def unary(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+    metadata = propagated(context.invocation_metadata() or ())
+    try:
+        return await with_metadata(metadata, call)
     except Refusal as refusal:
         await context.abort_with_status(rpc_status.to_status(refusal.status))
         raise AssertionError("abort_with_status returned") from refusal

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, TypeVar
@@ -401,7 +401,9 @@ class Subscriber:
 
     # --------------------------------------------------------------- stream side
 
-    async def stream(self, token: ResumeToken | None) -> AsyncIterator[events_pb2.WatchEvent]:
+    async def stream(
+        self, token: ResumeToken | None
+    ) -> AsyncGenerator[events_pb2.WatchEvent, None]:
         """The events of one Watch call: snapshot or catch-up, then changes and heartbeats."""
         if not self.hub.established:
             ready: list[bool] = []
