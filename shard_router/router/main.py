@@ -9,24 +9,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Sequence
 
 import structlog
 import uvloop
-from inventory.v1 import inventory_pb2, inventory_pb2_grpc
+from inventory.v1 import events_pb2, events_pb2_grpc, inventory_pb2, inventory_pb2_grpc
 
 from persistence.connections import create_pool
 from persistence.membership import Membership
-from persistence.readview import EventReader
+from persistence.readview import EventReader, SnapshotTooLarge
 
 from ..common.config import RouterConfig
 from ..common.server import create_server, set_serving
 from ..common.telemetry import configure_logging
 from .routing import Routes
 from .service import RouterService
+from .watch import AvailabilityStreamService, SnapshotRefused, WatchHub
 
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = inventory_pb2.DESCRIPTOR.services_by_name["Inventory"].full_name
+WATCH_SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["AvailabilityStream"].full_name
 # Membership reads only: one connection is plenty, two ride out a reconnect.
 DATABASE_POOL_SIZE_MAX = 2
 SHUTDOWN_GRACE_S = 5.0
@@ -35,25 +38,42 @@ SHUTDOWN_GRACE_S = 5.0
 async def serve(config: RouterConfig) -> None:
     pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX)
     read_view: EventReader | None = None
+    hub: WatchHub | None = None
     try:
         membership = Membership(pool, config.membership_lease_s)
         routes = Routes(membership.alive, config.partition_count)
         await routes.refresh(force=True)
+        services = [SERVICE_NAME]
         if config.redis_url:
             read_view = EventReader(config.redis_url)
-        server, health_servicer, port = create_server(config.listen, [SERVICE_NAME])
+            hub = WatchHub(_WatchSource(read_view), partition_count=config.partition_count)
+            hub.start()
+            services.append(WATCH_SERVICE_NAME)
+        server, health_servicer, port = create_server(config.listen, services)
         service = RouterService(routes, read_view)
         inventory_pb2_grpc.add_InventoryServicer_to_server(service, server)
+        if hub is not None:
+            watch = AvailabilityStreamService(hub)
+            events_pb2_grpc.add_AvailabilityStreamServicer_to_server(watch, server)
         await server.start()
-        await set_serving(health_servicer, [SERVICE_NAME], True)
-        log.info("router_serving", listen=config.listen, port=port, ring=routes.ring_version)
+        await set_serving(health_servicer, services, True)
+        log.info(
+            "router_serving",
+            listen=config.listen,
+            port=port,
+            ring=routes.ring_version,
+            watch=hub is not None,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         refresher = asyncio.create_task(routes.run())
         await stop.wait()
-        await set_serving(health_servicer, [SERVICE_NAME], False)
+        await set_serving(health_servicer, services, False)
+        if hub is not None:
+            await hub.close()  # watch streams end UNAVAILABLE: clients reconnect elsewhere
+            hub = None
         await server.stop(SHUTDOWN_GRACE_S)
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -61,9 +81,30 @@ async def serve(config: RouterConfig) -> None:
         await routes.close()
         log.info("router_stopped")
     finally:
+        if hub is not None:
+            await hub.close()
         if read_view is not None:
             await read_view.close()
         await pool.close()
+
+
+class _WatchSource:
+    """The read view and event streams as the watch hub sees them."""
+
+    def __init__(self, reader: EventReader) -> None:
+        self._reader = reader
+        self.last_ids = reader.last_ids
+        self.first_ids = reader.first_ids
+        self.read = reader.read
+        self.range = reader.range
+
+    async def snapshot(
+        self, merchant_id: str, location_ids: Sequence[str], sku_ids: Sequence[str]
+    ) -> list[tuple[inventory_pb2.StockLevel, int, int]]:
+        try:
+            return await self._reader.snapshot(merchant_id, location_ids, sku_ids)
+        except SnapshotTooLarge as error:
+            raise SnapshotRefused(error.matching, error.limit) from error
 
 
 def main(config: RouterConfig) -> None:

@@ -112,8 +112,10 @@ class WatchLimits:
     # The hub's blocking read returns at once when entries arrive; the bound only sets how
     # long a read may sit idle.
     read_block_ms: int = 1000
-    # Entries per hub read and per catch-up range: bounds the memory of one step.
-    read_entries_max: int = 1000
+    # Entries per partition per hub read (XREAD COUNT is per stream): a full read of all
+    # 1024 partitions is at most ~100k entries (~30 MiB), usually a few hundred.
+    read_entries_per_partition_max: int = 100
+    # Entries per catch-up range call: bounds the memory of one catch-up step.
     range_entries_max: int = 1000
     # Backoff between attempts when the source (Redis) fails.
     source_retry_backoff_s_initial: float = 0.05
@@ -165,6 +167,19 @@ class WatchFilter:
     @property
     def fingerprint(self) -> str:
         return fingerprint_of(self.merchant_id, self.location_ids, self.sku_ids)
+
+
+class SnapshotRefused(Exception):
+    """Raised by ``EventSource.snapshot`` when the filter matches more keys than it serves.
+
+    Not retried: Watch answers RESOURCE_EXHAUSTED (narrow the filter). The composition root
+    converts ``persistence.readview.SnapshotTooLarge`` into this.
+    """
+
+    def __init__(self, matching: int, limit: int) -> None:
+        super().__init__(f"{matching} keys match, at most {limit} per snapshot")
+        self.matching = matching
+        self.limit = limit
 
 
 class HubClosed(Exception):
@@ -278,7 +293,9 @@ class WatchHub:
                     await self._establish()
                     continuous = True
                 batch = await self.source.read(
-                    self._read_positions, self.limits.read_block_ms, self.limits.read_entries_max
+                    self._read_positions,
+                    self.limits.read_block_ms,
+                    self.limits.read_entries_per_partition_max,
                 )
             except Exception as error:
                 self.metrics.source_errors += 1
@@ -658,6 +675,8 @@ class Subscriber:
             if error is None:
                 result.append(task.result())
                 return
+            if isinstance(error, SnapshotRefused):
+                raise error
             self.hub.metrics.source_errors += 1
             log.warning("watch_source_call_failed", error=repr(error), backoff_s=backoff_s)
             resume_at_s = asyncio.get_running_loop().time() + backoff_s
@@ -720,6 +739,9 @@ class AvailabilityStreamService(events_pb2_grpc.AvailabilityStreamServicer):
         try:
             async for event in subscriber.stream(token):
                 yield event
+        except SnapshotRefused as refused:
+            exhausted = CapacityExhausted("snapshot_keys_max", refused.limit)
+            await _abort(context, errors.rejection_to_status(exhausted))
         except HubClosed:
             message = "router stopping: resume elsewhere with the last token"
             await _abort(context, errors.status(grpc.StatusCode.UNAVAILABLE, message))
