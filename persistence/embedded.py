@@ -271,6 +271,13 @@ class EmbeddedRedis:
                 process.wait(REDIS_STOP_TIMEOUT_S)
         self._kill()
 
+    def kill(self) -> None:
+        """kill -9, as a crash would: no SHUTDOWN, so the last second of the AOF may be lost."""
+        process, self._process, self._port = self._process, None, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(REDIS_STOP_TIMEOUT_S)
+
     def _client(self) -> redis.Redis:
         return redis.Redis(
             host=REDIS_HOST,

@@ -90,6 +90,7 @@ class ServiceProcess:
     shard_id: str = "shard-0"
     port: int = field(default_factory=free_port)
     lease_s: float = 3.0
+    redis_url: str = ""
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -109,6 +110,8 @@ class ServiceProcess:
             self.database_url,
             "--membership-lease-s",
             str(self.lease_s),
+            "--redis-url",
+            self.redis_url,
         ]
         if self.role == "shard":
             return ["shard", "--shard-id", self.shard_id, *common]
@@ -190,10 +193,14 @@ class Cluster:
             process.stop()
 
 
-def start_cluster(database_url: str, log_dir: Path, shards: int, lease_s: float = 2.0) -> Cluster:
+def start_cluster(
+    database_url: str, log_dir: Path, shards: int, lease_s: float = 2.0, redis_url: str = ""
+) -> Cluster:
     """Shards first (the first one migrates), then the router once all have joined."""
     members = [
-        ServiceProcess(database_url, log_dir, shard_id=f"shard-{i}", lease_s=lease_s)
+        ServiceProcess(
+            database_url, log_dir, shard_id=f"shard-{i}", lease_s=lease_s, redis_url=redis_url
+        )
         for i in range(shards)
     ]
     members[0].start()
@@ -202,6 +209,8 @@ def start_cluster(database_url: str, log_dir: Path, shards: int, lease_s: float 
     for member in members[1:]:
         assert member.process is not None
         wait_healthy(member.address, member.process)
-    router = ServiceProcess(database_url, log_dir, role="router", lease_s=lease_s)
+    router = ServiceProcess(
+        database_url, log_dir, role="router", lease_s=lease_s, redis_url=redis_url
+    )
     router.start()
     return Cluster(members, router)
