@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -20,7 +20,6 @@ import structlog
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
-from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from inventory_core import (
     Invalid,
@@ -32,16 +31,14 @@ from inventory_core import (
     validate,
 )
 
-from ..common import batching, convert, errors
+from ..common import convert, errors
 from ..common.calls import (
     Refusal,
     check,
-    deadline_of,
-    refusal_status,
     remaining_s,
-    unary,
     validate_key,
 )
+from ..common.servicer import CallsServicer
 from .routing import Routes
 
 T = TypeVar("T")
@@ -342,66 +339,11 @@ class RouterCalls:
         await self._routes.refresh(force=True)
 
 
-class RouterService(pb_grpc.InventoryServicer):
+class RouterService(CallsServicer):
+    """The router's gRPC surface over ``RouterCalls`` (which adds ReserveOrder)."""
+
     def __init__(self, routes: Routes, read_view: ReadView | None = None) -> None:
-        self._calls = RouterCalls(routes, read_view)
-        self._dispatch = batching.dispatch_table(self._calls)
-
-    async def GetAvailability(
-        self, request: pb.GetAvailabilityRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetAvailabilityResponse:
-        return await unary(context, self._calls.get_availability(request, deadline_of(context)))
-
-    async def Reserve(
-        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReserveResponse:
-        return await unary(context, self._calls.reserve(request, deadline_of(context)))
-
-    async def Commit(
-        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CommitResponse:
-        return await unary(context, self._calls.commit(request, deadline_of(context)))
-
-    async def Release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseResponse:
-        return await unary(context, self._calls.release(request, deadline_of(context)))
-
-    async def ExtendReservation(
-        self, request: pb.ExtendReservationRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ExtendReservationResponse:
-        return await unary(context, self._calls.extend_reservation(request, deadline_of(context)))
-
-    async def GetReservation(
-        self, request: pb.GetReservationRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetReservationResponse:
-        return await unary(context, self._calls.get_reservation(request, deadline_of(context)))
-
-    async def AdjustStock(
-        self, request: pb.AdjustStockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AdjustStockResponse:
-        return await unary(context, self._calls.adjust_stock(request, deadline_of(context)))
-
-    async def SetStock(
-        self, request: pb.SetStockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SetStockResponse:
-        return await unary(context, self._calls.set_stock(request, deadline_of(context)))
-
-    async def SetSafetyStock(
-        self, request: pb.SetSafetyStockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SetSafetyStockResponse:
-        return await unary(context, self._calls.set_safety_stock(request, deadline_of(context)))
-
-    async def ReserveOrder(
-        self, request: pb.ReserveOrderRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReserveOrderResponse:
-        return await unary(context, self._calls.reserve_order(request, deadline_of(context)))
-
-    async def Batch(
-        self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.BatchResponse]:
-        async for response in batching.serve_stream(requests, self._dispatch, refusal_status):
-            yield response
+        super().__init__(RouterCalls(routes, read_view))
 
 
 def _reservation_partition(reservation_id: str) -> int:

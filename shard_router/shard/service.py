@@ -10,12 +10,11 @@ lives here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 import grpc
 from inventory.v1 import inventory_pb2 as pb
-from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from inventory_core import (
     ClientCommand,
@@ -35,8 +34,9 @@ from inventory_core import (
     validate,
 )
 
-from ..common import batching, convert, errors
-from ..common.calls import Refusal, deadline_of, refusal_status, unary, validate_key
+from ..common import convert, errors
+from ..common.calls import Refusal, validate_key
+from ..common.servicer import CallsServicer
 from .owner import DeadlineExpired, FlushFailed, NotOwner, Overloaded, Owner
 
 T = TypeVar("T")
@@ -181,71 +181,11 @@ class Calls:
         return outcome
 
 
-class InventoryService(pb_grpc.InventoryServicer):
-    """gRPC surface: unary methods and the Batch stream over the same ``Calls``."""
+class InventoryService(CallsServicer):
+    """The shard's gRPC surface: unary calls and the Batch stream over ``Calls``."""
 
     def __init__(self, owner: Owner) -> None:
-        self._calls = Calls(owner)
-        self._dispatch = batching.dispatch_table(self._calls)
-
-    async def GetAvailability(
-        self, request: pb.GetAvailabilityRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetAvailabilityResponse:
-        return await unary(context, self._calls.get_availability(request, deadline_of(context)))
-
-    async def Reserve(
-        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReserveResponse:
-        return await unary(context, self._calls.reserve(request, deadline_of(context)))
-
-    async def Commit(
-        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CommitResponse:
-        return await unary(context, self._calls.commit(request, deadline_of(context)))
-
-    async def Release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseResponse:
-        return await unary(context, self._calls.release(request, deadline_of(context)))
-
-    async def ExtendReservation(
-        self, request: pb.ExtendReservationRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ExtendReservationResponse:
-        return await unary(context, self._calls.extend_reservation(request, deadline_of(context)))
-
-    async def GetReservation(
-        self, request: pb.GetReservationRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetReservationResponse:
-        return await unary(context, self._calls.get_reservation(request, deadline_of(context)))
-
-    async def AdjustStock(
-        self, request: pb.AdjustStockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AdjustStockResponse:
-        return await unary(context, self._calls.adjust_stock(request, deadline_of(context)))
-
-    async def SetStock(
-        self, request: pb.SetStockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SetStockResponse:
-        return await unary(context, self._calls.set_stock(request, deadline_of(context)))
-
-    async def SetSafetyStock(
-        self, request: pb.SetSafetyStockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SetSafetyStockResponse:
-        return await unary(context, self._calls.set_safety_stock(request, deadline_of(context)))
-
-    async def ReserveOrder(
-        self, request: pb.ReserveOrderRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReserveOrderResponse:
-        """Orders across locations span owners: the router runs them as a saga."""
-        message = "ReserveOrder is served by the router, not by a shard"
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
-        raise AssertionError("abort returned")
-
-    async def Batch(
-        self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.BatchResponse]:
-        async for response in batching.serve_stream(requests, self._dispatch, refusal_status):
-            yield response
+        super().__init__(Calls(owner))
 
 
 async def _guard(call: Awaitable[T]) -> T:
