@@ -214,6 +214,9 @@ class WatchHub:
         self._positions_blob: tuple[int, str] = (-1, "")
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._reader: asyncio.Task[None] | None = None
+        # The newest last_ids() read in flight or done, with when it started (monotonic s):
+        # concurrent snapshots share one read of all partitions instead of one each.
+        self._last_ids_read: tuple[float, asyncio.Future[dict[int, str]]] | None = None
         self.closed = False
 
     async def __aenter__(self) -> WatchHub:
@@ -227,6 +230,25 @@ class WatchHub:
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def last_ids_after(self, not_before: float) -> dict[int, str]:
+        """``source.last_ids()`` as read by a call that started at or after ``not_before``.
+
+        A snapshot's barrier must be read after the snapshot itself; any read that started
+        later serves every snapshot finished before it (singleflight), so a thousand
+        subscribers arriving together cost a handful of reads, not a thousand.
+        """
+        shared = self._last_ids_read
+        reusable = (
+            shared is not None
+            and shared[0] >= not_before
+            and not (shared[1].done() and (shared[1].cancelled() or shared[1].exception()))
+        )
+        if not reusable:
+            shared = (time.monotonic(), asyncio.ensure_future(self.source.last_ids()))
+            self._last_ids_read = shared
+        assert shared is not None
+        return await asyncio.shield(shared[1])
 
     def start(self) -> None:
         assert self._reader is None, "started twice"
@@ -511,13 +533,17 @@ class Subscriber:
     async def _snapshot(self, reason: str) -> AsyncIterator[events_pb2.WatchEvent]:
         """Register at the hub's positions, read the view, then the barrier; send in chunks."""
         self._register(floor={}, follows_hub=True)
-        source = self.hub.source
         levels_box: list[list[tuple[pb.StockLevel, int, int]]] = []
         read = self._snapshot_call()
         async for event in self._call_source(read, levels_box):
             yield event
         barrier_box: list[dict[int, str]] = []
-        async for event in self._call_source(source.last_ids, barrier_box):
+        read_at = time.monotonic()
+
+        def barrier() -> Awaitable[dict[int, str]]:
+            return self.hub.last_ids_after(read_at)
+
+        async for event in self._call_source(barrier, barrier_box):
             yield event
         if self.resync_reason is not None or self.closed:
             return
