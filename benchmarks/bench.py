@@ -1,11 +1,15 @@
 """The run: start what each target needs, load, drive every phase, audit, report.
 
-For each target in turn (so that targets never compete for the 2 cores): start its servers
-(Redis, the echo ceiling, a shard when none is given), prepare and load the catalogue, run
-every phase (each workload at each closed-loop concurrency, then at each open-loop rate),
-audit, stop its servers. Targets on one server (service-unary and service-batch) share one
-loaded catalogue and one cumulative ledger, so each audit checks everything done to that
-server so far.
+The PostgreSQL server is ``--database-url``'s, else an embedded one (``embedded``), started
+only when some target needs it. For each target in turn (so that targets never compete for
+the 2 cores): start its group's servers when it is the group's first target (a router and
+shards, one shard, Redis, the echo ceiling; each stateful group in a fresh database), prepare
+and load the catalogue, run every phase (each workload at each closed-loop concurrency, then
+at each open-loop rate), audit; after the group's last target, stop its servers and drop its
+database. Targets of one group (router-unary, router-client and service-batch share one
+cluster) share one loaded catalogue and one cumulative ledger, so each audit checks
+everything done to that server so far. Everything still running is stopped when the run
+ends, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import platform
 import secrets
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -25,88 +31,27 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
-from inventory.v1 import inventory_pb2 as pb
-from inventory.v1 import inventory_pb2_grpc as pb_grpc
 from tqdm import tqdm
 
 from . import histograms, report
 from .audit import audit
+from .cluster import Cluster
 from .echo import EchoServer
+from .embedded import EmbeddedPostgres, create_database, drop_database
 from .runner import LedgerEntry, Phase, WorkerResult, init_worker, run_phase, run_worker
+from .suites import GROUP_OF, KIND_OF, TARGETS
 from .targets import INSUFFICIENT, OK, Target, TargetSpec
 from .targets.postgres import PostgresTarget, postmaster_pids
-from .targets.redis_lua import RedisServer, RedisTarget, free_port
+from .targets.redis_lua import RedisServer, RedisTarget
 from .targets.service import ServiceTarget
 from .workloads import Catalogue, Key
 
-TARGETS = (
-    "service-unary",
-    "service-batch",
-    "postgres",
-    "redis",
-    "redis-durable",
-    "echo-unary",
-    "echo-batch",
-)
-SHARD_START_TIMEOUT_S = 60.0
-SHARD_STOP_TIMEOUT_S = 15.0
 # How long past its warm-up, duration and one call timeout a phase may take before the run
 # gives up on it (client processes that hang).
 PHASE_GRACE_S = 30.0
 PROGRESS_INTERVAL_S = 0.25
 MACHINE_CORES = psutil.cpu_count() or 1
-
-
-class ShardServer:
-    """``python -m shard_router shard`` as a child (black box: a process and an address)."""
-
-    def __init__(self, database_url: str, log_dir: Path) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
-        self._database_url = database_url
-        self._log_path = log_dir / "shard.log"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    def start(self) -> None:
-        with self._log_path.open("wb") as log:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "shard_router", "shard", "--shard-id", "bench-0",
-                 "--listen", self.address, "--database-url", self._database_url],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        deadline_s = time.monotonic() + SHARD_START_TIMEOUT_S
-        with grpc.insecure_channel(self.address) as channel:
-            stub = pb_grpc.InventoryStub(channel)
-            probe = pb.GetAvailabilityRequest(
-                keys=[pb.InventoryKey(merchant_id="probe", sku_id="probe", location_id="probe")]
-            )
-            while time.monotonic() < deadline_s:
-                if self._process.poll() is not None:
-                    break
-                with contextlib.suppress(grpc.RpcError):
-                    stub.GetAvailability(probe, timeout=1.0)
-                    return
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"shard did not serve on {self.address}; log: {self._log_path}")
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(SHARD_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(SHARD_STOP_TIMEOUT_S)
 
 
 def listening_pids(address: str) -> list[int]:
@@ -144,6 +89,37 @@ def machine_busy_seconds() -> float:
     return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
+def group_of(name: str) -> str:
+    """The server group of target ``name`` (an unknown name is its own group)."""
+    return GROUP_OF.get(name) or name
+
+
+class Server:
+    """What a group's targets call: an address or DSN, the processes whose CPU is "server"."""
+
+    def __init__(self, address: str, pids: list[int], description: str) -> None:
+        self.address = address
+        self.pids = pids
+        self.description = description
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cores": MACHINE_CORES,
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 class Bench:
     def __init__(self, options: argparse.Namespace) -> None:
         self.options = options
@@ -157,18 +133,24 @@ class Bench:
         )
         self.phase_numbers = iter(range(1_000_000))
         self.work_dir = Path(tempfile.mkdtemp(prefix="inventory-bench-"))
-        self.stack = contextlib.ExitStack()
-        self.shard: ShardServer | None = None
-        self.echo: EchoServer | None = None
+        self.stack = contextlib.AsyncExitStack()
+        self.embedded: EmbeddedPostgres | None = None
+        self.postmaster: list[int] = []
+        self.servers: dict[str, Server] = {}  # group -> its running server
+        self.group_stacks: dict[str, contextlib.AsyncExitStack] = {}
         self.loaded: dict[str, list[LedgerEntry]] = {}  # server group -> cumulative ledger
+        self.loaded_by: dict[str, str] = {}  # server group -> the target that loaded it
         self.hot_keys: dict[str, list[Key]] = {}
         self.pool: ProcessPoolExecutor | None = None
         self.slots: MutableSequence[int] = [0] * max(1, options.client_processes)
         self.results: dict[str, Any] = {
             "run_tag": self.run_tag,
             "seed": self.seed,
+            "command": getattr(options, "command_line", ""),
+            "suite": getattr(options, "suite", ""),
             "started_at_unix_s": time.time(),
-            "machine": {"cores": MACHINE_CORES},
+            "machine": machine(),
+            "postgres_server": None,
             "options": {k: v for k, v in vars(options).items() if k != "run"},
             "catalogue": {**asdict(self.catalogue), "rows": self.catalogue.rows},
             "targets": {},
@@ -214,53 +196,124 @@ class Bench:
             pool_size=options.pool_size,
         )
 
-    def service_address(self) -> str:
-        if self.options.service_address:
-            return str(self.options.service_address)
-        if self.shard is None:
-            if not self.options.database_url:
-                raise RuntimeError("service targets need --service-address or --database-url")
-            self.shard = ShardServer(self.options.database_url, self.work_dir)
-            self.shard.start()
-            self.stack.callback(self.shard.stop)
-        return self.shard.address
+    # ------------------------------------------------------------------ servers
 
-    def echo_server(self) -> EchoServer:
-        """One echo server for both echo targets (idle while other targets run)."""
-        if self.echo is None:
-            self.echo = EchoServer()
-            self.echo.start()
-            self.stack.callback(self.echo.stop)
-        return self.echo
+    async def postgres_url(self) -> str:
+        """The PostgreSQL server: --database-url's, else an embedded one started now."""
+        if self.options.database_url:
+            if self.results["postgres_server"] is None:
+                self.postmaster = await _postmaster(self.options.database_url)
+                version = await _server_version(self.options.database_url)
+                self.results["postgres_server"] = f"--database-url (PostgreSQL {version})"
+            return str(self.options.database_url)
+        if self.embedded is None:
+            embedded = EmbeddedPostgres()
+            self.stack.callback(embedded.stop)
+            print("starting embedded PostgreSQL (pgserver, temporary directory)", file=sys.stderr)
+            await asyncio.to_thread(embedded.start)
+            self.embedded = embedded
+            self.postmaster = [embedded.pid] if embedded.pid else []
+            version = await _server_version(embedded.url)
+            self.results["postgres_server"] = f"embedded pgserver (PostgreSQL {version})"
+        return self.embedded.url
 
-    async def make_target(self, name: str, stop: contextlib.ExitStack) -> tuple[Target, str]:
-        """The target and its server group (targets of one group share state)."""
-        if name in ("service-unary", "service-batch"):
-            address = self.service_address()
-            kind = "grpc-unary" if name == "service-unary" else "grpc-batch"
-            pids = listening_pids(address)
-            if self.options.database_url:
-                pids += await _postmaster(self.options.database_url)
-            return ServiceTarget(self.spec(name, kind, address), pids, self.run_tag), address
-        if name in ("echo-unary", "echo-batch"):
-            echo = self.echo_server()
-            kind = "grpc-unary" if name == "echo-unary" else "grpc-batch"
-            spec = self.spec(name, kind, echo.address, stateful=False)
-            return ServiceTarget(spec, [echo.pid], self.run_tag), name
-        if name == "postgres":
-            if not self.options.database_url:
-                raise RuntimeError("the postgres baseline needs --database-url")
-            return PostgresTarget(self.spec(name, "postgres", self.options.database_url)), name
-        if name in ("redis", "redis-durable"):
-            server = RedisServer(self.work_dir / name, durable=name == "redis-durable")
-            server.start()
-            stop.callback(server.stop)
-            return RedisTarget(self.spec(name, "redis", server.url), server), name
-        raise ValueError(f"unknown target {name!r}; one of {', '.join(TARGETS)}")
+    async def fresh_database(self, group: str, stack: contextlib.AsyncExitStack) -> str:
+        """A new database for ``group`` on the run's server, dropped when ``stack`` closes."""
+        server_url = await self.postgres_url()
+        name = f"bench_{self.run_tag}_{group.replace('-', '_')}"
+        dsn = await create_database(server_url, name)
+        stack.push_async_callback(drop_database, server_url, name)
+        return dsn
+
+    async def server(self, group: str) -> Server:
+        """The running server of ``group``, started on first use."""
+        if group in self.servers:
+            return self.servers[group]
+        stack = contextlib.AsyncExitStack()
+        self.group_stacks[group] = stack
+        self.stack.push_async_callback(stack.aclose)
+        server = await self.start_server(group, stack)
+        self.servers[group] = server
+        print(f"[{group}] {server.description}", file=sys.stderr)
+        return server
+
+    async def start_server(self, group: str, stack: contextlib.AsyncExitStack) -> Server:
+        options = self.options
+        if group == "cluster" and options.service_address:
+            pids = listening_pids(options.service_address)
+            if options.database_url:
+                pids += await _postmaster(options.database_url)
+            address = str(options.service_address)
+            return Server(address, pids, f"the running service at {address} (--service-address)")
+        if group in ("cluster", "shard"):
+            dsn = await self.fresh_database(group, stack)
+            routed = group == "cluster"
+            cluster = Cluster(
+                dsn,
+                self.work_dir / group,
+                shards=options.shards if routed else 1,
+                router=routed,
+                lease_s=options.membership_lease_s,
+                name=group,
+            )
+            stack.callback(cluster.stop)
+            await asyncio.to_thread(cluster.start)
+            return Server(
+                cluster.address,
+                cluster.pids + self.postmaster,
+                f"{cluster.description} started on {cluster.address}, fresh database",
+            )
+        if group == "postgres":
+            dsn = await self.fresh_database(group, stack)
+            return Server(dsn, self.postmaster, "fresh database")
+        if group in ("redis", "redis-durable"):
+            redis_server = RedisServer(self.work_dir / group, durable=group == "redis-durable")
+            stack.callback(redis_server.stop)
+            await asyncio.to_thread(redis_server.start)
+            mode = "appendonly, appendfsync always" if redis_server.durable else "no AOF"
+            return Server(redis_server.url, [redis_server.pid], f"redis-server ({mode})")
+        if group == "echo":
+            echo = EchoServer()
+            stack.callback(echo.stop)
+            await asyncio.to_thread(echo.start)
+            return Server(echo.address, [echo.pid], f"echo server on {echo.address}")
+        raise ValueError(f"unknown server group {group!r}")
+
+    async def stop_group(self, group: str) -> None:
+        stack = self.group_stacks.pop(group, None)
+        self.servers.pop(group, None)
+        if stack is not None:
+            await stack.aclose()
+
+    async def make_target(self, name: str) -> Target:
+        group = GROUP_OF.get(name)
+        if group is None:
+            raise ValueError(f"unknown target {name!r}; one of {', '.join(TARGETS)}")
+        server = await self.server(group)
+        entry = self.results["targets"][name]
+        entry["server"] = server.description
+        if group in ("cluster", "shard", "echo"):
+            spec = self.spec(name, KIND_OF[name], server.address, stateful=group != "echo")
+            return ServiceTarget(spec, server.pids, self.run_tag)
+        if group == "postgres":
+            return PostgresTarget(self.spec(name, "postgres", server.address))
+        return RedisTarget(self.spec(name, "redis", server.address), server.pids)
+
+    # ------------------------------------------------------------------ the run
 
     async def run(self) -> dict[str, Any]:
         print(f"benchmark seed {self.seed} (replay with --seed {self.seed}); run {self.run_tag}")
         workers = self.options.client_processes
+        # Targets of one group run back to back (in the order given otherwise), so that a
+        # group's servers are stopped before the next group runs: idle servers would take
+        # CPU from the target measured and count in PostgreSQL's share.
+        given: list[str] = list(self.options.targets)
+        first_of_group: dict[str, int] = {}
+        for name in given:
+            first_of_group.setdefault(group_of(name), len(first_of_group))
+        targets = sorted(given, key=lambda n: first_of_group[group_of(n)])
+        self.results["targets_order"] = targets
+        last_of_group = {group_of(n): i for i, n in enumerate(targets)}
         try:
             if workers > 1:
                 context = get_context("spawn")
@@ -269,55 +322,74 @@ class Bench:
                     workers, mp_context=context, initializer=init_worker, initargs=(self.slots,)
                 )
                 self.stack.callback(self.pool.shutdown, cancel_futures=True)
-            for name in self.options.targets:
-                await self.run_target(name)
+            for index, name in enumerate(targets):
+                group = group_of(name)
+                try:
+                    await self.run_target(name)
+                finally:
+                    if last_of_group[group] == index:
+                        await self.stop_group(group)
+        except BaseException:
+            print(f"servers' logs kept in {self.work_dir}", file=sys.stderr)
+            raise
+        else:
+            self.stack.callback(shutil.rmtree, self.work_dir, ignore_errors=True)
         finally:
-            self.stack.close()
+            await self.stack.aclose()
+        self.results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        self.results["finished_at_unix_s"] = time.time()
         return self.results
 
     async def run_target(self, name: str) -> None:
         entry: dict[str, Any] = {"unavailable": None, "audit": None}
         self.results["targets"][name] = entry
         started_target = time.monotonic()
-        with contextlib.ExitStack() as stop:
-            target, group = await self.make_target(name, stop)
-            try:
-                await target.prepare()
-                if target.unavailable:
-                    entry["unavailable"] = target.unavailable
-                    print(f"[{name}] unavailable: {target.unavailable}", file=sys.stderr)
-                    return
-                started = time.monotonic()
-                if target.spec.stateful and group not in self.loaded:
-                    await target.load(self.catalogue)
-                    self.loaded[group] = []
-                    self.hot_keys[group] = []
+        group = group_of(name)
+        started = time.monotonic()
+        target = await self.make_target(name)
+        entry["start_s"] = time.monotonic() - started
+        try:
+            await target.prepare()
+            if target.unavailable:
+                entry["unavailable"] = target.unavailable
+                print(f"[{name}] unavailable: {target.unavailable}", file=sys.stderr)
+                return
+            started = time.monotonic()
+            if target.spec.stateful and group in self.loaded:
+                entry["catalogue_loaded_by"] = self.loaded_by[group]
+            if target.spec.stateful and group not in self.loaded:
+                self.loaded_by[group] = name
+                print(f"[{name}] loading {self.catalogue.rows:,} key rows", file=sys.stderr)
+                await target.load(self.catalogue)
+                self.loaded[group] = []
+                self.hot_keys[group] = []
                 entry["load_s"] = time.monotonic() - started
-                started = time.monotonic()
-                ledger = self.loaded.setdefault(group, [])
-                hot_keys = self.hot_keys.setdefault(group, [])
-                for phase in self.phases():
-                    if phase.workload == "hot" and target.spec.stateful:
-                        hot = self.catalogue.hot_key(phase.index)
-                        await target.load_key(hot, self.catalogue.hot_stock)
-                        hot_keys.append(hot)
-                    self.results["phases"].append(await self.run_phase(target, phase, ledger))
-                entry["phases_s"] = time.monotonic() - started
-                started = time.monotonic()
-                if target.spec.stateful:
-                    entry["audit"] = await audit(
-                        target,
-                        self.catalogue,
-                        ledger=ledger,
-                        hot_keys=hot_keys,
-                        sample_max=self.options.audit_reservations_max,
-                        seed=self.seed,
-                    )
-                    entry["audit_s"] = time.monotonic() - started
-                    verdict = "passed" if entry["audit"]["passed"] else "FAILED"
-                    print(f"[{name}] audit {verdict}", file=sys.stderr)
-            finally:
-                await target.close()
+                print(f"[{name}] loaded in {entry['load_s']:.1f} s", file=sys.stderr)
+            started = time.monotonic()
+            ledger = self.loaded.setdefault(group, [])
+            hot_keys = self.hot_keys.setdefault(group, [])
+            for phase in self.phases():
+                if phase.workload == "hot" and target.spec.stateful:
+                    hot = self.catalogue.hot_key(phase.index)
+                    await target.load_key(hot, self.catalogue.hot_stock)
+                    hot_keys.append(hot)
+                self.results["phases"].append(await self.run_phase(target, phase, ledger))
+            entry["phases_s"] = time.monotonic() - started
+            started = time.monotonic()
+            if target.spec.stateful:
+                entry["audit"] = await audit(
+                    target,
+                    self.catalogue,
+                    ledger=ledger,
+                    hot_keys=hot_keys,
+                    sample_max=self.options.audit_reservations_max,
+                    seed=self.seed,
+                )
+                entry["audit_s"] = time.monotonic() - started
+                verdict = "passed" if entry["audit"]["passed"] else "FAILED"
+                print(f"[{name}] audit {verdict}", file=sys.stderr)
+        finally:
+            await target.close()
         entry["total_s"] = time.monotonic() - started_target
         print(f"[{name}] done in {entry['total_s']:.1f} s", file=sys.stderr)
 
@@ -406,6 +478,8 @@ class Bench:
             for code, n in merged.codes.get(kind, {}).items()
             if code in (OK, INSUFFICIENT)
         )
+        reserve_codes = merged.codes.get("reserve")
+        admitted = reserve_codes[OK] if reserve_codes is not None else 0
         return {
             "target": target.spec.name,
             "workload": phase.workload,
@@ -416,6 +490,8 @@ class Bench:
             "measured_s": measured_s,
             "operations": operations,
             "throughput_ops_s": operations / measured_s,
+            # Reservations admitted per second (reserve calls answered OK).
+            "reservations_ok_s": admitted / measured_s,
             "all": histograms.summary(overall),
             "calls": calls,
             "refused": codes.get(INSUFFICIENT, 0),
@@ -423,6 +499,18 @@ class Bench:
             "cdf": histograms.cdf(overall),
             "cpu": cpu,
         }
+
+
+async def _server_version(dsn: str) -> str:
+    import asyncpg
+
+    with contextlib.suppress(OSError, asyncpg.PostgresError):
+        connection = await asyncpg.connect(dsn)
+        try:
+            return str(await connection.fetchval("SHOW server_version"))
+        finally:
+            await connection.close()
+    return "unknown version"
 
 
 async def _postmaster(dsn: str) -> list[int]:

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import argparse
 import random
+import shlex
+import sys
 from typing import Any
 
-from .bench import TARGETS
+from .suites import SUITE_DEFAULT, SUITES, TARGETS
 from .workloads import WORKLOADS
 
 DESCRIPTION = """\
-Drive the inventory service and its alternatives (PostgreSQL textbook, Redis Lua as deployed
-and durable, the bare gRPC echo ceiling) with the same seeded workloads, audit every target's
-state afterwards, and write results.json, report.md and PNG plots to --output-dir.
-Only loopback targets. Each phase is bounded by --duration-s and --count-max."""
+Drive the inventory service (through the router with unary calls, through the Python client
+with automatic batching, over the raw Batch stream, one shard directly) and its alternatives
+(PostgreSQL textbook, Redis Lua as deployed and durable, the bare gRPC echo ceiling) with the
+same seeded workloads, audit every target's state afterwards, and write results.json,
+report.md and PNG plots to --output-dir. The harness starts everything itself on loopback:
+an embedded PostgreSQL (unless --database-url), a fresh database per stateful target, the
+router and shard processes, Redis and the echo server; all are stopped at the end.
+Suites: 'default' (every workload x every target, ratio table; issue 4) and 'paths'
+(cart-1 reservations through router-unary, shard-unary and router-client at 1, 64 and 256
+callers, side by side; issue 3). Each phase is bounded by --duration-s and --count-max."""
 
 # The smoke preset: seconds, a tiny catalogue (CI; no timing is asserted).
 SMOKE = {
@@ -44,31 +52,61 @@ def _list_of(kind: Any, choices: tuple[str, ...] | None = None) -> Any:
     return parse
 
 
+def _suite_default(name: str) -> str:
+    values = {suite: settings[name] for suite, settings in SUITES.items()}
+    shown = {
+        suite: ",".join(str(v) for v in value) if isinstance(value, list) else f"{value:,}"
+        for suite, value in values.items()
+    }
+    return "; ".join(f"{suite}: {value}" for suite, value in shown.items())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--service-address", help="a running service (127.0.0.1:PORT); else one is started")
+    add(
+        "--suite",
+        choices=sorted(SUITES),
+        default=SUITE_DEFAULT,
+        help="named comparison: sets the defaults of --targets, --workloads, --concurrency, "
+        "--keys, --duration-s and --warmup-s (flags given explicitly win; default: default)",
+    )
+    add(
+        "--service-address",
+        help="an already running service (127.0.0.1:PORT) for router-unary, router-client "
+        "and service-batch; else the harness starts a router and --shards shards "
+        "(shard-unary always starts a shard of its own)",
+    )
     add(
         "--database-url",
-        help="PostgreSQL DSN: the postgres baseline's schema (bench_baseline_pg) lives there, "
-        "and a shard is started on it when --service-address is not given",
+        help="PostgreSQL server DSN; every stateful target gets a fresh database created on "
+        "it (dropped at the end). Default: an embedded PostgreSQL (pgserver) in a temporary "
+        "directory, stopped and deleted at the end",
+    )
+    add("--shards", type=int, default=2, help="shard processes behind the started router")
+    add(
+        "--membership-lease-s",
+        type=float,
+        default=10.0,
+        help="membership lease of the started shards and router (longer than the service's "
+        "3 s default, so that a saturated 2-core machine does not trigger hand-offs)",
     )
     add(
         "--targets",
         type=_list_of(str, TARGETS),
-        default=list(TARGETS),
-        help=f"comma-separated, default all: {','.join(TARGETS)}",
+        default=None,
+        help=f"comma-separated, of: {','.join(TARGETS)} ({_suite_default('targets')})",
     )
     add(
         "--workloads",
         type=_list_of(str, WORKLOADS),
-        default=list(WORKLOADS),
-        help=f"comma-separated, default all: {','.join(WORKLOADS)}",
+        default=None,
+        help=f"comma-separated, of: {','.join(WORKLOADS)} ({_suite_default('workloads')})",
     )
     add(
         "--concurrency",
         type=_list_of(int),
-        default=[1, 8, 64],
-        help="closed loop: calls in flight, comma-separated (default 1,8,64)",
+        default=None,
+        help=f"closed loop: calls in flight, comma-separated ({_suite_default('concurrency')})",
     )
     add(
         "--rate",
@@ -82,10 +120,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(WORKLOADS),
         help="workloads that also run open loop at each --rate (default all)",
     )
-    add("--duration-s", type=float, default=10.0, help="measured seconds per phase")
-    add("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each phase")
+    add(
+        "--duration-s",
+        type=float,
+        default=None,
+        help=f"measured seconds per phase ({_suite_default('duration_s')})",
+    )
+    add(
+        "--warmup-s",
+        type=float,
+        default=None,
+        help=f"unmeasured seconds before each phase ({_suite_default('warmup_s')})",
+    )
     add("--count-max", type=int, default=1_000_000, help="measured operations per phase, max")
-    add("--keys", type=int, default=1_000_000, help="catalogue key rows to load")
+    add(
+        "--keys",
+        type=int,
+        default=None,
+        help=f"catalogue key rows to load ({_suite_default('keys')})",
+    )
     add("--stock-per-key", type=int, default=1_000, help="on_hand of every catalogue key")
     add("--hot-stock", type=int, default=1_000, help="on_hand of the hot key (per phase)")
     add("--zipf-s", type=float, default=1.1, help="Zipf exponent of the zipf workload")
@@ -123,6 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(parsed: argparse.Namespace) -> argparse.Namespace:
+    for name, value in SUITES[parsed.suite].items():
+        if getattr(parsed, name, None) is None:
+            setattr(parsed, name, list(value) if isinstance(value, list) else value)
     if parsed.smoke:
         for name, value in SMOKE.items():
             setattr(parsed, name, value)
@@ -130,6 +186,8 @@ def options_from(parsed: argparse.Namespace) -> argparse.Namespace:
         parsed.seed = random.SystemRandom().randrange(2**31)
     if parsed.client_processes < 1:
         raise SystemExit("--client-processes must be >= 1")
+    if parsed.shards < 1:
+        raise SystemExit("--shards must be >= 1")
     if parsed.service_address and not parsed.service_address.startswith("127.0.0.1:"):
         raise SystemExit("--service-address must be on 127.0.0.1 (loopback only)")
     return parsed
@@ -138,6 +196,8 @@ def options_from(parsed: argparse.Namespace) -> argparse.Namespace:
 def _run(parsed: argparse.Namespace) -> None:
     from .bench import run
 
+    if not getattr(parsed, "command_line", None):
+        parsed.command_line = shlex.join(["inventory", *sys.argv[1:]])
     results = run(options_from(parsed))
     audits = [t["audit"] for t in results["targets"].values() if t.get("audit")]
     if not all(a["passed"] for a in audits):
@@ -157,4 +217,7 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=DESCRIPTION)
     add_arguments(parser)
-    _run(parser.parse_args(argv))
+    parsed = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    parsed.command_line = shlex.join(["python", "-m", "benchmarks", *arguments])
+    _run(parsed)

@@ -18,10 +18,25 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # after the backend is chosen
 
-SERVICE_PREFIX = "service-"
-BASELINES = ("postgres", "redis", "redis-durable")
-# Which echo ceiling each service target is compared with.
-CEILING_OF = {"service-unary": "echo-unary", "service-batch": "echo-batch"}
+from .suites import BASELINES, CEILING_OF, SERVICE_TARGETS
+
+# Columns of the headline table (the highest closed-loop concurrency of each workload).
+HEADLINE_TARGETS = (
+    "router-unary",
+    "router-client",
+    "service-batch",
+    "shard-unary",
+    "postgres",
+    "redis",
+    "redis-durable",
+    "echo-unary",
+    "echo-batch",
+)
+# Ratios of the headline: the batching client (how order services call) to each reference.
+HEADLINE_SUBJECT = "router-client"
+HEADLINE_REFERENCES = ("router-unary", *BASELINES, "echo-batch")
+# The three paths of issue 3, in this column order, with router-unary as the reference.
+PATHS = ("router-unary", "shard-unary", "router-client", "service-batch")
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -41,41 +56,228 @@ def ratios(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_point.setdefault((phase["workload"], phase["load"]), {})[phase["target"]] = phase
     rows: list[dict[str, Any]] = []
     for (workload, load), targets in by_point.items():
-        for name, phase in targets.items():
-            if not name.startswith(SERVICE_PREFIX):
+        for name in SERVICE_TARGETS:
+            mine = targets.get(name)
+            if mine is None:
                 continue
             row: dict[str, Any] = {"target": name, "workload": workload, "load": load}
-            for other in (*BASELINES, CEILING_OF.get(name, "")):
+            for other in (*BASELINES, CEILING_OF[name]):
                 if other in targets:
                     theirs = targets[other]
                     row[f"throughput_x_{other}"] = _ratio(
-                        phase["throughput_ops_s"], theirs["throughput_ops_s"]
+                        mine["throughput_ops_s"], theirs["throughput_ops_s"]
                     )
-                    row[f"p99_x_{other}"] = _ratio(phase["all"]["p99_ms"], theirs["all"]["p99_ms"])
+                    row[f"p99_x_{other}"] = _ratio(mine["all"]["p99_ms"], theirs["all"]["p99_ms"])
             rows.append(row)
     return rows
 
 
-def markdown(results: dict[str, Any]) -> str:
+def _closed(phases: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    return {
+        (p["workload"], p["target"], p["concurrency"]): p for p in phases if p["mode"] == "closed"
+    }
+
+
+def _latency(phase: dict[str, Any], kind: str) -> dict[str, float]:
+    figures: dict[str, float] = phase["calls"].get(kind) or phase["all"]
+    return figures
+
+
+def _p95_ratio(mine: dict[str, Any] | None, reference: dict[str, Any] | None) -> float | None:
+    if mine is None or reference is None:
+        return None
+    return _ratio(_latency(mine, "reserve")["p95_ms"], _latency(reference, "reserve")["p95_ms"])
+
+
+def paths_tables(results: dict[str, Any]) -> list[str]:
+    """Per workload run by two or more service paths: reservations/s and reserve-call
+    latency of each path at each concurrency, side by side, with ratios to router-unary."""
+    phases = results["phases"]
+    closed = _closed(phases)
+    lines: list[str] = []
+    for workload in dict.fromkeys(p["workload"] for p in phases):
+        paths = [t for t in PATHS if any(k[0] == workload and k[1] == t for k in closed)]
+        if len(paths) < 2:
+            continue
+        reference = paths[0]
+        others = paths[1:]
+        levels = sorted({k[2] for k in closed if k[0] == workload and k[1] in paths})
+        lines += [
+            f"### {workload}: reservations/s (reserve calls answered OK per second)",
+            "",
+            "| callers | "
+            + " | ".join(paths)
+            + " | "
+            + " | ".join(f"{o} ÷ {reference}" for o in others)
+            + " |",
+            "| ---: |" + " ---: |" * (len(paths) + len(others)),
+        ]
+        for level in levels:
+            got = {t: closed.get((workload, t, level)) for t in paths}
+            cells = [_fmt(p["reservations_ok_s"], 0) if p else "-" for p in got.values()]
+            base = got[reference]
+            for other in others:
+                theirs = got[other]
+                ratio = (
+                    _ratio(theirs["reservations_ok_s"], base["reservations_ok_s"])
+                    if theirs and base
+                    else None
+                )
+                cells.append(f"{_fmt(ratio, 2)}x" if ratio is not None else "-")
+            lines.append(f"| {level} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"### {workload}: reserve latency p50 / p95 / p99, ms",
+            "",
+            "| callers | "
+            + " | ".join(paths)
+            + " | "
+            + " | ".join(f"p95 {o} ÷ {reference}" for o in others)
+            + " |",
+            "| ---: |" + " ---: |" * (len(paths) + len(others)),
+        ]
+        for level in levels:
+            got = {t: closed.get((workload, t, level)) for t in paths}
+            cells = []
+            for phase in got.values():
+                if phase is None:
+                    cells.append("-")
+                    continue
+                figures = _latency(phase, "reserve")
+                cells.append(
+                    f"{_fmt(figures['p50_ms'], 2)} / {_fmt(figures['p95_ms'], 2)} / "
+                    f"{_fmt(figures['p99_ms'], 2)}"
+                )
+            base = got[reference]
+            for other in others:
+                theirs = got[other]
+                ratio = (
+                    _ratio(
+                        _latency(theirs, "reserve")["p95_ms"], _latency(base, "reserve")["p95_ms"]
+                    )
+                    if theirs and base
+                    else None
+                )
+                cells.append(f"{_fmt(ratio, 2)}x" if ratio is not None else "-")
+            lines.append(f"| {level} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"### {workload}: CPU cores busy (client / server / rest of the machine)",
+            "",
+            "| callers | " + " | ".join(paths) + " |",
+            "| ---: |" + " ---: |" * len(paths),
+        ]
+        for level in levels:
+            cells = []
+            for target in paths:
+                phase = closed.get((workload, target, level))
+                cpu = phase["cpu"] if phase else None
+                cells.append(
+                    f"{_fmt(cpu['client_cores'], 2)} / {_fmt(cpu['server_cores'], 2)} / "
+                    f"{_fmt(cpu['other_cores'], 2)}"
+                    if cpu
+                    else "-"
+                )
+            lines.append(f"| {level} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def headline_table(results: dict[str, Any]) -> list[str]:
+    """Each workload at its highest closed-loop concurrency: ops/s (p99 ms) of every target,
+    and the batching client's throughput as a multiple of each reference."""
+    phases = results["phases"]
+    closed = _closed(phases)
+    targets = [t for t in HEADLINE_TARGETS if any(k[1] == t for k in closed)]
+    references = [r for r in HEADLINE_REFERENCES if r in targets and r != HEADLINE_SUBJECT]
+    subject = HEADLINE_SUBJECT if HEADLINE_SUBJECT in targets else None
+    if not targets:
+        return []
     lines = [
-        f"# Benchmark run {results['run_tag']}",
-        "",
-        f"Seed {results['seed']} (replay with `--seed {results['seed']}`); catalogue "
-        f"{results['catalogue']['rows']:,} key rows; {results['machine']['cores']} cores; "
-        f"client processes {results['options']['client_processes']}.",
-        "",
+        "| workload | callers | "
+        + " | ".join(targets)
+        + (" | " + " | ".join(f"{subject} ÷ {r}" for r in references) if subject else "")
+        + " |",
+        "| --- | ---: |" + " ---: |" * (len(targets) + (len(references) if subject else 0)),
+    ]
+    for workload in dict.fromkeys(p["workload"] for p in phases):
+        levels = [k[2] for k in closed if k[0] == workload]
+        if not levels:
+            continue
+        level = max(levels)
+        got = {t: closed.get((workload, t, level)) for t in targets}
+        cells = [
+            f"{_fmt(p['throughput_ops_s'], 0)} ({_fmt(p['all']['p99_ms'], 1)})" if p else "-"
+            for p in got.values()
+        ]
+        if subject:
+            mine = got[subject]
+            for reference in references:
+                theirs = got[reference]
+                ratio = (
+                    _ratio(mine["throughput_ops_s"], theirs["throughput_ops_s"])
+                    if mine and theirs
+                    else None
+                )
+                cells.append(f"{_fmt(ratio, 2)}x" if ratio is not None else "-")
+        lines.append(f"| {workload} | {level} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _describe(results: dict[str, Any]) -> list[str]:
+    options, machine = results["options"], results["machine"]
+    cpu = f", {machine['cpu_model']}" if machine.get("cpu_model") else ""
+    end = machine.get("load_average_at_end")
+    loads = f"load average (1/5/15 min) {machine.get('load_average_at_start')} at start" + (
+        f", {end} at end" if end else ""
+    )
+    phase = (
+        f"{options.get('warmup_s')} s warm-up + {options.get('duration_s')} s measured "
+        f"(at most {options.get('count_max'):,} operations)"
+    )
+    return [
+        f"- Command: `{results.get('command') or '(not recorded)'}`",
+        f"- Suite: {results.get('suite') or '-'}; seed {results['seed']} (replay with "
+        f"`--seed {results['seed']}`); run tag {results['run_tag']}",
+        f"- Machine: {machine['cores']} cores{cpu}, {machine.get('memory_gb', '?')} GB; {loads}",
+        f"- Each phase: {phase}; closed loop at {options.get('concurrency')} callers"
+        + (f", open loop at {options.get('rate')}/s" if options.get("rate") else ""),
+        f"- Catalogue: {results['catalogue']['rows']:,} key rows loaded into every stateful "
+        f"target, {options.get('stock_per_key'):,} units each",
+        f"- PostgreSQL: {results.get('postgres_server') or 'not used'}",
+        f"- Load generator: {options.get('client_processes')} client process(es), sharing the "
+        f"{machine['cores']} cores with the servers (see the CPU columns)",
+    ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"# Benchmark run {results['run_tag']}", "", *_describe(results), ""]
+    paths = paths_tables(results)
+    if paths:
+        lines += ["## The service's paths side by side", "", *paths]
+    headline = headline_table(results)
+    if headline:
+        lines += [
+            "## Headline: ops/s (p99 ms) at the highest concurrency",
+            "",
+            *headline,
+            "",
+        ]
+    lines += [
         "## Phases",
         "",
-        "| target | workload | load | ops/s | p50 ms | p95 ms | p99 ms | p99.9 ms | refused "
-        "(stock) | errors | client cores | server cores | other cores |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| target | workload | load | ops/s | reservations/s | p50 ms | p95 ms | p99 ms | "
+        "p99.9 ms | refused (stock) | errors | client cores | server cores | other cores |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: "
+        "| ---: |",
     ]
     for phase in results["phases"]:
         overall, cpu = phase["all"], phase["cpu"]
         errors = ", ".join(f"{code} {n}" for code, n in sorted(phase["errors"].items())) or "0"
         lines.append(
             f"| {phase['target']} | {phase['workload']} | {phase['load']} | "
-            f"{_fmt(phase['throughput_ops_s'])} | {_fmt(overall['p50_ms'], 2)} | "
+            f"{_fmt(phase['throughput_ops_s'])} | {_fmt(phase.get('reservations_ok_s'))} | "
+            f"{_fmt(overall['p50_ms'], 2)} | "
             f"{_fmt(overall['p95_ms'], 2)} | {_fmt(overall['p99_ms'], 2)} | "
             f"{_fmt(overall['p99_9_ms'], 2)} | {phase['refused']} | {errors} | "
             f"{_fmt(cpu['client_cores'], 2)} | {_fmt(cpu['server_cores'], 2)} | "
@@ -100,9 +302,17 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {row['target']} | {row['workload']} | {row['load']} | " + " | ".join(cells) + " |"
         )
+    lines.append("")
+    lines.append(
+        "echo = the bare gRPC ceiling with the same call style: echo-unary for router-unary "
+        "and shard-unary, echo-batch for router-client and service-batch."
+    )
     lines += ["", "## Targets and audits", ""]
-    lines.append("| target | status | load s | audit | details |")
-    lines.append("| --- | --- | ---: | --- | --- |")
+    lines.append(
+        "| target | server | status | start s | load s | mean cores client / server / other "
+        "| audit | details |"
+    )
+    lines.append("| --- | --- | --- | ---: | ---: | --- | --- | --- |")
     for name, target in results["targets"].items():
         audit = target.get("audit")
         if target.get("unavailable"):
@@ -118,14 +328,28 @@ def markdown(results: dict[str, Any]) -> str:
                 + ")"
                 for check, c in audit["checks"].items()
             )
+        mine = [p["cpu"] for p in results["phases"] if p["target"] == name]
+        split = (
+            " / ".join(
+                _fmt(sum(c[k] for c in mine) / len(mine), 2)
+                for k in ("client_cores", "server_cores", "other_cores")
+            )
+            if mine
+            else "-"
+        )
+        load_s, loaded_by = target.get("load_s"), target.get("catalogue_loaded_by")
+        shown_load = f"(by {loaded_by})" if loaded_by else _fmt(load_s, 1)
         lines.append(
-            f"| {name} | {status} | {_fmt(target.get('load_s'), 1)} | {verdict} | {details} |"
+            f"| {name} | {target.get('server', '-')} | {status} | "
+            f"{_fmt(target.get('start_s'), 1)} | {shown_load} | {split} | {verdict} | {details} |"
         )
     lines += [
         "",
         "CPU: cores busy over each phase (cpu seconds / wall seconds), measured with psutil: "
         "client = the load generator's processes, server = the target's processes and their "
-        "children (for the service: the shard and PostgreSQL), other = the rest of the machine.",
+        "children (for the service: the router and shard processes and PostgreSQL, whose "
+        "backends are the postmaster's children), other = the rest of the machine. "
+        f"The machine has {results['machine']['cores']} cores shared by client and server.",
         "",
     ]
     return "\n".join(lines)
@@ -186,12 +410,40 @@ def plots(results: dict[str, Any], output_dir: Path) -> list[str]:
     return written
 
 
+def readme_table(results: dict[str, Any]) -> str:
+    """The headline (or, for a paths run, the side-by-side tables) with the command that
+    reproduces it: what the README quotes."""
+    machine = results["machine"]
+    body = paths_tables(results) if results.get("suite") == "paths" else headline_table(results)
+    title = (
+        "The service's paths side by side"
+        if results.get("suite") == "paths"
+        else "ops/s (p99 ms) of each target at the highest concurrency of each workload"
+    )
+    return "\n".join(
+        [
+            f"Benchmark: {title}; {results['catalogue']['rows']:,} key rows; "
+            f"{machine['cores']} cores shared by the load generator and the servers "
+            f"(load average at start {machine.get('load_average_at_start')}); seed "
+            f"{results['seed']}. Reproduce with:",
+            "",
+            "```",
+            results.get("command") or "(command not recorded)",
+            "```",
+            "",
+            *body,
+            "",
+        ]
+    )
+
+
 def write(results: dict[str, Any], output_dir: Path) -> dict[str, Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     results["ratios"] = ratios(results["phases"])
     text = markdown(results)
     (output_dir / "report.md").write_text(text, encoding="utf-8")
+    (output_dir / "README-table.md").write_text(readme_table(results), encoding="utf-8")
     written = plots(results, output_dir)
-    results["files"] = ["results.json", "report.md", *written]
+    results["files"] = ["results.json", "report.md", "README-table.md", *written]
     (output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     return {name: output_dir / name for name in results["files"]}

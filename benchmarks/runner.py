@@ -33,6 +33,8 @@ from .workloads import Catalogue, FollowUp, Generator, Key, Kind, Operation
 # Operations in flight in one open-loop client process; beyond it they are counted, not sent.
 OPEN_LOOP_IN_FLIGHT_MAX = 10_000
 CLIENT_SATURATED = "CLIENT_SATURATED"
+# Connections of a pooled client (the baselines) in an open-loop phase.
+OPEN_LOOP_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,10 @@ async def run_phase(
     process = psutil.Process()
     cpu_before = process.cpu_times()
     concurrency = phase.concurrency // workers + (1 if worker < phase.concurrency % workers else 0)
-    client = await open_client(spec, max(1, concurrency))
+    # Open loop: calls in flight are not bounded by callers; size connection pools as
+    # a client service would (callers queue for a connection rather than fail).
+    connections = concurrency if phase.mode == "closed" else OPEN_LOOP_CONNECTIONS
+    client = await open_client(spec, max(1, connections))
     try:
         run = _Run(phase, client, worker, progress)
         if phase.mode == "closed":

@@ -12,8 +12,10 @@ Insufficient stock is ``FAILED_PRECONDITION``: a business answer, not an error o
 A code in ``UNKNOWN_FATE_CODES`` means the call may or may not have been applied; the audit
 accepts both fates for it.
 
-Adding a target (the router, the lead's batching client): write a ``Client``, a ``Target``,
-and a branch in ``open_client`` / ``benchmarks.bench.make_target``.
+Adding a target: write a ``Client``, a ``Target``, and a branch in ``open_client`` /
+``benchmarks.bench.make_target``. The gRPC kinds: ``grpc-unary`` (one unary call per
+operation), ``grpc-batch`` (the raw ``Batch`` stream), ``grpc-client`` (the public Python
+client with automatic batching); they share one ``Target`` (``ServiceTarget``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class TargetSpec:
     """How to reach a target from any process (picklable)."""
 
     name: str  # shown in the report: "service-unary", "postgres", ...
-    kind: str  # "grpc-unary" | "grpc-batch" | "postgres" | "redis"
+    kind: str  # "grpc-unary" | "grpc-batch" | "grpc-client" | "postgres" | "redis"
     address: str  # host:port, DSN or redis URL; loopback only
     stateful: bool = True  # False for the echo ceiling: nothing to load or audit
     call_timeout_s: float = 10.0
@@ -124,6 +126,10 @@ async def open_client(spec: TargetSpec, concurrency: int) -> Client:
         from .service import BatchClient
 
         return await BatchClient.open(spec)
+    if spec.kind == "grpc-client":
+        from .client import BatchingClient
+
+        return BatchingClient.open(spec)
     if spec.kind == "postgres":
         from .postgres import PostgresClient
 

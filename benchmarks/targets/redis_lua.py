@@ -82,12 +82,15 @@ class RedisClient:
 
     @classmethod
     def open(cls, spec: TargetSpec, concurrency: int) -> RedisClient:
-        client = aioredis.Redis.from_url(
+        # A blocking pool: a call beyond max_connections waits for a connection (bounded by
+        # the call timeout) instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             spec.address,
             max_connections=max(1, concurrency),
+            timeout=spec.call_timeout_s,
             socket_timeout=spec.call_timeout_s,
         )
-        return cls(client)
+        return cls(aioredis.Redis(connection_pool=pool))
 
     async def reserve(
         self, lines: Sequence[tuple[Key, int]], ttl_s: int, idempotency_key: str
@@ -133,6 +136,7 @@ class RedisClient:
 
     async def close(self) -> None:
         await self._client.aclose()
+        await self._client.connection_pool.disconnect()
 
 
 def _code(error: BaseException) -> str:
@@ -142,10 +146,9 @@ def _code(error: BaseException) -> str:
 
 
 class RedisTarget:
-    def __init__(self, spec: TargetSpec, server: RedisServer) -> None:
+    def __init__(self, spec: TargetSpec, server_pids: list[int]) -> None:
         self.spec = spec
-        self.server = server
-        self.server_pids = [server.pid]
+        self.server_pids = server_pids
         self.unavailable: str | None = None
         self._client = aioredis.Redis.from_url(spec.address)
 

@@ -116,6 +116,9 @@ class OwnerLimits:
     # bounds the ledger tail replayed at recovery.
     checkpoint_records_max: int = 50_000
     checkpoint_interval_s: float = 5.0
+    # Rows (keys, reservations, idempotency entries) per checkpoint transaction: a few
+    # milliseconds of encoding, so the loop keeps replying while a big checkpoint is written.
+    checkpoint_transaction_rows_max: int = 5_000
     # Recovery retries a failing database with exponential backoff up to this period.
     recovery_backoff_s_max: float = 5.0
 
@@ -409,12 +412,24 @@ class Owner:
     async def _write_checkpoint(
         self, deltas: list[CheckpointDelta], epochs: dict[int, int]
     ) -> None:
+        """Write the deltas in transactions of bounded size, one after the other.
+
+        A partition's delta is never split (it must land at one lsn), but a checkpoint after
+        a bulk load spans a million rows: encoding that in one go would hold the event loop
+        (and every reply) for seconds, so groups of partitions go one transaction each.
+        """
+        remaining = list(deltas)
         try:
-            await self._store.write_checkpoint(deltas, epochs)
+            while remaining:
+                group = _take_rows(remaining, self.limits.checkpoint_transaction_rows_max)
+                await self._store.write_checkpoint(
+                    group, {d.partition: epochs[d.partition] for d in group}
+                )
+                remaining = remaining[len(group) :]
             self.stats.checkpoints += 1
         except Exception as error:
-            log.warning("checkpoint_failed", partitions=len(deltas), error=repr(error))
-            for delta in deltas:
+            log.warning("checkpoint_failed", partitions=len(remaining), error=repr(error))
+            for delta in remaining:
                 owned = self._owned.get(delta.partition)
                 if owned is not None:
                     owned.core.checkpoint_failed()
@@ -473,6 +488,19 @@ class _StepLike(Protocol):
     def records(self) -> tuple[Record, ...]: ...
     @property
     def events(self) -> tuple[AvailabilityChanged, ...]: ...
+
+
+def _take_rows(deltas: list[CheckpointDelta], rows_max: int) -> list[CheckpointDelta]:
+    """The longest prefix of deltas within rows_max rows (at least one delta)."""
+    group: list[CheckpointDelta] = []
+    rows = 0
+    for delta in deltas:
+        size = len(delta.stock) + len(delta.reservations) + len(delta.idempotency)
+        if group and rows + size > rows_max:
+            break
+        group.append(delta)
+        rows += size
+    return group
 
 
 def _reads_first(work: _Work) -> int:

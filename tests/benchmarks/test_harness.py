@@ -172,3 +172,58 @@ def test_audit_passes_a_consistent_state_and_flags_oversell_and_lost_reservation
 
     lost = _audit({key: Level(2, 2, 0)}, {"r2": "committed"}, ledger)
     assert not lost["checks"]["acknowledged_reservations_exist"]["passed"]  # type: ignore[index]
+
+
+def test_a_suite_sets_the_defaults_and_explicit_flags_win() -> None:
+    import argparse
+
+    from benchmarks.cli import add_arguments, options_from
+    from benchmarks.suites import TARGETS
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    paths = options_from(parser.parse_args(["--suite", "paths", "--seed", "1"]))
+    assert paths.targets == ["router-unary", "router-client", "shard-unary"]
+    assert paths.workloads == ["cart-1"]
+    assert paths.concurrency == [1, 64, 256]
+    assert paths.duration_s >= 5.0
+    explicit = parser.parse_args(["--suite", "paths", "--concurrency", "8", "--seed", "1"])
+    assert options_from(explicit).concurrency == [8]
+    default = options_from(parser.parse_args(["--seed", "1"]))
+    assert default.targets == list(TARGETS)
+    assert default.workloads == list(WORKLOADS)
+
+
+def _phase(target: str, callers: int, reservations_s: float, p95_ms: float) -> dict[str, object]:
+    latency = {"p50_ms": p95_ms / 2, "p95_ms": p95_ms, "p99_ms": p95_ms * 2, "p99_9_ms": p95_ms * 3}
+    return {
+        "target": target,
+        "workload": "cart-1",
+        "mode": "closed",
+        "load": f"C={callers}",
+        "concurrency": callers,
+        "throughput_ops_s": reservations_s,
+        "reservations_ok_s": reservations_s,
+        "all": latency,
+        "calls": {"reserve": latency},
+        "cpu": {"client_cores": 0.5, "server_cores": 1.25, "other_cores": 0.0},
+    }
+
+
+def test_the_paths_table_shows_each_path_side_by_side_with_ratios() -> None:
+    from benchmarks import report
+
+    phases = [
+        _phase("router-unary", 64, 1000.0, 10.0),
+        _phase("shard-unary", 64, 2000.0, 5.0),
+        _phase("router-client", 64, 3000.0, 2.5),
+        _phase("postgres", 64, 500.0, 20.0),
+    ]
+    text = "\n".join(report.paths_tables({"phases": phases}))
+    assert "| callers | router-unary | shard-unary | router-client |" in text
+    assert "| 64 | 1,000 | 2,000 | 3,000 | 2.00x | 3.00x |" in text
+    assert "| 64 | 5.00 / 10.00 / 20.00 | 2.50 / 5.00 / 10.00 | 1.25 / 2.50 / 5.00 |" in text
+    assert "0.50x | 0.25x |" in text
+    headline = "\n".join(report.headline_table({"phases": phases}))
+    assert "| cart-1 | 64 | 1,000 (20.0) | 3,000 (5.0) | 2,000 (10.0) | 500 (40.0) |" in headline
+    assert "| 3.00x | 6.00x |" in headline  # router-client ÷ router-unary, ÷ postgres

@@ -463,6 +463,34 @@ def test_checkpoint_is_written_when_checkpoint_records_max_is_reached() -> None:
     run(body)
 
 
+def test_checkpoint_transactions_hold_at_most_checkpoint_transaction_rows_max_rows() -> None:
+    async def body() -> None:
+        limits = OwnerLimits(
+            expiry_tick_s=3600,
+            checkpoint_records_max=1_000_000,
+            checkpoint_interval_s=3600,
+            checkpoint_transaction_rows_max=4,
+        )
+        async with rig(limits, partitions=(3, 5, 7)) as r:
+            for partition, fruits in ((3, (APPLE, FIG)), (5, (APPLE, FIG)), (7, (APPLE,))):
+                for i, fruit in enumerate(fruits):
+                    await r.owner.mutate(partition, set_stock(fruit, 1, f"s{partition}{i}"), None)
+            await r.owner.checkpoint_now()
+            groups = [sorted(d.partition for d in group) for group in r.store.checkpoints]
+            rows = [
+                sum(len(d.stock) + len(d.reservations) + len(d.idempotency) for d in group)
+                for group in r.store.checkpoints
+            ]
+            # Each partition's delta holds 2 keys + 2 idempotency entries (4 rows) or 2 rows:
+            # one partition per transaction at the bound of 4, never a partition split.
+            assert sorted(p for g in groups for p in g) == [3, 5, 7]
+            assert all(n <= 4 for n in rows), rows
+            assert len(groups) == 3
+            assert r.owner.stats.checkpoints == 1
+
+    run(body)
+
+
 def test_checkpoint_is_written_when_checkpoint_interval_passes() -> None:
     async def body() -> None:
         limits = OwnerLimits(
