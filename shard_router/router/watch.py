@@ -115,6 +115,12 @@ class WatchLimits:
     # Entries per partition per hub read (XREAD COUNT is per stream): a full read of all
     # 1024 partitions is at most ~100k entries (~30 MiB), usually a few hundred.
     read_entries_per_partition_max: int = 100
+    # At least this long between two hub reads. One read names all 1024 streams, which costs
+    # the router about a millisecond of CPU whatever it returns; under a steady write load a
+    # read returning at once with a handful of entries would spend the router on reading.
+    # Waiting this long first gathers ~every change of the interval into one read, for at most
+    # this much added lag.
+    read_interval_ms_min: int = 20
     # Entries per catch-up range call: bounds the memory of one catch-up step.
     range_entries_max: int = 1000
     # Backoff between attempts when the source (Redis) fails.
@@ -309,11 +315,16 @@ class WatchHub:
     async def _run(self) -> None:
         backoff_s = self.limits.source_retry_backoff_s_initial
         continuous = False
+        next_read_s = 0.0
         while True:
             try:
                 if not continuous:
                     await self._establish()
                     continuous = True
+                pause_s = next_read_s - time.monotonic()
+                if pause_s > 0:
+                    await asyncio.sleep(pause_s)
+                next_read_s = time.monotonic() + self.limits.read_interval_ms_min / 1000
                 batch = await self.source.read(
                     self._read_positions,
                     self.limits.read_block_ms,
