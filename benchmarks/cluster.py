@@ -41,12 +41,20 @@ class ServiceProcess:
     """One shard or router child process."""
 
     def __init__(
-        self, role: str, name: str, database_url: str, log_dir: Path, lease_s: float
+        self,
+        role: str,
+        name: str,
+        database_url: str,
+        log_dir: Path,
+        lease_s: float,
+        *,
+        redis_url: str = "",
     ) -> None:
         self.role = role
         self.name = name
         self.address = f"127.0.0.1:{free_port()}"
         self._database_url = database_url
+        self._redis_url = redis_url  # events and the read view; none: not published
         self._log_path = log_dir / f"{name}.log"
         self._lease_s = lease_s
         self._process: subprocess.Popen[bytes] | None = None
@@ -61,6 +69,7 @@ class ServiceProcess:
             "--listen", self.address,
             "--database-url", self._database_url,
             "--membership-lease-s", str(self._lease_s),
+            "--redis-url", self._redis_url,
         ]  # fmt: skip
         if self.role == "shard":
             return ["shard", "--shard-id", self.name, *common]
