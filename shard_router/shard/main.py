@@ -166,6 +166,7 @@ async def _log_stats(owner: Owner, ownership: Ownership, publisher: EventPublish
             flushes=flushes,
             batch_records_mean=round(records / flushes, 1) if flushes else 0,
             flush_ms_mean=round(1000 * seconds / flushes, 2) if flushes else 0,
+            flush_ms_max=round(1000 * now.flush_seconds_max, 2),
             flush_failures=now.flush_failures,
             checkpoints=now.checkpoints,
             shed=now.shed,
@@ -175,6 +176,7 @@ async def _log_stats(owner: Owner, ownership: Ownership, publisher: EventPublish
             **(_publisher_figures(publisher) if publisher else {}),
         )
         previous = now
+        owner.stats.flush_seconds_max = 0.0
 
 
 def _publisher_figures(publisher: EventPublisher) -> dict[str, int]:

@@ -475,10 +475,14 @@ class OwnerStats:
     checkpoints: int = 0
     shed: int = 0
 
+    # The slowest flush since the stats line last reset it: tail latency shows here first.
+    flush_seconds_max: float = 0.0
+
     def observe_flush(self, records: int, seconds: float) -> None:
         self.flushes += 1
         self.records_flushed += records
         self.flush_seconds_total += seconds
+        self.flush_seconds_max = max(self.flush_seconds_max, seconds)
 
 
 class _StepLike(Protocol):
