@@ -31,6 +31,10 @@ reservation_ttl_s_max: Final = 2 * 60 * 60
 # and a 15 min TTL, a partition holds ~9,000 on average; 100,000 leaves a 10x margin for skew
 # and bounds memory (~1 KiB each) at ~100 MiB per partition in the worst case.
 reservations_live_max: Final = 100_000
+# Keys (stock rows) one partition holds. A million keys spread over 1024 partitions is about
+# 1,000 each; 100,000 leaves room for a merchant whose one location carries a whole catalogue,
+# and bounds a partition's memory (~0.5 KiB per key) at ~50 MiB.
+partition_keys_max: Final = 100_000
 # Finished reservations are remembered so that a late commit or release gets a precise
 # answer ("expired at T") instead of NOT_FOUND. Oldest forgotten first.
 reservations_finished_max: Final = 100_000

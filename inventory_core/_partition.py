@@ -387,6 +387,8 @@ class Partition:
     ) -> Outcome:
         key = command.key
         row = self._stock.get(key, EMPTY_ROW)
+        if key not in self._stock and len(self._stock) >= limits.partition_keys_max:
+            return CapacityExhausted("partition_keys_max", limits.partition_keys_max)
         match command:
             case AdjustStock():
                 on_hand, safety_stock = row.on_hand + command.delta, row.safety_stock

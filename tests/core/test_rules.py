@@ -517,6 +517,20 @@ def test_reservations_live_max_refuses_with_capacity_exhausted(
     assert isinstance(shop.reserve((APPLE, 1)).outcome, Reserved)
 
 
+def test_partition_keys_max_refuses_a_new_key_but_still_changes_known_ones(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inventory_core._limits, "partition_keys_max", 2)
+    shop.stock(APPLE, 10)
+    shop.stock(PEAR, 10)
+    before = shop.partition.snapshot()
+    step = shop.apply(SetStock(PLUM, shop.key(), 5, None, T0))
+    assert step.outcome == CapacityExhausted("partition_keys_max", 2)
+    assert step.records == () and shop.partition.snapshot() == before
+    changed = shop.apply(SetStock(APPLE, shop.key(), 11, None, T0)).outcome
+    assert isinstance(changed, StockChanged) and changed.level.on_hand == 11
+
+
 def test_idempotency_keys_max_refuses_new_keys_but_answers_retries(
     shop: Shop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
