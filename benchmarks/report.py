@@ -83,12 +83,6 @@ def _latency(phase: dict[str, Any], kind: str) -> dict[str, float]:
     return figures
 
 
-def _p95_ratio(mine: dict[str, Any] | None, reference: dict[str, Any] | None) -> float | None:
-    if mine is None or reference is None:
-        return None
-    return _ratio(_latency(mine, "reserve")["p95_ms"], _latency(reference, "reserve")["p95_ms"])
-
-
 def paths_tables(results: dict[str, Any]) -> list[str]:
     """Per workload run by two or more service paths: reservations/s and reserve-call
     latency of each path at each concurrency, side by side, with ratios to router-unary."""

@@ -59,8 +59,6 @@ STREAM_FIELD = b"e"
 # What last_ids / first_ids report for an empty (or missing) stream: before every entry.
 EMPTY_STREAM_ID = "0-0"
 # Keys and arguments the script takes per change (see apply_arguments).
-KEYS_PER_CHANGE = 3
-ARGUMENTS_PER_CHANGE = 11
 
 
 def stream_key(partition: int) -> str:

@@ -28,7 +28,6 @@ from ..workloads import Catalogue, Key
 
 OK = "OK"
 INSUFFICIENT = "FAILED_PRECONDITION"
-UNAVAILABLE_TARGET = "UNIMPLEMENTED"
 # The call may have been applied or not (Jepsen's "info"): timeouts, lost connections.
 UNKNOWN_FATE_CODES = frozenset(
     {"DEADLINE_EXCEEDED", "UNAVAILABLE", "UNKNOWN", "CANCELLED", "INTERNAL"}

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import structlog
@@ -45,10 +45,6 @@ STREAM_ITEMS_IN_FLIGHT_MAX = 20_000
 ITEM_TIMEOUT_S_DEFAULT = 10.0
 
 Call = Callable[[Any, float | None], Awaitable[Any]]
-
-
-class Calls(Protocol):
-    def __getattr__(self, name: str) -> Call: ...
 
 
 def dispatch_table(calls: object) -> dict[str, Call]:

@@ -72,15 +72,6 @@ def not_owner_status(partition: int, message: str) -> status_pb2.Status:
     return status(grpc.StatusCode.UNAVAILABLE, message, info)
 
 
-def is_not_owner(status_message: status_pb2.Status) -> bool:
-    for detail in status_message.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return bool(info.domain == DOMAIN and info.reason == NOT_OWNER)
-    return False
-
-
 def _message(rejection: Rejection) -> str:
     match rejection:
         case Invalid(field, reason):

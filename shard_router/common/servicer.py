@@ -73,15 +73,9 @@ class CallsServicer(pb_grpc.InventoryServicer):
         self, request: pb.ReserveOrderRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReserveOrderResponse:
         """Orders across locations span owners: only the router runs them (as a saga)."""
-        reserve_order = getattr(self._calls, "reserve_order", None)
-        if reserve_order is None:
-            message = "ReserveOrder is served by the router, not by a shard"
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
-            raise AssertionError("abort returned")
-        response: pb.ReserveOrderResponse = await unary(
-            context, reserve_order(request, deadline_of(context))
-        )
-        return response
+        message = "ReserveOrder is served by the router, not by a shard"
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+        raise AssertionError("abort returned")
 
     async def Batch(
         self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext

@@ -35,7 +35,9 @@ from ..common import convert, errors
 from ..common.calls import (
     Refusal,
     check,
+    deadline_of,
     remaining_s,
+    unary,
     validate_key,
 )
 from ..common.servicer import CallsServicer
@@ -90,7 +92,6 @@ class RouterCalls:
             pending, staleness_ms = await self._from_read_view(request, partitions, levels)
         if not pending:
             return pb.GetAvailabilityResponse(levels=levels, staleness_ms=staleness_ms)
-        await self._routes.refresh()
         for attempt in range(FORWARD_ATTEMPTS_MAX):
             groups: dict[str | None, list[int]] = {}
             for index in pending:
@@ -310,7 +311,6 @@ class RouterCalls:
     async def _forward(
         self, partition: int, field: str, request: Message, deadline: float | None
     ) -> Any:
-        await self._routes.refresh()
         for attempt in range(FORWARD_ATTEMPTS_MAX):
             address = self._routes.address_of(partition)
             if address is not None:
@@ -343,7 +343,13 @@ class RouterService(CallsServicer):
     """The router's gRPC surface over ``RouterCalls`` (which adds ReserveOrder)."""
 
     def __init__(self, routes: Routes, read_view: ReadView | None = None) -> None:
-        super().__init__(RouterCalls(routes, read_view))
+        self._router_calls = RouterCalls(routes, read_view)
+        super().__init__(self._router_calls)
+
+    async def ReserveOrder(
+        self, request: pb.ReserveOrderRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReserveOrderResponse:
+        return await unary(context, self._router_calls.reserve_order(request, deadline_of(context)))
 
 
 def _reservation_partition(reservation_id: str) -> int:
