@@ -83,7 +83,13 @@ from ._partition import (
     Step,
     fingerprint,
 )
-from ._validate import validate
+from ._validate import (
+    validate,
+    validate_identifier,
+    validate_key,
+    validate_read,
+    validate_watch_filter,
+)
 
 __all__ = [
     "PARTITION_COUNT",
@@ -150,4 +156,8 @@ __all__ = [
     "row_from_data",
     "row_to_data",
     "validate",
+    "validate_identifier",
+    "validate_key",
+    "validate_read",
+    "validate_watch_filter",
 ]

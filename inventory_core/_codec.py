@@ -91,7 +91,7 @@ def command_to_data(command: Command) -> Data:
                 "key": key_to_data(command.key),
                 "idempotency_key": command.idempotency_key,
                 "delta": command.delta,
-                "reason": command.reason.value,
+                "reason": None if command.reason is None else command.reason.value,
                 "occurred_at_ms": command.occurred_at_ms,
             }
         case SetStock():

@@ -54,7 +54,8 @@ class AdjustStock:
     key: InventoryKey
     idempotency_key: str
     delta: int
-    reason: AdjustmentReason
+    # None when the caller named no reason: refused by validation, never applied.
+    reason: AdjustmentReason | None
     # When the physical fact happened; kept for feeds (DESIGN section 9).
     occurred_at_ms: int
     now_ms: int

@@ -1,6 +1,6 @@
 """Every bound of the core, named with its unit last and the reason for its value.
 
-A test drives each of these to its edge (tests/core/test_limits.py).
+A test drives each of these to its edge (tests/core/test_rules.py, the bounds section).
 """
 
 from __future__ import annotations
@@ -52,3 +52,11 @@ availability_keys_max: Final = 1000
 # One expiry record lists at most this many reservations; more due ones spill into the
 # next record, so a record's size stays bounded after a long pause.
 expiry_batch_reservations_max: Final = 1000
+
+# Legs of one ReserveOrder (one per fulfilment location): a marketplace order rarely spans
+# more than a few locations; 20 bounds the saga's fan-out and its compensation.
+order_legs_max: Final = 20
+# An order's idempotency key derives each leg's and each compensation's key by a suffix
+# ("/leg-19", "/undo-r1023-0000000042": 22 characters at most), which must stay within
+# idempotency_key_length_max; 100 leaves that room.
+order_idempotency_key_length_max: Final = 100

@@ -392,6 +392,7 @@ class Partition:
         match command:
             case AdjustStock():
                 on_hand, safety_stock = row.on_hand + command.delta, row.safety_stock
+                assert command.reason is not None, "validated"
                 reason = ChangeReason(command.reason.value)
                 if abs(on_hand) > limits.stock_quantity_max:
                     return _invalid("delta", f"on_hand would leave ±{limits.stock_quantity_max}")

@@ -6,6 +6,8 @@ exact part of its request.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from . import _limits as limits
 from ._commands import (
     AdjustStock,
@@ -64,6 +66,50 @@ def validate(command: Command) -> Invalid | None:
             return None
 
 
+def validate_identifier(field: str, value: str) -> Invalid | None:
+    """An opaque id (merchant, SKU, location, reservation): non-empty, short, plain ASCII."""
+    return _identifier(field, value)
+
+
+def validate_key(field: str, key: InventoryKey) -> Invalid | None:
+    """A key's three ids, with fields named ``<field>.merchant_id`` and so on."""
+    return _key(field, key)
+
+
+def validate_read(keys: Sequence[InventoryKey]) -> Invalid | None:
+    """An availability read: 1 to ``availability_keys_max`` well-formed keys."""
+    if not 0 < len(keys) <= limits.availability_keys_max:
+        return Invalid("keys", f"1 to {limits.availability_keys_max} keys, got {len(keys)}")
+    for index, key in enumerate(keys):
+        problem = _key(f"keys[{index}]", key)
+        if problem:
+            return problem
+    return None
+
+
+def validate_watch_filter(
+    merchant_id: str,
+    location_ids: Sequence[str],
+    sku_ids: Sequence[str],
+    *,
+    location_ids_max: int,
+    sku_ids_max: int,
+) -> Invalid | None:
+    """A Watch filter: one merchant, bounded lists of ids, each id as Reserve accepts it."""
+    problem = _identifier("merchant_id", merchant_id)
+    for field, values, count_max in (
+        ("location_ids", location_ids, location_ids_max),
+        ("sku_ids", sku_ids, sku_ids_max),
+    ):
+        if problem:
+            return problem
+        if len(values) > count_max:
+            return Invalid(field, f"at most {count_max}, got {len(values)}")
+        for index, value in enumerate(values):
+            problem = problem or _identifier(f"{field}[{index}]", value)
+    return problem
+
+
 def effective_ttl_s(ttl_s: int) -> int:
     """0 asks for the default TTL."""
     return ttl_s or limits.reservation_ttl_s_default
@@ -109,6 +155,8 @@ def _commit_lines(lines: tuple[Line, ...]) -> Invalid | None:
 
 
 def _adjust(command: AdjustStock) -> Invalid | None:
+    if command.reason is None:
+        return Invalid("reason", "must name why stock moved (receipt, sale, return, ...)")
     if command.delta == 0:
         return Invalid("delta", "must not be zero")
     if abs(command.delta) > limits.adjust_delta_max:
