@@ -126,6 +126,11 @@ class CheckpointDelta:
     idempotency: tuple[IdempotencyEntry, ...]
     idempotency_removed: tuple[tuple[str, str], ...]
 
+    @property
+    def row_count(self) -> int:
+        """Rows this delta writes: what bounds one checkpoint transaction."""
+        return len(self.stock) + len(self.reservations) + len(self.idempotency)
+
 
 @dataclass(frozen=True, slots=True)
 class PartitionSnapshot:

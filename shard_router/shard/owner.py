@@ -499,7 +499,7 @@ def _take_rows(deltas: list[CheckpointDelta], rows_max: int) -> list[CheckpointD
     group: list[CheckpointDelta] = []
     rows = 0
     for delta in deltas:
-        size = len(delta.stock) + len(delta.reservations) + len(delta.idempotency)
+        size = delta.row_count
         if group and rows + size > rows_max:
             break
         group.append(delta)
