@@ -6,14 +6,19 @@ caller does the IO. The public surface is exactly ``__all__`` (tests/core/test_s
     partition = Partition(partition_of(merchant_id, location_id))
     step = partition.apply(Reserve(..., now_ms=...))
     # flush step.records durably, then reply with step.outcome, then publish step.events
+
+The layout: ``_partition.py`` orders apply and replay; ``_registry.py`` has one row per
+command kind; ``rules/`` holds the handlers by capability; ``_state.py`` the tables and the
+invariants; ``_tables.py``, ``_checkpoint.py``, ``_expiry.py`` and ``_idempotency.py`` the
+mechanisms; ``_codec.py`` the plain-data forms; ``orders.py`` multi-location order plans.
 """
 
 from __future__ import annotations
 
 from . import _limits as limits
+from ._checkpoint import CheckpointDelta
 from ._codec import (
-    command_from_data,
-    command_to_data,
+    canonical_bytes,
     event_from_data,
     event_to_data,
     key_from_data,
@@ -36,8 +41,8 @@ from ._commands import (
     Reserve,
     SetSafetyStock,
     SetStock,
-    kind_of,
 )
+from ._idempotency import IdempotencyEntry
 from ._model import (
     PARTITION_COUNT,
     AdjustmentReason,
@@ -74,17 +79,12 @@ from ._outcomes import (
     VersionMismatch,
     is_accepted,
 )
-from ._partition import (
-    CheckpointDelta,
-    IdempotencyEntry,
-    Partition,
-    PartitionSnapshot,
-    Record,
-    Step,
-    fingerprint,
-)
+from ._partition import Partition, PartitionSnapshot, Record, Step, fingerprint
+from ._registry import REGISTRY, CommandKind, command_from_data, command_to_data, kind_of, validate
+from ._state import TABLES
+from ._tables import TableDelta, TableSchema
+from ._usage import ProcessUsage
 from ._validate import (
-    validate,
     validate_identifier,
     validate_key,
     validate_read,
@@ -93,6 +93,8 @@ from ._validate import (
 
 __all__ = [
     "PARTITION_COUNT",
+    "REGISTRY",
+    "TABLES",
     "Accepted",
     "AdjustStock",
     "AdjustmentReason",
@@ -102,6 +104,7 @@ __all__ = [
     "CheckpointDelta",
     "ClientCommand",
     "Command",
+    "CommandKind",
     "Commit",
     "Committed",
     "Expire",
@@ -118,6 +121,7 @@ __all__ = [
     "OverCommit",
     "Partition",
     "PartitionSnapshot",
+    "ProcessUsage",
     "Record",
     "Rejection",
     "Release",
@@ -135,7 +139,10 @@ __all__ = [
     "StockChanged",
     "StockLevel",
     "StockRow",
+    "TableDelta",
+    "TableSchema",
     "VersionMismatch",
+    "canonical_bytes",
     "command_from_data",
     "command_to_data",
     "event_from_data",

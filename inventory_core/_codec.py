@@ -1,49 +1,50 @@
-"""Plain-data forms of commands, reservations and answers, for the ledger and checkpoints.
+"""Plain data for every value the core keeps or logs, derived from the dataclasses themselves.
 
-``to_data`` gives dicts, lists, strings and ints only (JSON-ready); ``*_from_data`` is its
-exact inverse, and checks what it reads: a record that does not decode is corruption.
-A round trip is the identity (tests/core/test_codec.py).
+One mechanism encodes commands, reservations, outcomes and idempotency entries: a value's
+dataclass fields, each by its type (ints and strings as they are, enums by value, tuples as
+lists, optional values as null, nested dataclasses as objects), with compact forms for the
+small nouns that appear by the thousand (a key is ``[merchant, sku, location]``, a row
+``[on_hand, reserved, safety_stock, version]``, a line ``[key, quantity]``). So a new
+command, outcome or table value needs no codec code of its own.
+
+Two rules keep old records readable and fingerprints stable:
+  - a field whose value equals its declared default is left out, and a field missing on
+    decode takes its default: adding a defaulted field changes no existing encoding;
+  - decoding checks what it reads; a record that does not decode is corruption.
+
+``canonical_bytes`` is the one byte form of such data (sorted keys, length-prefixed): what
+the idempotency fingerprint hashes, independent of field order or JSON spacing.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import enum
+import functools
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from ._commands import (
-    AdjustStock,
-    Command,
-    Commit,
-    Expire,
-    Extend,
-    Release,
-    Reserve,
-    SetSafetyStock,
-    SetStock,
-    kind_of,
-)
 from ._model import (
-    AdjustmentReason,
     AvailabilityChanged,
     ChangeReason,
     InventoryKey,
     Line,
     Reservation,
-    ReservationState,
     StockLevel,
     StockRow,
 )
-from ._outcomes import (
-    Accepted,
-    Committed,
-    Expired,
-    Extended,
-    OverCommit,
-    Released,
-    Reserved,
-    StockChanged,
-)
+from ._outcomes import Accepted, OverCommit
 
 Data = dict[str, Any]
+T = TypeVar("T")
+
+Encode = Callable[[Any], Any]
+Decode = Callable[[Any], Any]
+
+
+# ------------------------------------------------------------------------ compact nouns
 
 
 def key_to_data(key: InventoryKey) -> list[str]:
@@ -55,238 +56,205 @@ def key_from_data(data: Any) -> InventoryKey:
     return InventoryKey(str(merchant_id), str(sku_id), str(location_id))
 
 
-def lines_to_data(lines: tuple[Line, ...]) -> list[Any]:
-    return [[key_to_data(line.key), line.quantity] for line in lines]
-
-
-def lines_from_data(data: Any) -> tuple[Line, ...]:
-    return tuple(Line(key_from_data(key), int(quantity)) for key, quantity in data)
-
-
-# ------------------------------------------------------------------------------ commands
-
-
-def command_to_data(command: Command) -> Data:
-    data: Data = {"kind": kind_of(command), "now_ms": command.now_ms}
-    match command:
-        case Reserve():
-            data |= _scope(command) | {
-                "lines": lines_to_data(command.lines),
-                "ttl_s": command.ttl_s,
-            }
-        case Commit():
-            data |= _scope(command) | {
-                "reservation_id": command.reservation_id,
-                "lines": lines_to_data(command.lines),
-            }
-        case Release():
-            data |= _scope(command) | {"reservation_id": command.reservation_id}
-        case Extend():
-            data |= _scope(command) | {
-                "reservation_id": command.reservation_id,
-                "ttl_s": command.ttl_s,
-            }
-        case AdjustStock():
-            data |= {
-                "key": key_to_data(command.key),
-                "idempotency_key": command.idempotency_key,
-                "delta": command.delta,
-                "reason": None if command.reason is None else command.reason.value,
-                "occurred_at_ms": command.occurred_at_ms,
-            }
-        case SetStock():
-            data |= {
-                "key": key_to_data(command.key),
-                "idempotency_key": command.idempotency_key,
-                "on_hand": command.on_hand,
-                "expected_version": command.expected_version,
-            }
-        case SetSafetyStock():
-            data |= {
-                "key": key_to_data(command.key),
-                "idempotency_key": command.idempotency_key,
-                "safety_stock": command.safety_stock,
-                "expected_version": command.expected_version,
-            }
-        case Expire():
-            data["reservation_ids"] = list(command.reservation_ids)
-    return data
-
-
-def command_from_data(data: Data) -> Command:
-    kind, now_ms = data["kind"], int(data["now_ms"])
-    match kind:
-        case "reserve":
-            return Reserve(
-                data["merchant_id"],
-                data["idempotency_key"],
-                lines_from_data(data["lines"]),
-                int(data["ttl_s"]),
-                now_ms,
-            )
-        case "commit":
-            return Commit(
-                data["merchant_id"],
-                data["idempotency_key"],
-                data["reservation_id"],
-                lines_from_data(data["lines"]),
-                now_ms,
-            )
-        case "release":
-            return Release(
-                data["merchant_id"], data["idempotency_key"], data["reservation_id"], now_ms
-            )
-        case "extend":
-            return Extend(
-                data["merchant_id"],
-                data["idempotency_key"],
-                data["reservation_id"],
-                int(data["ttl_s"]),
-                now_ms,
-            )
-        case "adjust_stock":
-            return AdjustStock(
-                key_from_data(data["key"]),
-                data["idempotency_key"],
-                int(data["delta"]),
-                AdjustmentReason(data["reason"]),
-                int(data["occurred_at_ms"]),
-                now_ms,
-            )
-        case "set_stock":
-            return SetStock(
-                key_from_data(data["key"]),
-                data["idempotency_key"],
-                int(data["on_hand"]),
-                _optional_int(data["expected_version"]),
-                now_ms,
-            )
-        case "set_safety_stock":
-            return SetSafetyStock(
-                key_from_data(data["key"]),
-                data["idempotency_key"],
-                int(data["safety_stock"]),
-                _optional_int(data["expected_version"]),
-                now_ms,
-            )
-        case "expire":
-            return Expire(tuple(str(i) for i in data["reservation_ids"]), now_ms)
-    raise ValueError(f"unknown record kind {kind!r}")
-
-
-def _scope(command: Reserve | Commit | Release | Extend) -> Data:
-    return {"merchant_id": command.merchant_id, "idempotency_key": command.idempotency_key}
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-# ------------------------------------------------------------------------ state values
-
-
 def row_to_data(row: StockRow) -> list[int]:
     return [row.on_hand, row.reserved, row.safety_stock, row.version]
 
 
 def row_from_data(data: Any) -> StockRow:
-    on_hand, reserved, safety_stock, version = (int(v) for v in data)
+    on_hand, reserved, safety_stock, version = (_int(v) for v in data)
     return StockRow(on_hand, reserved, safety_stock, version)
 
 
-def reservation_to_data(reservation: Reservation) -> Data:
-    return {
-        "reservation_id": reservation.reservation_id,
-        "merchant_id": reservation.merchant_id,
-        "location_id": reservation.location_id,
-        "lines": lines_to_data(reservation.lines),
-        "state": reservation.state.value,
-        "created_at_ms": reservation.created_at_ms,
-        "expires_at_ms": reservation.expires_at_ms,
-        "state_changed_at_ms": reservation.state_changed_at_ms,
-        "committed_lines": lines_to_data(reservation.committed_lines),
-        "created_lsn": reservation.created_lsn,
-        "finished_lsn": reservation.finished_lsn,
-    }
+def _line_to_data(line: Line) -> list[Any]:
+    return [key_to_data(line.key), line.quantity]
 
 
-def reservation_from_data(data: Data) -> Reservation:
-    return Reservation(
-        reservation_id=str(data["reservation_id"]),
-        merchant_id=str(data["merchant_id"]),
-        location_id=str(data["location_id"]),
-        lines=lines_from_data(data["lines"]),
-        state=ReservationState(data["state"]),
-        created_at_ms=int(data["created_at_ms"]),
-        expires_at_ms=int(data["expires_at_ms"]),
-        state_changed_at_ms=int(data["state_changed_at_ms"]),
-        committed_lines=lines_from_data(data["committed_lines"]),
-        created_lsn=int(data["created_lsn"]),
-        finished_lsn=int(data["finished_lsn"]),
-    )
+def _line_from_data(data: Any) -> Line:
+    key, quantity = data
+    return Line(key_from_data(key), _int(quantity))
 
 
-def level_to_data(level: StockLevel) -> Data:
-    return {
-        "key": key_to_data(level.key),
-        "row": [level.on_hand, level.reserved, level.safety_stock, level.version],
-        "exists": level.exists,
-    }
+def _level_to_data(level: StockLevel) -> Data:
+    row = [level.on_hand, level.reserved, level.safety_stock, level.version]
+    return {"key": key_to_data(level.key), "row": row, "exists": level.exists}
 
 
-def level_from_data(data: Data) -> StockLevel:
+def _level_from_data(data: Data) -> StockLevel:
     row = row_from_data(data["row"])
     return StockLevel.of(key_from_data(data["key"]), row if data["exists"] else None)
 
 
-# ------------------------------------------------------------------------------ answers
+def _over_commit_to_data(over: OverCommit) -> list[Any]:
+    return [over.exposure, list(over.reservations_at_risk)]
 
 
-def outcome_to_data(outcome: Accepted) -> Data:
-    match outcome:
-        case Reserved() | Committed() | Released():
-            return {
-                "kind": type(outcome).__name__,
-                "reservation": reservation_to_data(outcome.reservation),
-                "levels": [level_to_data(level) for level in outcome.levels],
-            }
-        case Extended():
-            return {"kind": "Extended", "reservation": reservation_to_data(outcome.reservation)}
-        case StockChanged():
-            over = outcome.over_commit
-            return {
-                "kind": "StockChanged",
-                "level": level_to_data(outcome.level),
-                "over_commit": None
-                if over is None
-                else [over.exposure, list(over.reservations_at_risk)],
-            }
-        case Expired():
-            return {"kind": "Expired", "reservation_ids": list(outcome.reservation_ids)}
+def _over_commit_from_data(data: Any) -> OverCommit:
+    exposure, at_risk = data
+    return OverCommit(_int(exposure), tuple(str(r) for r in at_risk))
 
 
-def outcome_from_data(data: Data) -> Accepted:
-    kind = data["kind"]
-    match kind:
-        case "Reserved" | "Committed" | "Released":
-            reservation = reservation_from_data(data["reservation"])
-            levels = tuple(level_from_data(level) for level in data["levels"])
-            if kind == "Reserved":
-                return Reserved(reservation, levels)
-            if kind == "Committed":
-                return Committed(reservation, levels)
-            return Released(reservation, levels)
-        case "Extended":
-            return Extended(reservation_from_data(data["reservation"]))
-        case "StockChanged":
-            over = data["over_commit"]
-            return StockChanged(
-                level_from_data(data["level"]),
-                None if over is None else OverCommit(int(over[0]), tuple(over[1])),
-            )
-        case "Expired":
-            return Expired(tuple(data["reservation_ids"]))
-    raise ValueError(f"unknown outcome kind {kind!r}")
+# Values with a form of their own; every other dataclass is an object of its fields.
+_COMPACT: dict[type[Any], tuple[Encode, Decode]] = {
+    InventoryKey: (key_to_data, key_from_data),
+    StockRow: (row_to_data, row_from_data),
+    Line: (_line_to_data, _line_from_data),
+    StockLevel: (_level_to_data, _level_from_data),
+    OverCommit: (_over_commit_to_data, _over_commit_from_data),
+}
+
+
+# ---------------------------------------------------------------------- by field type
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected a boolean, got {value!r}")
+    return value
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@functools.cache
+def _codec_of(hint: Any) -> tuple[Encode, Decode]:
+    """Encode and decode for a field's type hint."""
+    if hint in _COMPACT:
+        return _COMPACT[hint]
+    if hint is int:
+        return _identity, _int
+    if hint is str:
+        return _identity, _str
+    if hint is bool:
+        return _identity, _bool
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in arguments:
+        (inner,) = [a for a in arguments if a is not type(None)]
+        encode, decode = _codec_of(inner)
+        return (
+            lambda v: None if v is None else encode(v),
+            lambda d: None if d is None else decode(d),
+        )
+    if origin in (typing.Union, types.UnionType) and all(map(dataclasses.is_dataclass, arguments)):
+        return tagged_codec(hint)
+    if origin is tuple and len(arguments) == 2 and arguments[1] is Ellipsis:
+        encode, decode = _codec_of(arguments[0])
+        return (lambda v: [encode(x) for x in v], lambda d: tuple(decode(x) for x in d))
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return (lambda v: v.value, hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        fields = dataclass_codec(hint)
+        return fields.encode, fields.decode
+    raise TypeError(f"no codec for field type {hint!r}")
+
+
+class DataclassCodec(typing.Generic[T]):
+    """A dataclass as an object of its fields (defaults left out), and back."""
+
+    def __init__(self, cls: type[T]) -> None:
+        self.cls = cls
+        hints = typing.get_type_hints(cls)
+        self._fields = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.default is not dataclasses.MISSING:
+                default: Any = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            encode, decode = _codec_of(hints[f.name])
+            self._fields.append((f.name, encode, decode, default))
+
+    def encode(self, value: T) -> Data:
+        data: Data = {}
+        for name, encode, _, default in self._fields:
+            field_value = getattr(value, name)
+            if default is dataclasses.MISSING or field_value != default:
+                data[name] = encode(field_value)
+        return data
+
+    def decode(self, data: Data) -> T:
+        values = {}
+        for name, _, decode, default in self._fields:
+            if name in data:
+                values[name] = decode(data[name])
+            elif default is dataclasses.MISSING:
+                raise ValueError(f"{self.cls.__name__}: field {name!r} missing")
+        return self.cls(**values)
+
+
+_DATACLASS_CODECS: dict[type[Any], DataclassCodec[Any]] = {}
+
+
+def dataclass_codec(cls: type[T]) -> DataclassCodec[T]:
+    """The codec of a dataclass, built once per class."""
+    codec = _DATACLASS_CODECS.get(cls)
+    if codec is None:
+        codec = _DATACLASS_CODECS[cls] = DataclassCodec(cls)
+    return codec
+
+
+def tagged_codec(union: Any) -> tuple[Callable[[Any], Data], Callable[[Data], Any]]:
+    """A union of dataclasses as ``{"kind": <class name>, <fields>}``, and back."""
+    by_name = {cls.__name__: cls for cls in typing.get_args(union)}
+
+    def encode(value: Any) -> Data:
+        return {"kind": type(value).__name__} | dataclass_codec(type(value)).encode(value)
+
+    def decode(data: Data) -> Any:
+        cls = by_name.get(data.get("kind", ""))
+        if cls is None:
+            raise ValueError(f"unknown kind {data.get('kind')!r}")
+        return dataclass_codec(cls).decode({k: v for k, v in data.items() if k != "kind"})
+
+    return encode, decode
+
+
+# ------------------------------------------------------------------------- canonical bytes
+
+
+def canonical_bytes(data: Any) -> bytes:
+    """One byte form of plain data: equal data, equal bytes (dict keys sorted)."""
+    parts: list[bytes] = []
+    _canonical(data, parts)
+    return b"".join(parts)
+
+
+def _canonical(data: Any, out: list[bytes]) -> None:
+    match data:
+        case None:
+            out.append(b"n")
+        case bool():
+            out.append(b"t" if data else b"f")
+        case int():
+            out.append(b"i%d;" % data)
+        case str():
+            encoded = data.encode()
+            out.append(b"s%d:" % len(encoded))
+            out.append(encoded)
+        case list() | tuple():
+            out.append(b"l%d:" % len(data))
+            for item in data:
+                _canonical(item, out)
+        case dict():
+            out.append(b"d%d:" % len(data))
+            for key in sorted(data):
+                _canonical(_str(key), out)
+                _canonical(data[key], out)
+        case _:
+            raise TypeError(f"not plain data: {data!r}")
 
 
 # ------------------------------------------------------------------------------- events
@@ -312,5 +280,30 @@ def event_from_data(data: Any, partition: int, lsn: int) -> AvailabilityChanged:
         ChangeReason(reason),
         row_from_data(before),
         row_from_data(after),
-        int(recorded_at_ms),
+        _int(recorded_at_ms),
     )
+
+
+# ------------------------------------------------------------------ the public encodings
+
+
+def reservation_to_data(reservation: Reservation) -> Data:
+    return dataclass_codec(Reservation).encode(reservation)
+
+
+def reservation_from_data(data: Data) -> Reservation:
+    reservation: Reservation = dataclass_codec(Reservation).decode(data)
+    return reservation
+
+
+_outcome_codec = tagged_codec(Accepted)
+
+
+def outcome_to_data(outcome: Accepted) -> Data:
+    """An accepted answer as ``{"kind": <class name>, <fields>}`` (idempotency entries)."""
+    return _outcome_codec[0](outcome)
+
+
+def outcome_from_data(data: Data) -> Accepted:
+    outcome: Accepted = _outcome_codec[1](data)
+    return outcome

@@ -4,6 +4,10 @@ A command carries the time it is applied at (``now_ms``, Unix epoch milliseconds
 the shell) so that applying it is deterministic; the ledger stores the command itself, and
 replay applies the same command again. ``Expire`` is issued by the core itself when a
 command finds reservations past their expiry, and by the shell's expiry timer.
+
+Each kind has one row in ``_registry.py`` (its name, validator and handler); its encoding is
+derived from its fields (``_codec.py``), so a field added with a default changes neither old
+records nor fingerprints.
 """
 
 from __future__ import annotations
@@ -102,18 +106,3 @@ class Expire:
 # Commands a client sends; each is scoped to a merchant and carries an idempotency key.
 ClientCommand = Reserve | Commit | Release | Extend | AdjustStock | SetStock | SetSafetyStock
 Command = ClientCommand | Expire
-
-COMMAND_KINDS: dict[type[Command], str] = {
-    Reserve: "reserve",
-    Commit: "commit",
-    Release: "release",
-    Extend: "extend",
-    AdjustStock: "adjust_stock",
-    SetStock: "set_stock",
-    SetSafetyStock: "set_safety_stock",
-    Expire: "expire",
-}
-
-
-def kind_of(command: Command) -> str:
-    return COMMAND_KINDS[type(command)]

@@ -60,3 +60,20 @@ order_legs_max: Final = 20
 # ("/leg-19", "/undo-r1023-0000000042": 22 characters at most), which must stay within
 # idempotency_key_length_max; 100 leaves that room.
 order_idempotency_key_length_max: Final = 100
+
+# Stale entries the expiry heap may hold (an extend or a finish leaves one) before it is
+# rebuilt; past this it is rebuilt once stale entries outnumber live ones, so the heap holds
+# at most 2 x live + this many entries (~100 B each).
+expiry_heap_stale_entries_min: Final = 1024
+
+# Bounds across every partition one process owns (``ProcessUsage``): the per-partition
+# bounds above times 1024 partitions would allow ~100 GiB, so a process refuses new keys,
+# reservations and idempotency entries past these (RESOURCE_EXHAUSTED, nothing applied).
+# Measured with tracemalloc (tests/core/test_usage.py states the method): a key with its
+# row ~0.4 KiB, a 1-line live reservation with its answer ~1.4 KiB, an idempotency entry of
+# a stock change ~0.5 KiB. At these bounds: keys ~1.6 GiB + reservations ~1.4 GiB + other
+# entries ~1.5 GiB, about 4.5 GiB of a 24 GiB machine, leaving room for a second process
+# during a hand-off.
+process_keys_max: Final = 4_000_000
+process_reservations_live_max: Final = 1_000_000
+process_idempotency_entries_max: Final = 3_000_000

@@ -19,6 +19,7 @@ Accepted outcomes: ``Reserved``, ``Committed``, ``Released``, ``Extended``, ``St
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 from ._model import InventoryKey, Reservation, ReservationState, StockLevel
 
@@ -131,5 +132,8 @@ Accepted = Reserved | Committed | Released | Extended | StockChanged | Expired
 Outcome = Accepted | Rejection
 
 
+_ACCEPTED_TYPES = get_args(Accepted)
+
+
 def is_accepted(outcome: Outcome) -> bool:
-    return isinstance(outcome, Reserved | Committed | Released | Extended | StockChanged | Expired)
+    return isinstance(outcome, _ACCEPTED_TYPES)

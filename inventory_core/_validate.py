@@ -1,4 +1,7 @@
-"""Shape checks of a command before it touches state: the field and the reason, or None.
+"""Shape checks before anything touches state: the field and the reason, or None.
+
+One function per command kind (the registry's validator column), and the checks of the
+entry points that carry no command: keys of a read, a Watch filter, an identifier.
 
 Field names follow the public contract (``lines[2].quantity``), so a caller can point at the
 exact part of its request.
@@ -11,7 +14,6 @@ from collections.abc import Sequence
 from . import _limits as limits
 from ._commands import (
     AdjustStock,
-    Command,
     Commit,
     Expire,
     Extend,
@@ -28,42 +30,73 @@ IDENTIFIER_CHARACTERS = frozenset(
 )
 
 
-def validate(command: Command) -> Invalid | None:
-    match command:
-        case Reserve():
-            return _reserve(command)
-        case Commit():
-            return (
-                _scope(command.merchant_id, command.idempotency_key)
-                or _identifier("reservation_id", command.reservation_id)
-                or _commit_lines(command.lines)
-            )
-        case Release():
-            return _scope(command.merchant_id, command.idempotency_key) or _identifier(
-                "reservation_id", command.reservation_id
-            )
-        case Extend():
-            return (
-                _scope(command.merchant_id, command.idempotency_key)
-                or _identifier("reservation_id", command.reservation_id)
-                or _ttl(command.ttl_s, zero_is_default=False)
-            )
-        case AdjustStock():
-            return _key_scope(command.key, command.idempotency_key) or _adjust(command)
-        case SetStock():
-            return (
-                _key_scope(command.key, command.idempotency_key)
-                or _bounded("on_hand", command.on_hand, 0, limits.stock_quantity_max)
-                or _expected_version(command.expected_version)
-            )
-        case SetSafetyStock():
-            return (
-                _key_scope(command.key, command.idempotency_key)
-                or _bounded("safety_stock", command.safety_stock, 0, limits.stock_quantity_max)
-                or _expected_version(command.expected_version)
-            )
-        case Expire():
-            return None
+def reserve(command: Reserve) -> Invalid | None:
+    if not command.lines:
+        return Invalid("lines", "must hold at least one line")
+    if len(command.lines) > limits.reserve_lines_max:
+        return Invalid(
+            "lines", f"at most {limits.reserve_lines_max} lines, got {len(command.lines)}"
+        )
+    first = command.lines[0].key
+    for index, line in enumerate(command.lines):
+        field = f"lines[{index}]"
+        problem = _key(f"{field}.key", line.key) or _bounded(
+            f"{field}.quantity", line.quantity, 1, limits.line_quantity_max
+        )
+        if problem:
+            return problem
+        if line.key.merchant_id != first.merchant_id:
+            return Invalid(f"{field}.key.merchant_id", "all lines must be at one merchant")
+        if line.key.location_id != first.location_id:
+            return Invalid(f"{field}.key.location_id", "all lines must be at one location")
+    return _idempotency_key(command.idempotency_key) or _ttl(command.ttl_s, zero_is_default=True)
+
+
+def commit(command: Commit) -> Invalid | None:
+    return (
+        _scope(command.merchant_id, command.idempotency_key)
+        or _identifier("reservation_id", command.reservation_id)
+        or _commit_lines(command.lines)
+    )
+
+
+def release(command: Release) -> Invalid | None:
+    return _scope(command.merchant_id, command.idempotency_key) or _identifier(
+        "reservation_id", command.reservation_id
+    )
+
+
+def extend(command: Extend) -> Invalid | None:
+    return (
+        _scope(command.merchant_id, command.idempotency_key)
+        or _identifier("reservation_id", command.reservation_id)
+        or _ttl(command.ttl_s, zero_is_default=False)
+    )
+
+
+def adjust_stock(command: AdjustStock) -> Invalid | None:
+    return _key_scope(command.key, command.idempotency_key) or _adjust(command)
+
+
+def set_stock(command: SetStock) -> Invalid | None:
+    return (
+        _key_scope(command.key, command.idempotency_key)
+        or _bounded("on_hand", command.on_hand, 0, limits.stock_quantity_max)
+        or _expected_version(command.expected_version)
+    )
+
+
+def set_safety_stock(command: SetSafetyStock) -> Invalid | None:
+    return (
+        _key_scope(command.key, command.idempotency_key)
+        or _bounded("safety_stock", command.safety_stock, 0, limits.stock_quantity_max)
+        or _expected_version(command.expected_version)
+    )
+
+
+def expire(command: Expire) -> Invalid | None:
+    """Issued by the core and the shell's timer, never by a caller."""
+    return None
 
 
 def validate_identifier(field: str, value: str) -> Invalid | None:
@@ -113,28 +146,6 @@ def validate_watch_filter(
 def effective_ttl_s(ttl_s: int) -> int:
     """0 asks for the default TTL."""
     return ttl_s or limits.reservation_ttl_s_default
-
-
-def _reserve(command: Reserve) -> Invalid | None:
-    if not command.lines:
-        return Invalid("lines", "must hold at least one line")
-    if len(command.lines) > limits.reserve_lines_max:
-        return Invalid(
-            "lines", f"at most {limits.reserve_lines_max} lines, got {len(command.lines)}"
-        )
-    first = command.lines[0].key
-    for index, line in enumerate(command.lines):
-        field = f"lines[{index}]"
-        problem = _key(f"{field}.key", line.key) or _bounded(
-            f"{field}.quantity", line.quantity, 1, limits.line_quantity_max
-        )
-        if problem:
-            return problem
-        if line.key.merchant_id != first.merchant_id:
-            return Invalid(f"{field}.key.merchant_id", "all lines must be at one merchant")
-        if line.key.location_id != first.location_id:
-            return Invalid(f"{field}.key.location_id", "all lines must be at one location")
-    return _idempotency_key(command.idempotency_key) or _ttl(command.ttl_s, zero_is_default=True)
 
 
 def _commit_lines(lines: tuple[Line, ...]) -> Invalid | None:

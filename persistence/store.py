@@ -12,15 +12,18 @@ Flush (DESIGN section 5). One transaction per batch, whatever partitions it span
   2. insert the records with one multi-row ``INSERT ... SELECT FROM unnest``.
 Any error other than ``FencedOut`` leaves the outcome unknown: the caller must fail-stop.
 
-Recovery: the last checkpoint (``stock``, ``reservations``, ``idempotency`` at the
-partition's ``checkpoint_lsn``), then the ledger tail replayed through the core.
+Checkpoints (DESIGN section 7): every table of a partition's state is rows of
+``partition_rows`` (partition, table name, row key, body), encoded by the table's own schema
+(``inventory_core.TABLES``), so this module has no code per table. Recovery: the last
+checkpoint at the partition's ``checkpoint_lsn``, then the ledger tail replayed through the
+core.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -28,20 +31,14 @@ import asyncpg
 import structlog
 
 from inventory_core import (
+    TABLES,
     AvailabilityChanged,
     CheckpointDelta,
-    IdempotencyEntry,
-    InventoryKey,
     Partition,
     Record,
     command_from_data,
     command_to_data,
     event_to_data,
-    outcome_from_data,
-    outcome_to_data,
-    reservation_from_data,
-    reservation_to_data,
-    row_from_data,
 )
 
 log = structlog.get_logger(__name__)
@@ -204,13 +201,11 @@ class PartitionStore:
                 raise FencedOut(sorted(set(partitions) - {r["partition"] for r in advanced}))
             full = [d.partition for d in deltas if d.full]
             if full:
-                for table in ("stock", "reservations", "idempotency"):
-                    await connection.execute(
-                        f"DELETE FROM {table} WHERE partition = ANY($1::integer[])", full
-                    )
-            await _upsert_stock(connection, deltas)
-            await _upsert_reservations(connection, deltas)
-            await _upsert_idempotency(connection, deltas)
+                await connection.execute(
+                    "DELETE FROM partition_rows WHERE partition = ANY($1::integer[])", full
+                )
+            await _upsert_rows(connection, deltas)
+            await _delete_rows(connection, deltas)
 
     # ------------------------------------------------------------------------- recovery
 
@@ -229,20 +224,9 @@ class PartitionStore:
                     wanted,
                 )
             }
-            stock = await connection.fetch(
-                """SELECT partition, merchant_id, sku_id, location_id, on_hand, reserved,
-                          safety_stock, version
-                     FROM stock WHERE partition = ANY($1::integer[])""",
-                wanted,
-            )
-            reservations = await connection.fetch(
-                """SELECT partition, body::text AS body FROM reservations
-                    WHERE partition = ANY($1::integer[])""",
-                wanted,
-            )
-            idempotency = await connection.fetch(
-                """SELECT partition, merchant_id, idempotency_key, body::text AS body
-                     FROM idempotency WHERE partition = ANY($1::integer[])""",
+            rows = await connection.fetch(
+                """SELECT partition, table_name, row_key::text AS row_key, body::text AS body
+                     FROM partition_rows WHERE partition = ANY($1::integer[])""",
                 wanted,
             )
             tail = await connection.fetch(
@@ -252,30 +236,21 @@ class PartitionStore:
                     ORDER BY l.partition, l.lsn""",
                 wanted,
             )
-        rows_by = defaultdict(list)
-        for r in stock:
-            key = InventoryKey(r["merchant_id"], r["sku_id"], r["location_id"])
-            row = row_from_data([r["on_hand"], r["reserved"], r["safety_stock"], r["version"]])
-            rows_by[r["partition"]].append((key, row))
-        reservations_by = defaultdict(list)
-        for r in reservations:
-            reservations_by[r["partition"]].append(reservation_from_data(json.loads(r["body"])))
-        idempotency_by = defaultdict(list)
-        for r in idempotency:
-            idempotency_by[r["partition"]].append(_idempotency_entry(r))
+        tables_by: dict[int, dict[str, list[tuple[object, object]]]] = defaultdict(dict)
+        for r in rows:
+            schema = TABLES[r["table_name"]]
+            row = (
+                schema.key_from_data(json.loads(r["row_key"])),
+                schema.row_from_data(json.loads(r["body"])),
+            )
+            tables_by[r["partition"]].setdefault(r["table_name"], []).append(row)
         tail_by = defaultdict(list)
         for r in tail:
             tail_by[r["partition"]].append(_ledger_row(r))
         loaded = {}
         for partition in wanted:
             checkpoint_lsn, head_lsn = heads[partition]
-            restored = Partition.restore(
-                partition,
-                checkpoint_lsn,
-                rows_by[partition],
-                reservations_by[partition],
-                idempotency_by[partition],
-            )
+            restored = Partition.restore(partition, checkpoint_lsn, tables_by[partition])
             for stored in tail_by[partition]:
                 restored.replay(stored.record)
             if restored.head_lsn != head_lsn:
@@ -325,125 +300,55 @@ def _ledger_row(row: asyncpg.Record) -> LedgerRow:
     return LedgerRow(row["partition"], row["lsn"], row["epoch"], record)
 
 
-def _idempotency_entry(row: asyncpg.Record) -> IdempotencyEntry:
-    body = json.loads(row["body"])
-    return IdempotencyEntry(
-        merchant_id=row["merchant_id"],
-        idempotency_key=row["idempotency_key"],
-        kind=body["kind"],
-        fingerprint=body["fingerprint"],
-        outcome=outcome_from_data(body["outcome"]),
-        lsn=int(body["lsn"]),
-        recorded_at_ms=int(body["recorded_at_ms"]),
-    )
+def _json(data: object) -> str:
+    return json.dumps(data, separators=(",", ":"))
 
 
-def _idempotency_body(entry: IdempotencyEntry) -> str:
-    return json.dumps(
-        {
-            "kind": entry.kind,
-            "fingerprint": entry.fingerprint,
-            "outcome": outcome_to_data(entry.outcome),
-            "lsn": entry.lsn,
-            "recorded_at_ms": entry.recorded_at_ms,
-        },
-        separators=(",", ":"),
-    )
-
-
-async def _upsert_stock(connection: Connection, deltas: Iterable[CheckpointDelta]) -> None:
-    rows = [
-        (
-            k.merchant_id,
-            k.location_id,
-            k.sku_id,
-            d.partition,
-            r.on_hand,
-            r.reserved,
-            r.safety_stock,
-            r.version,
-            d.lsn,
-        )
-        for d in deltas
-        for k, r in d.stock
-    ]
-    if not rows:
-        return
-    await connection.execute(
-        """INSERT INTO stock (merchant_id, location_id, sku_id, partition, on_hand, reserved,
-                              safety_stock, version, checkpoint_lsn)
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::bigint[],
-                                $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[])
-           ON CONFLICT (merchant_id, location_id, sku_id) DO UPDATE
-              SET on_hand = EXCLUDED.on_hand, reserved = EXCLUDED.reserved,
-                  safety_stock = EXCLUDED.safety_stock, version = EXCLUDED.version,
-                  checkpoint_lsn = EXCLUDED.checkpoint_lsn""",
-        *[list(column) for column in zip(*rows, strict=True)],
-    )
-
-
-async def _upsert_reservations(connection: Connection, deltas: Sequence[CheckpointDelta]) -> None:
-    rows = [
-        (
-            r.reservation_id,
-            d.partition,
-            r.merchant_id,
-            r.location_id,
-            r.state.value,
-            r.expires_at_ms,
-            r.state_changed_at_ms,
-            json.dumps(reservation_to_data(r), separators=(",", ":")),
-        )
-        for d in deltas
-        for r in d.reservations
-    ]
-    if rows:
+async def _upsert_rows(connection: Connection, deltas: Sequence[CheckpointDelta]) -> None:
+    """Every table's upserts, by the table's schema, in one statement."""
+    columns: list[list[object]] = [[], [], [], [], []]
+    for delta in deltas:
+        for name, changes in delta.tables.items():
+            schema = TABLES[name]
+            for key, row in changes.upserts:
+                values = (
+                    delta.partition,
+                    name,
+                    _json(schema.key_to_data(key)),
+                    _json(schema.row_to_data(row)),
+                    delta.lsn,
+                )
+                for column, value in zip(columns, values, strict=True):
+                    column.append(value)
+    if columns[0]:
         await connection.execute(
-            """INSERT INTO reservations (reservation_id, partition, merchant_id, location_id,
-                                         state, expires_at, state_changed_at, body)
-               SELECT id, partition, merchant_id, location_id, state,
-                      to_timestamp(expires_ms / 1000.0), to_timestamp(changed_ms / 1000.0),
-                      body::jsonb
-                 FROM unnest($1::text[], $2::integer[], $3::text[], $4::text[], $5::text[],
-                             $6::bigint[], $7::bigint[], $8::text[])
-                      AS v(id, partition, merchant_id, location_id, state, expires_ms,
-                           changed_ms, body)
-               ON CONFLICT (reservation_id) DO UPDATE
-                  SET state = EXCLUDED.state, expires_at = EXCLUDED.expires_at,
-                      state_changed_at = EXCLUDED.state_changed_at, body = EXCLUDED.body""",
-            *[list(column) for column in zip(*rows, strict=True)],
-        )
-    removed = [rid for d in deltas for rid in d.reservations_removed]
-    if removed:
-        await connection.execute(
-            "DELETE FROM reservations WHERE reservation_id = ANY($1::text[])", removed
+            """INSERT INTO partition_rows (partition, table_name, row_key, body, checkpoint_lsn)
+               SELECT partition, table_name, row_key::jsonb, body::jsonb, lsn
+                 FROM unnest($1::integer[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+                      AS v(partition, table_name, row_key, body, lsn)
+               ON CONFLICT (partition, table_name, row_key) DO UPDATE
+                  SET body = EXCLUDED.body, checkpoint_lsn = EXCLUDED.checkpoint_lsn""",
+            *columns,
         )
 
 
-async def _upsert_idempotency(connection: Connection, deltas: Sequence[CheckpointDelta]) -> None:
-    rows = [
-        (d.partition, e.merchant_id, e.idempotency_key, e.recorded_at_ms, _idempotency_body(e))
-        for d in deltas
-        for e in d.idempotency
-    ]
-    if rows:
+async def _delete_rows(connection: Connection, deltas: Sequence[CheckpointDelta]) -> None:
+    """Every table's removals (a key created and forgotten between checkpoints: a no-op)."""
+    columns: list[list[object]] = [[], [], []]
+    for delta in deltas:
+        for name, changes in delta.tables.items():
+            schema = TABLES[name]
+            for key in changes.removals:
+                for column, value in zip(
+                    columns, (delta.partition, name, _json(schema.key_to_data(key))), strict=True
+                ):
+                    column.append(value)
+    if columns[0]:
         await connection.execute(
-            """INSERT INTO idempotency (partition, merchant_id, idempotency_key,
-                                        recorded_at_ms, body)
-               SELECT partition, merchant_id, key, recorded_ms, body::jsonb
-                 FROM unnest($1::integer[], $2::text[], $3::text[], $4::bigint[], $5::text[])
-                      AS v(partition, merchant_id, key, recorded_ms, body)
-               ON CONFLICT (partition, merchant_id, idempotency_key) DO UPDATE
-                  SET recorded_at_ms = EXCLUDED.recorded_at_ms, body = EXCLUDED.body""",
-            *[list(column) for column in zip(*rows, strict=True)],
-        )
-    forgotten = [(d.partition, m, k) for d in deltas for m, k in d.idempotency_removed]
-    if forgotten:
-        await connection.execute(
-            """DELETE FROM idempotency AS i
+            """DELETE FROM partition_rows AS r
                 USING unnest($1::integer[], $2::text[], $3::text[])
-                      AS v(partition, merchant_id, key)
-                WHERE i.partition = v.partition AND i.merchant_id = v.merchant_id
-                  AND i.idempotency_key = v.key""",
-            *[list(column) for column in zip(*forgotten, strict=True)],
+                      AS v(partition, table_name, row_key)
+                WHERE r.partition = v.partition AND r.table_name = v.table_name
+                  AND r.row_key = v.row_key::jsonb""",
+            *columns,
         )

@@ -52,7 +52,7 @@ from inventory_core import (
     row_from_data,
     row_to_data,
 )
-from inventory_core._commands import COMMAND_KINDS
+from inventory_core._registry import BY_TYPE as COMMAND_KINDS
 
 CODEC = settings(max_examples=200, deadline=None, print_blob=True)
 

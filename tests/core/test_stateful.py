@@ -36,6 +36,7 @@ from hypothesis.stateful import (
 )
 
 from inventory_core import (
+    TABLES,
     Accepted,
     AdjustmentReason,
     AdjustStock,
@@ -82,18 +83,10 @@ from inventory_core import (
     event_to_data,
     fingerprint,
     is_accepted,
-    key_from_data,
-    key_to_data,
     kind_of,
     limits,
-    outcome_from_data,
-    outcome_to_data,
     partition_of,
-    reservation_from_data,
     reservation_id_for,
-    reservation_to_data,
-    row_from_data,
-    row_to_data,
 )
 
 MERCHANT = "m1"
@@ -119,12 +112,30 @@ REASON_OF: dict[type[Command], ChangeReason | None] = {
 
 
 # ------------------------------------------------------------------------------ the model
+#
+# The specification, written plainly (DESIGN sections 2 and 6), not in the implementation's
+# order: no running totals, no heaps, no indexes. reserved and available are recomputed from
+# the list of reservations whenever they are asked for; the answers to retries are a list
+# searched front to back; what is due and what is forgotten is found by scanning everything.
+
+
+@dataclass
+class Shelf:
+    """What a key's counts are apart from reservations: the physical facts."""
+
+    on_hand: int = 0
+    safety_stock: int = 0
+    # One per change of the key: each reservation line taken, committed, released or expired,
+    # and each physical fact that moved on_hand or safety_stock.
+    version: int = 0
 
 
 @dataclass(frozen=True)
 class Remembered:
     """An accepted mutation's answer, kept for retries."""
 
+    merchant_id: str
+    idempotency_key: str
     payload: ClientCommand  # the command with now_ms zeroed: retries compare equal
     outcome: Accepted
     lsn: int
@@ -140,126 +151,144 @@ class Answer:
 
 @dataclass
 class Model:
-    """Obviously-correct bookkeeping: linear scans, no heaps, no indexes."""
-
-    # key -> [on_hand, reserved, safety_stock, version]
-    rows: dict[InventoryKey, list[int]] = field(default_factory=dict)
-    live: dict[str, Reservation] = field(default_factory=dict)
-    finished: dict[str, Reservation] = field(default_factory=dict)
-    idempotency: dict[tuple[str, str], Remembered] = field(default_factory=dict)
+    shelves: dict[InventoryKey, Shelf] = field(default_factory=dict)
+    # Every reservation not yet forgotten, in the order they were created.
+    reservations: list[Reservation] = field(default_factory=list)
+    answers: list[Remembered] = field(default_factory=list)
     head_lsn: int = 0
 
     # ------------------------------------------------------------------------- reads
 
-    def available(self, key: InventoryKey) -> int:
-        on_hand, reserved, safety_stock, _ = self.rows.get(key, [0, 0, 0, 0])
-        return on_hand - reserved - safety_stock
-
-    def level(self, key: InventoryKey) -> StockLevel:
-        row = self.rows.get(key)
-        if row is None:
-            return StockLevel(key, 0, 0, 0, 0, exists=False)
-        return StockLevel(key, row[0], row[1], row[2], row[3], exists=True)
-
-    def view(self, key: InventoryKey, now_ms: int) -> StockLevel:
-        """The level a read shows at now_ms: units of reservations past expiry do not count."""
-        level = self.level(key)
-        due = sum(
-            line.quantity
-            for reservation in self.live.values()
-            if reservation.expires_at_ms <= now_ms
-            for line in reservation.lines
-            if line.key == key
-        )
-        return replace(level, reserved=level.reserved - due)
+    def live(self) -> list[Reservation]:
+        return [r for r in self.reservations if r.state is ReservationState.ACTIVE]
 
     def find(self, reservation_id: str) -> Reservation | None:
-        return self.live.get(reservation_id) or self.finished.get(reservation_id)
+        return next((r for r in self.reservations if r.reservation_id == reservation_id), None)
+
+    def reserved(self, key: InventoryKey, now_ms: int | None = None) -> int:
+        """Units held on a key by live reservations (not yet due at now_ms, when given)."""
+        return sum(
+            line.quantity
+            for r in self.live()
+            if now_ms is None or r.expires_at_ms > now_ms
+            for line in r.lines
+            if line.key == key
+        )
+
+    def available(self, key: InventoryKey) -> int:
+        shelf = self.shelves.get(key, Shelf())
+        return shelf.on_hand - self.reserved(key) - shelf.safety_stock
+
+    def level(self, key: InventoryKey, now_ms: int | None = None) -> StockLevel:
+        shelf = self.shelves.get(key)
+        if shelf is None:
+            return StockLevel(key, 0, 0, 0, 0, exists=False)
+        reserved = self.reserved(key, now_ms)
+        return StockLevel(key, shelf.on_hand, reserved, shelf.safety_stock, shelf.version, True)
+
+    def rows(self) -> dict[InventoryKey, list[int]]:
+        return {
+            key: [s.on_hand, self.reserved(key), s.safety_stock, s.version]
+            for key, s in self.shelves.items()
+        }
+
+    def remembered(self, merchant_id: str, idempotency_key: str) -> Remembered | None:
+        return next(
+            (
+                a
+                for a in self.answers
+                if (a.merchant_id, a.idempotency_key) == (merchant_id, idempotency_key)
+            ),
+            None,
+        )
 
     # ------------------------------------------------------------------------ writes
 
     def apply(self, command: Command) -> Answer:
         now_ms = command.now_ms
         records: list[Command] = []
-        due = sorted(
-            (r.expires_at_ms, rid) for rid, r in self.live.items() if r.expires_at_ms <= now_ms
-        )
-        due_ids = [rid for _, rid in due]
+        # Anything due expires first, earliest first, in records of bounded size.
+        due = sorted((r for r in self.live() if r.expires_at_ms <= now_ms), key=_expiry_order)
+        due_ids = [r.reservation_id for r in due]
         batch_max = limits.expiry_batch_reservations_max
         for start in range(0, len(due_ids), batch_max):
             batch = tuple(due_ids[start : start + batch_max])
             lsn = self.head_lsn + 1
-            for reservation_id in sorted(batch):  # one record finishes its batch in id order
-                found = self.live[reservation_id]
-                for line in found.lines:
-                    self._bump(line.key, reserved=-line.quantity)
-                self._finish(found, ReservationState.EXPIRED, lsn, now_ms, ())
+            for reservation_id in sorted(batch):
+                self._finish(reservation_id, ReservationState.EXPIRED, lsn, now_ms, ())
             self._accept(Expire(batch, now_ms), records)
         if isinstance(command, Expire):
             return Answer(Expired(tuple(due_ids)), records)
-        scope = (command.merchant_id, command.idempotency_key)
         payload = replace(command, now_ms=0)
-        remembered = self.idempotency.get(scope)
+        remembered = self.remembered(command.merchant_id, command.idempotency_key)
         if remembered is not None:
             if remembered.payload == payload:
                 return Answer(remembered.outcome, records, retried=True)
             return Answer(
                 IdempotencyKeyReused(command.idempotency_key, kind_of(remembered.payload)), records
             )
-        if len(self.idempotency) >= limits.idempotency_keys_max:
+        if len(self.answers) >= limits.idempotency_keys_max:
             outcome: Outcome = CapacityExhausted(
                 "idempotency_keys_max", limits.idempotency_keys_max
             )
             return Answer(outcome, records)
         lsn = self.head_lsn + 1
-        outcome = self._execute(command, lsn)
+        outcome = self._decide(command, lsn)
         if is_accepted(outcome):
             self._accept(command, records)
-            self.idempotency[scope] = Remembered(payload, outcome, lsn, now_ms)  # type: ignore[arg-type]
+            self.answers.append(
+                Remembered(
+                    command.merchant_id, command.idempotency_key, payload, outcome, lsn, now_ms
+                )  # type: ignore[arg-type]
+            )
         return Answer(outcome, records)
 
     def _accept(self, command: Command, records: list[Command]) -> None:
+        """A record: the next lsn; then whatever is past its retention is forgotten."""
         self.head_lsn += 1
         records.append(command)
-        idempotency_horizon_ms = command.now_ms - limits.idempotency_retention_ms
-        self.idempotency = {
-            scope: entry
-            for scope, entry in self.idempotency.items()
-            if entry.recorded_at_ms >= idempotency_horizon_ms
-        }
+        answers_horizon_ms = command.now_ms - limits.idempotency_retention_ms
+        self.answers = [a for a in self.answers if a.recorded_at_ms >= answers_horizon_ms]
         finished_horizon_ms = command.now_ms - limits.reservations_finished_retention_ms
-        self.finished = {
-            rid: done
-            for rid, done in self.finished.items()
-            if done.state_changed_at_ms >= finished_horizon_ms
+        finished = sorted(
+            (r for r in self.reservations if r.state is not ReservationState.ACTIVE),
+            key=lambda r: (r.finished_lsn, r.reservation_id),
+        )
+        kept = finished[-limits.reservations_finished_max :]
+        forgotten = {
+            r.reservation_id
+            for r in finished
+            if r not in kept or r.state_changed_at_ms < finished_horizon_ms
         }
-        assert len(self.finished) <= limits.reservations_finished_max
+        self.reservations = [r for r in self.reservations if r.reservation_id not in forgotten]
 
-    def _execute(self, command: ClientCommand, lsn: int) -> Outcome:
-        if isinstance(command, Reserve):
-            return self._reserve(command, lsn)
-        if isinstance(command, Commit | Release | Extend):
-            found = self.find(command.reservation_id)
-            if found is None or found.merchant_id != command.merchant_id:
-                return ReservationNotFound(command.reservation_id)
-            if found.state is not ReservationState.ACTIVE:
-                return ReservationNotActive(
-                    command.reservation_id, found.state, found.state_changed_at_ms
-                )
-            if isinstance(command, Commit):
-                return self._commit(command, found, lsn)
-            if isinstance(command, Release):
-                for line in found.lines:
-                    self._bump(line.key, reserved=-line.quantity)
-                done = self._finish(found, ReservationState.RELEASED, lsn, command.now_ms, ())
-                return Released(done, tuple(self.level(line.key) for line in found.lines))
-            extended = replace(found, expires_at_ms=command.now_ms + command.ttl_s * 1000)
-            self.live[extended.reservation_id] = extended
-            return Extended(extended)
-        return self._set_counts(command)
+    def _decide(self, command: ClientCommand, lsn: int) -> Outcome:
+        match command:
+            case Reserve():
+                return self._reserve(command, lsn)
+            case Commit() | Release() | Extend():
+                found = self.find(command.reservation_id)
+                if found is None or found.merchant_id != command.merchant_id:
+                    return ReservationNotFound(command.reservation_id)
+                if found.state is not ReservationState.ACTIVE:
+                    return ReservationNotActive(
+                        command.reservation_id, found.state, found.state_changed_at_ms
+                    )
+                if isinstance(command, Commit):
+                    return self._commit(command, found, lsn)
+                if isinstance(command, Release):
+                    done = self._finish(
+                        found.reservation_id, ReservationState.RELEASED, lsn, command.now_ms, ()
+                    )
+                    return Released(done, tuple(self.level(line.key) for line in found.lines))
+                extended = replace(found, expires_at_ms=command.now_ms + command.ttl_s * 1000)
+                self._replace(extended)
+                return Extended(extended)
+            case AdjustStock() | SetStock() | SetSafetyStock():
+                return self._set_counts(command)
 
     def _reserve(self, command: Reserve, lsn: int) -> Outcome:
-        if len(self.live) >= limits.reservations_live_max:
+        if len(self.live()) >= limits.reservations_live_max:
             return CapacityExhausted("reservations_live_max", limits.reservations_live_max)
         wanted: dict[InventoryKey, int] = {}
         for line in command.lines:
@@ -281,9 +310,9 @@ class Model:
             state_changed_at_ms=command.now_ms,
             created_lsn=lsn,
         )
-        for key, quantity in wanted.items():
-            self._bump(key, reserved=quantity)
-        self.live[reservation.reservation_id] = reservation
+        self.reservations.append(reservation)
+        for key in wanted:
+            self.shelves[key].version += 1
         return Reserved(reservation, tuple(self.level(key) for key in wanted))
 
     def _commit(self, command: Commit, found: Reservation, lsn: int) -> Outcome:
@@ -295,38 +324,42 @@ class Model:
             if line.quantity > held[line.key]:
                 return Invalid(f"lines[{index}].quantity", "")
             taken[line.key] = line.quantity
-        for key, quantity in held.items():
-            self._bump(key, reserved=-quantity, on_hand=-taken[key])
+        for key, quantity in taken.items():
+            self.shelves[key].on_hand -= quantity
         committed = tuple(Line(k, q) for k, q in taken.items() if q > 0)
-        done = self._finish(found, ReservationState.COMMITTED, lsn, command.now_ms, committed)
+        done = self._finish(
+            found.reservation_id, ReservationState.COMMITTED, lsn, command.now_ms, committed
+        )
         return Committed(done, tuple(self.level(key) for key in held))
 
-    def _set_counts(self, command: ClientCommand) -> Outcome:
-        assert isinstance(command, AdjustStock | SetStock | SetSafetyStock)
+    def _set_counts(self, command: AdjustStock | SetStock | SetSafetyStock) -> Outcome:
         key = command.key
-        on_hand, _, safety_stock, version = self.rows.get(key, [0, 0, 0, 0])
+        shelf = self.shelves.get(key)
+        current = shelf or Shelf()
+        on_hand, safety_stock = current.on_hand, current.safety_stock
         expected: int | None = None
-        if isinstance(command, AdjustStock):
-            on_hand += command.delta
-            if abs(on_hand) > limits.stock_quantity_max:
-                return Invalid("delta", "")
-        elif isinstance(command, SetStock):
-            on_hand, expected = command.on_hand, command.expected_version
-        else:
-            safety_stock, expected = command.safety_stock, command.expected_version
-        if expected is not None and expected != version:
-            return VersionMismatch(key, expected, version)
-        row = self.rows.get(key)
-        if row is None or (row[0], row[2]) != (on_hand, safety_stock):
-            row = self.rows.setdefault(key, [0, 0, 0, 0])
-            row[0], row[2], row[3] = on_hand, safety_stock, row[3] + 1
+        match command:
+            case AdjustStock():
+                on_hand += command.delta
+                if abs(on_hand) > limits.stock_quantity_max:
+                    return Invalid("delta", "")
+            case SetStock():
+                on_hand, expected = command.on_hand, command.expected_version
+            case SetSafetyStock():
+                safety_stock, expected = command.safety_stock, command.expected_version
+        if expected is not None and expected != current.version:
+            return VersionMismatch(key, expected, current.version)
+        if shelf is None or (shelf.on_hand, shelf.safety_stock) != (on_hand, safety_stock):
+            self.shelves[key] = Shelf(on_hand, safety_stock, current.version + 1)
         return StockChanged(self.level(key), self.over_commit(key))
 
     def over_commit(self, key: InventoryKey) -> OverCommit | None:
+        """How far available is below zero, and the newest live reservations on the key
+        until they cover it."""
         exposure = -self.available(key)
         if exposure <= 0:
             return None
-        holding = [r for r in self.live.values() if any(line.key == key for line in r.lines)]
+        holding = [r for r in self.live() if any(line.key == key for line in r.lines)]
         holding.sort(key=lambda r: r.created_lsn, reverse=True)
         at_risk: list[str] = []
         covered = 0
@@ -337,20 +370,16 @@ class Model:
             covered += sum(line.quantity for line in reservation.lines if line.key == key)
         return OverCommit(exposure, tuple(at_risk))
 
-    def _bump(self, key: InventoryKey, *, reserved: int = 0, on_hand: int = 0) -> None:
-        row = self.rows.setdefault(key, [0, 0, 0, 0])
-        row[0] += on_hand
-        row[1] += reserved
-        row[3] += 1
-
     def _finish(
         self,
-        found: Reservation,
+        reservation_id: str,
         state: ReservationState,
         lsn: int,
         now_ms: int,
         committed: tuple[Line, ...],
     ) -> Reservation:
+        found = self.find(reservation_id)
+        assert found is not None
         done = replace(
             found,
             state=state,
@@ -358,9 +387,20 @@ class Model:
             committed_lines=committed,
             finished_lsn=lsn,
         )
-        del self.live[found.reservation_id]
-        self.finished[done.reservation_id] = done
+        self._replace(done)
+        for line in found.lines:  # each line held is one change of its key
+            self.shelves[line.key].version += 1
         return done
+
+    def _replace(self, reservation: Reservation) -> None:
+        self.reservations = [
+            reservation if r.reservation_id == reservation.reservation_id else r
+            for r in self.reservations
+        ]
+
+
+def _expiry_order(reservation: Reservation) -> tuple[int, str]:
+    return (reservation.expires_at_ms, reservation.reservation_id)
 
 
 # ------------------------------------------------------------------------ codec helpers
@@ -383,40 +423,10 @@ def replay_all(records: list[Record]) -> Partition:
 
 @dataclass
 class Checkpointed:
-    """Accumulated checkpoint deltas, kept as JSON-ready data like a table would hold them."""
+    """Accumulated checkpoint deltas as a store holds them: per table, plain data by key."""
 
     lsn: int = 0
-    stock: dict[str, Any] = field(default_factory=dict)
-    reservations: dict[str, Any] = field(default_factory=dict)
-    idempotency: dict[str, Any] = field(default_factory=dict)
-
-
-def entry_to_data(entry: IdempotencyEntry) -> dict[str, Any]:
-    return {
-        "merchant_id": entry.merchant_id,
-        "idempotency_key": entry.idempotency_key,
-        "kind": entry.kind,
-        "fingerprint": entry.fingerprint,
-        "outcome": outcome_to_data(entry.outcome),
-        "lsn": entry.lsn,
-        "recorded_at_ms": entry.recorded_at_ms,
-    }
-
-
-def entry_from_data(data: dict[str, Any]) -> IdempotencyEntry:
-    return IdempotencyEntry(
-        data["merchant_id"],
-        data["idempotency_key"],
-        data["kind"],
-        data["fingerprint"],
-        outcome_from_data(data["outcome"]),
-        data["lsn"],
-        data["recorded_at_ms"],
-    )
-
-
-def scope_name(merchant_id: str, idempotency_key: str) -> str:
-    return json.dumps([merchant_id, idempotency_key])
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def roundtrip(data: Any) -> Any:
@@ -652,8 +662,9 @@ class PartitionMachine(RuleBasedStateMachine):
         reservation_id = self.draw_reservation_id(data)
         choices = self.extend_ttl_choices(reservation_id)
         ttl_s = data.draw(st.sampled_from(choices), label="ttl")
-        found = self.model.live.get(reservation_id)
-        if found is not None and data.draw(st.integers(0, 3), label="same expiry") == 0:
+        found = self.model.find(reservation_id)
+        live = found is not None and found.state is ReservationState.ACTIVE
+        if found is not None and live and data.draw(st.integers(0, 3), label="same expiry") == 0:
             # Renew to the very expiry it already has (a client re-sending its deadline).
             same_ttl_s, rest = divmod(found.expires_at_ms - self.now_ms, 1000)
             if rest == 0 and same_ttl_s in choices:
@@ -734,10 +745,9 @@ class PartitionMachine(RuleBasedStateMachine):
         )
         if pushes_twice:
             return  # would push an expiry twice; see extend_ttl_choices
-        scope = (command.merchant_id, command.idempotency_key)
-        remembered_before = self.model.idempotency.get(scope)
+        remembered_before = self.model.remembered(command.merchant_id, command.idempotency_key)
         step = self.do(command)
-        remembered = self.model.idempotency.get(scope)
+        remembered = self.model.remembered(command.merchant_id, command.idempotency_key)
         if remembered is not None and remembered is remembered_before:
             if remembered.payload == replace(command, now_ms=0):
                 assert step.outcome == remembered.outcome
@@ -785,6 +795,7 @@ class PartitionMachine(RuleBasedStateMachine):
     def take_checkpoint(self, lose: int) -> None:
         delta = self.partition.take_checkpoint()
         assert delta.partition == PARTITION and delta.lsn == self.partition.head_lsn
+        assert set(delta.tables) == set(TABLES)
         if lose == 0:  # the upsert failed: the next checkpoint must carry everything
             self.partition.checkpoint_failed()
             return
@@ -793,19 +804,14 @@ class PartitionMachine(RuleBasedStateMachine):
         checkpointed = self.checkpointed
         assert checkpointed is not None, "an incremental delta without a full one before it"
         checkpointed.lsn = delta.lsn
-        for key, row in delta.stock:
-            checkpointed.stock[json.dumps(key_to_data(key))] = roundtrip(row_to_data(row))
-        for reservation in delta.reservations:
-            data = roundtrip(reservation_to_data(reservation))
-            checkpointed.reservations[reservation.reservation_id] = data
-        for reservation_id in delta.reservations_removed:
-            # Created and forgotten between two checkpoints: deleting nothing is fine.
-            checkpointed.reservations.pop(reservation_id, None)
-        for entry in delta.idempotency:
-            name = scope_name(entry.merchant_id, entry.idempotency_key)
-            checkpointed.idempotency[name] = roundtrip(entry_to_data(entry))
-        for merchant_id, idempotency_key in delta.idempotency_removed:
-            checkpointed.idempotency.pop(scope_name(merchant_id, idempotency_key), None)
+        for name, changes in delta.tables.items():
+            schema = TABLES[name]
+            rows = checkpointed.tables.setdefault(name, {})
+            for key, row in changes.upserts:
+                rows[json.dumps(schema.key_to_data(key))] = roundtrip(schema.row_to_data(row))
+            for key in changes.removals:
+                # Created and forgotten between two checkpoints: deleting nothing is fine.
+                rows.pop(json.dumps(schema.key_to_data(key)), None)
 
     def restore(self) -> Partition:
         checkpointed = self.checkpointed
@@ -813,12 +819,13 @@ class PartitionMachine(RuleBasedStateMachine):
         restored = Partition.restore(
             PARTITION,
             checkpointed.lsn,
-            [
-                (key_from_data(json.loads(k)), row_from_data(v))
-                for k, v in checkpointed.stock.items()
-            ],
-            [reservation_from_data(data) for data in checkpointed.reservations.values()],
-            [entry_from_data(data) for data in checkpointed.idempotency.values()],
+            {
+                name: [
+                    (TABLES[name].key_from_data(json.loads(k)), TABLES[name].row_from_data(v))
+                    for k, v in rows.items()
+                ]
+                for name, rows in checkpointed.tables.items()
+            },
         )
         for record in self.records[checkpointed.lsn :]:
             restored.replay(through_ledger(record))
@@ -848,30 +855,30 @@ class PartitionMachine(RuleBasedStateMachine):
         assert snapshot.head_lsn == model.head_lsn == len(self.records)
         assert {
             k: [r.on_hand, r.reserved, r.safety_stock, r.version] for k, r in snapshot.stock.items()
-        } == model.rows
-        assert snapshot.reservations == {**model.finished, **model.live}
+        } == model.rows()
+        assert snapshot.reservations == {r.reservation_id: r for r in model.reservations}
         expected_idempotency = {
-            scope: IdempotencyEntry(
-                scope[0],
-                scope[1],
-                kind_of(remembered.payload),
-                fingerprint(remembered.payload),
-                remembered.outcome,
-                remembered.lsn,
-                remembered.recorded_at_ms,
+            (a.merchant_id, a.idempotency_key): IdempotencyEntry(
+                a.merchant_id,
+                a.idempotency_key,
+                kind_of(a.payload),
+                fingerprint(a.payload),
+                a.outcome,
+                a.lsn,
+                a.recorded_at_ms,
             )
-            for scope, remembered in model.idempotency.items()
+            for a in model.answers
         }
         assert snapshot.idempotency == expected_idempotency
-        assert self.partition.live_reservation_count == len(model.live)
-        assert self.partition.key_count == len(model.rows)
-        over = {key: -model.available(key) for key in model.rows if model.available(key) < 0}
+        assert self.partition.live_reservation_count == len(model.live())
+        assert self.partition.key_count == len(model.shelves)
+        over = {key: -model.available(key) for key in model.shelves if model.available(key) < 0}
         assert self.partition.over_committed() == over
 
     @invariant()
     def reads_agree(self) -> None:
         """levels(keys, now): reservations past expiry no longer count, timer or not."""
-        expected = tuple(self.model.view(key, self.now_ms) for key in KEYS)
+        expected = tuple(self.model.level(key, self.now_ms) for key in KEYS)
         assert self.partition.levels(KEYS, self.now_ms) == expected
         assert self.replica.levels(KEYS, self.now_ms) == expected
         if self.shadow is not None:

@@ -444,7 +444,7 @@ def test_checkpoint_then_ledger_tail_loads_equal_to_live(database_url: str) -> N
         await a.run(3, set_stock(apple, 30, "s-apple-next-day", t))
         third = live.take_checkpoint()
         assert not third.full
-        assert third.idempotency_removed and third.reservations_removed
+        assert third.tables["idempotency"].removals and third.tables["reservations"].removals
         await store.write_checkpoint([third], a.epochs)
         loaded = await assert_loads_equal(store, live)
         assert await pool.fetchval("SELECT count(*) FROM idempotency WHERE partition = 3") == len(
@@ -476,7 +476,7 @@ def test_full_checkpoint_after_a_lost_delta_loads_equal_to_live(database_url: st
         t += limits.idempotency_retention_ms + HOUR_MS
         await reserve_and_flush(a, 4, reserve(melon, 3, "r2", t))
         lost = live.take_checkpoint()
-        assert lost.idempotency_removed and lost.reservations_removed
+        assert lost.tables["idempotency"].removals and lost.tables["reservations"].removals
         live.checkpoint_failed()
         # ...so the next one is full, and must delete what the lost delta would have.
         await a.run(4, set_stock(melon, 12, "s2", t + 1))

@@ -1,0 +1,87 @@
+"""One row per command kind: its name, its type, its validator and its handler.
+
+Apply, replay, validation, the ledger encoding and the idempotency fingerprint all dispatch
+through this table, so a new command is a rules module and one row here; its codec is
+derived from its dataclass fields (``_codec.py``). ``name`` is what the ledger's ``kind``
+column and every record's ``"kind"`` field hold: it never changes once records exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from . import _validate
+from ._codec import Data, DataclassCodec, dataclass_codec
+from ._commands import (
+    AdjustStock,
+    Command,
+    Commit,
+    Expire,
+    Extend,
+    Release,
+    Reserve,
+    SetSafetyStock,
+    SetStock,
+)
+from ._outcomes import Invalid, Outcome
+from ._state import Effects, PartitionState
+from .rules import counts, reservations
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True, slots=True)
+class CommandKind(Generic[C]):
+    name: str
+    type: type[C]
+    validate: Callable[[C], Invalid | None]
+    handle: Callable[[PartitionState, C, Effects], Outcome]
+    # Sent by callers, scoped by merchant and idempotency key (not Expire).
+    from_caller: bool = True
+
+    @property
+    def codec(self) -> DataclassCodec[C]:
+        return dataclass_codec(self.type)
+
+
+REGISTRY: tuple[CommandKind[Any], ...] = (
+    CommandKind("reserve", Reserve, _validate.reserve, reservations.reserve),
+    CommandKind("commit", Commit, _validate.commit, reservations.commit),
+    CommandKind("release", Release, _validate.release, reservations.release),
+    CommandKind("extend", Extend, _validate.extend, reservations.extend),
+    CommandKind("adjust_stock", AdjustStock, _validate.adjust_stock, counts.adjust_stock),
+    CommandKind("set_stock", SetStock, _validate.set_stock, counts.set_stock),
+    CommandKind(
+        "set_safety_stock", SetSafetyStock, _validate.set_safety_stock, counts.set_safety_stock
+    ),
+    CommandKind("expire", Expire, _validate.expire, reservations.expire, from_caller=False),
+)
+BY_TYPE: dict[type[Any], CommandKind[Any]] = {row.type: row for row in REGISTRY}
+BY_NAME: dict[str, CommandKind[Any]] = {row.name: row for row in REGISTRY}
+assert len(BY_TYPE) == len(BY_NAME) == len(REGISTRY), "one row per kind and per name"
+
+
+def kind_of(command: Command) -> str:
+    return BY_TYPE[type(command)].name
+
+
+def validate(command: Command) -> Invalid | None:
+    """The command's shape by its kind's rules: the field and the reason, or None."""
+    problem: Invalid | None = BY_TYPE[type(command)].validate(command)
+    return problem
+
+
+def command_to_data(command: Command) -> Data:
+    """Plain data of a command: ``{"kind": name, <fields>}`` (JSON-ready)."""
+    return {"kind": kind_of(command)} | BY_TYPE[type(command)].codec.encode(command)
+
+
+def command_from_data(data: Data) -> Command:
+    """The inverse of ``command_to_data``; anything else is corruption (ValueError)."""
+    row = BY_NAME.get(data.get("kind", ""))
+    if row is None:
+        raise ValueError(f"unknown record kind {data.get('kind')!r}")
+    command: Command = row.codec.decode({k: v for k, v in data.items() if k != "kind"})
+    return command

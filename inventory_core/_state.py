@@ -1,0 +1,313 @@
+"""The state of one partition: its tables, the indexes derived from them, and the invariants.
+
+Tables (each a ``Table`` with a change log; checkpoint, restore, snapshot and the store work
+over ``TABLES`` by name, with no code per table):
+
+    stock          InventoryKey -> StockRow                  on_hand, reserved, safety_stock
+    reservations   reservation_id -> Reservation             live and recently finished
+    idempotency    (merchant_id, idempotency_key) -> entry   original answers, oldest first
+
+Indexes derived from the tables, rebuilt by ``rebuild_indexes`` after a restore:
+    expiry         live reservations by expiry (``ExpiryIndex``)
+    holds          per key, the live reservations holding it and how much, oldest first
+    finished       finished reservations in the order they finished, oldest first
+
+Invariants (``check_invariants``), true after every step:
+  - reserved of a key equals the sum of the live reservation lines holding it;
+  - no live reservation holds a non-positive quantity; reserved >= 0; safety_stock >= 0;
+  - the indexes agree with the tables; every bound holds.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import _limits as limits
+from ._codec import dataclass_codec, key_from_data, key_to_data, row_from_data, row_to_data
+from ._expiry import ExpiryIndex
+from ._idempotency import IDEMPOTENCY, IdempotencyEntry, Scope
+from ._model import (
+    EMPTY_ROW,
+    AvailabilityChanged,
+    ChangeReason,
+    InventoryKey,
+    Reservation,
+    ReservationState,
+    StockLevel,
+    StockRow,
+)
+from ._outcomes import CapacityExhausted, OverCommit
+from ._tables import Table, TableSchema
+from ._usage import ProcessUsage
+
+STOCK: TableSchema[InventoryKey, StockRow] = TableSchema(
+    name="stock",
+    key_to_data=key_to_data,
+    key_from_data=key_from_data,
+    row_to_data=row_to_data,
+    row_from_data=row_from_data,
+)
+
+
+def _text(data: Any) -> str:
+    if not isinstance(data, str):
+        raise ValueError(f"expected a string key, got {data!r}")
+    return data
+
+
+RESERVATIONS: TableSchema[str, Reservation] = TableSchema(
+    name="reservations",
+    key_to_data=str,
+    key_from_data=_text,
+    row_to_data=dataclass_codec(Reservation).encode,
+    row_from_data=dataclass_codec(Reservation).decode,
+    # The order finished reservations are forgotten in: by the lsn that finished them,
+    # then by id within one record (rules/reservations.py, expire).
+    restore_order=lambda r: (r.finished_lsn, r.reservation_id),
+)
+
+# Every table, by name: what a checkpoint writes and a restore reads.
+TABLES: dict[str, TableSchema[Any, Any]] = {
+    schema.name: schema for schema in (STOCK, RESERVATIONS, IDEMPOTENCY)
+}
+
+
+@dataclass(slots=True)
+class Effects:
+    """Where one record's handler writes: its lsn, its time, and the events it emits."""
+
+    partition: int
+    lsn: int
+    now_ms: int
+    events: list[AvailabilityChanged]
+
+
+class PartitionState:
+    __slots__ = (
+        "attached",
+        "expiry",
+        "finished",
+        "holds",
+        "idempotency",
+        "live_apply",
+        "partition",
+        "reservations",
+        "stock",
+        "usage",
+    )
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+        self.stock: Table[InventoryKey, StockRow] = Table(STOCK)
+        self.reservations: Table[str, Reservation] = Table(RESERVATIONS)
+        self.idempotency: Table[Scope, IdempotencyEntry] = Table(IDEMPOTENCY)
+        self.expiry = ExpiryIndex()
+        self.holds: dict[InventoryKey, dict[str, int]] = {}
+        self.finished: OrderedDict[str, None] = OrderedDict()
+        # The process's totals (ProcessUsage); a private one until the shell attaches it.
+        self.usage = ProcessUsage()
+        self.attached = False
+        # False while replaying: per-process bounds refuse only live commands.
+        self.live_apply = True
+
+    @property
+    def tables(self) -> dict[str, Table[Any, Any]]:
+        return {t.schema.name: t for t in (self.stock, self.reservations, self.idempotency)}
+
+    @property
+    def live_reservation_count(self) -> int:
+        return len(self.reservations) - len(self.finished)
+
+    # -------------------------------------------------------------------------- usage
+
+    def attach(self, usage: ProcessUsage) -> None:
+        """Count this partition into the process's totals from now on."""
+        assert not self.attached, "attached twice"
+        usage.add(len(self.stock), self.live_reservation_count, len(self.idempotency))
+        self.usage, self.attached = usage, True
+
+    def detach(self) -> None:
+        """The process no longer holds this partition: take its counts out of the totals."""
+        if self.attached:
+            self.usage.add(-len(self.stock), -self.live_reservation_count, -len(self.idempotency))
+            self.usage = ProcessUsage(
+                len(self.stock), self.live_reservation_count, len(self.idempotency)
+            )
+            self.attached = False
+
+    def refuse_new_key(self) -> CapacityExhausted | None:
+        if len(self.stock) >= limits.partition_keys_max:
+            return CapacityExhausted("partition_keys_max", limits.partition_keys_max)
+        return self.usage.refuse_key() if self.live_apply else None
+
+    def refuse_new_reservation(self) -> CapacityExhausted | None:
+        if self.live_reservation_count >= limits.reservations_live_max:
+            return CapacityExhausted("reservations_live_max", limits.reservations_live_max)
+        return self.usage.refuse_reservation() if self.live_apply else None
+
+    def refuse_new_answer(self) -> CapacityExhausted | None:
+        if len(self.idempotency) >= limits.idempotency_keys_max:
+            return CapacityExhausted("idempotency_keys_max", limits.idempotency_keys_max)
+        return self.usage.refuse_idempotency_entry() if self.live_apply else None
+
+    # -------------------------------------------------------------------------- stock
+
+    def change(
+        self, key: InventoryKey, at: Effects, reason: ChangeReason, **counts: int
+    ) -> StockRow:
+        """Set some counts of a key, bump its version and emit the change event."""
+        found = self.stock.get(key)
+        if found is None:
+            self.usage.keys += 1
+        before = found or EMPTY_ROW
+        after = replace(before, version=before.version + 1, **counts)
+        if after.reserved < 0:
+            raise AssertionError(f"reserved of {key} would go negative: {after}")
+        self.stock.put(key, after)
+        at.events.append(
+            AvailabilityChanged(key, self.partition, at.lsn, reason, before, after, at.now_ms)
+        )
+        return after
+
+    def level(self, key: InventoryKey) -> StockLevel:
+        return StockLevel.of(key, self.stock.get(key))
+
+    def over_commit(self, key: InventoryKey) -> OverCommit | None:
+        """Exposure of an over-committed key and the live reservations at risk, newest first."""
+        exposure = -self.stock[key].available
+        if exposure <= 0:
+            return None
+        at_risk: list[str] = []
+        covered = 0
+        holders = self.holds.get(key, {})
+        for reservation_id in reversed(holders):  # holders are kept oldest first
+            if covered >= exposure:
+                break
+            at_risk.append(reservation_id)
+            covered += holders[reservation_id]
+        return OverCommit(exposure, tuple(at_risk))
+
+    # -------------------------------------------------------------------- reservations
+
+    def live(self, reservation_id: str) -> Reservation | None:
+        found = self.reservations.get(reservation_id)
+        return found if found is not None and found.state is ReservationState.ACTIVE else None
+
+    def put_live(self, reservation: Reservation) -> None:
+        """A new or extended live reservation (its holds are set by ``hold``)."""
+        if self.live(reservation.reservation_id) is None:
+            self.usage.reservations_live += 1
+        self.reservations.put(reservation.reservation_id, reservation)
+        self.expiry.set(reservation.reservation_id, reservation.expires_at_ms)
+
+    def hold(self, reservation: Reservation) -> None:
+        for line in reservation.lines:
+            self.holds.setdefault(line.key, {})[reservation.reservation_id] = line.quantity
+
+    def finish(self, done: Reservation) -> None:
+        """A live reservation committed, released or expired: its holds go."""
+        assert done.state is not ReservationState.ACTIVE, done
+        rid = done.reservation_id
+        for line in done.lines:
+            holders = self.holds[line.key]
+            del holders[rid]
+            if not holders:
+                del self.holds[line.key]
+        self.expiry.discard(rid)
+        self.reservations.put(rid, done)
+        self.finished[rid] = None
+        self.usage.reservations_live -= 1
+
+    # --------------------------------------------------------------------- idempotency
+
+    def remember(self, entry: IdempotencyEntry) -> None:
+        scope = (entry.merchant_id, entry.idempotency_key)
+        assert scope not in self.idempotency, scope
+        self.idempotency.put(scope, entry)
+        self.usage.idempotency_entries += 1
+
+    def forget_old_answers(self, now_ms: int) -> None:
+        """Drop idempotency entries past their retention, oldest first."""
+        horizon_ms = now_ms - limits.idempotency_retention_ms
+        while (oldest := self.idempotency.oldest()) is not None:
+            if oldest[1].recorded_at_ms >= horizon_ms:
+                break
+            self.idempotency.remove(oldest[0])
+            self.usage.idempotency_entries -= 1
+
+    def forget_finished(self, now_ms: int) -> None:
+        """Drop finished reservations past their retention or beyond their bound."""
+        horizon_ms = now_ms - limits.reservations_finished_retention_ms
+        while self.finished:
+            reservation_id = next(iter(self.finished))
+            done = self.reservations[reservation_id]
+            too_many = len(self.finished) > limits.reservations_finished_max
+            if not too_many and done.state_changed_at_ms >= horizon_ms:
+                break
+            del self.finished[reservation_id]
+            self.reservations.remove(reservation_id)
+
+    # ------------------------------------------------------------------------ restore
+
+    def rebuild_indexes(self) -> None:
+        """Derive expiry, holds, finish order and counts from freshly loaded tables."""
+        assert not self.attached, "restore into a partition no process counts yet"
+        self.expiry = ExpiryIndex()
+        self.holds = {}
+        self.finished = OrderedDict()
+        live = []
+        for reservation in self.reservations.values():  # in restore order (by finish)
+            if reservation.state is ReservationState.ACTIVE:
+                live.append(reservation)
+            else:
+                self.finished[reservation.reservation_id] = None
+        for reservation in sorted(live, key=lambda r: r.created_lsn):  # holds: oldest first
+            self.expiry.set(reservation.reservation_id, reservation.expires_at_ms)
+            self.hold(reservation)
+        self.usage = ProcessUsage(len(self.stock), len(live), len(self.idempotency))
+
+    # ---------------------------------------------------------------------- invariants
+
+    def check_invariants(self) -> None:
+        """The full check, for tests after every step. Raises AssertionError."""
+        held: dict[InventoryKey, int] = {}
+        live = 0
+        for reservation in self.reservations.values():
+            if reservation.state is not ReservationState.ACTIVE:
+                assert reservation.reservation_id in self.finished, reservation
+                continue
+            live += 1
+            for line in reservation.lines:
+                assert line.quantity > 0, reservation
+                held[line.key] = held.get(line.key, 0) + line.quantity
+                holders = self.holds.get(line.key, {})
+                assert holders.get(reservation.reservation_id) == line.quantity, reservation
+        for key, row in self.stock.items():
+            assert row.reserved == held.get(key, 0), (key, row, held.get(key, 0))
+            assert row.reserved >= 0 and row.safety_stock >= 0, (key, row)
+            assert row.version >= 1, (key, row)
+        assert set(held) <= set(self.stock), "a reservation holds a key with no row"
+        assert sum(len(h) for h in self.holds.values()) == sum(
+            len(r.lines) for r in self.reservations.values() if r.state is ReservationState.ACTIVE
+        )
+        assert len(self.finished) + live == len(self.reservations)
+        assert len(self.expiry) == live
+        self.expiry.check()
+        assert live <= limits.reservations_live_max
+        assert len(self.stock) <= limits.partition_keys_max
+        assert len(self.idempotency) <= limits.idempotency_keys_max
+        assert len(self.finished) <= limits.reservations_finished_max + 1
+        if not self.attached:  # a private usage counts exactly this partition
+            own = (len(self.stock), live, len(self.idempotency))
+            assert (
+                self.usage.keys,
+                self.usage.reservations_live,
+                self.usage.idempotency_entries,
+            ) == own
+
+
+def levels_of(state: PartitionState, keys: Iterable[InventoryKey]) -> tuple[StockLevel, ...]:
+    return tuple(state.level(key) for key in keys)
