@@ -119,8 +119,10 @@ class PartitionStore:
         epochs: Mapping[int, int],
         flushed_heads: Mapping[int, int],
         events: Sequence[AvailabilityChanged] = (),
-    ) -> None:
-        """Append one batch durably, or raise (``FencedOut``, or unknown outcome).
+    ) -> tuple[int, ...]:
+        """Append one batch durably. Returns the partitions another owner took (their epoch
+        or head no longer matches): then the transaction rolled back and NOTHING of the
+        batch was written. Raises when the outcome is unknown.
 
         ``flushed_heads`` is each partition's head lsn before this batch; the batch must hold
         each partition's records contiguously after it. ``events`` are the key changes the
@@ -133,37 +135,41 @@ class PartitionStore:
                 raise AssertionError(f"record {record.partition}/{record.lsn}, expected {expected}")
             heads[record.partition] = record.lsn
         partitions = sorted(heads)  # a fixed lock order: no deadlock between owners
-        async with self._pool.acquire() as connection, connection.transaction():
-            advanced = await connection.fetch(
-                f"""{LOCK_IN_ORDER}
-                   UPDATE partitions AS p SET head_lsn = v.head
-                     FROM locked,
-                          unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[])
-                          AS v(partition, epoch, previous, head)
-                    WHERE p.partition = locked.partition AND p.partition = v.partition
-                      AND p.epoch = v.epoch AND p.head_lsn = v.previous
-                RETURNING p.partition""",
-                partitions,
-                [epochs[p] for p in partitions],
-                [flushed_heads[p] for p in partitions],
-                [heads[p] for p in partitions],
-            )
-            if len(advanced) != len(partitions):
-                lost = set(partitions) - {r["partition"] for r in advanced}
-                raise FencedOut(sorted(lost))
-            await connection.execute(
-                """INSERT INTO ledger (partition, lsn, epoch, recorded_at, occurred_at, kind,
-                                       merchant_id, idempotency_key, payload, changes)
-                   SELECT partition, lsn, epoch, to_timestamp(recorded_ms / 1000.0),
-                          to_timestamp(occurred_ms / 1000.0), kind, merchant_id,
-                          idempotency_key, payload::jsonb, changes::jsonb
-                     FROM unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[],
-                                 $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[],
-                                 $10::text[])
-                          AS v(partition, lsn, epoch, recorded_ms, occurred_ms, kind,
-                               merchant_id, idempotency_key, payload, changes)""",
-                *_ledger_columns(records, epochs, events),
-            )
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                advanced = await connection.fetch(
+                    f"""{LOCK_IN_ORDER}
+                       UPDATE partitions AS p SET head_lsn = v.head
+                         FROM locked,
+                              unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[])
+                              AS v(partition, epoch, previous, head)
+                        WHERE p.partition = locked.partition AND p.partition = v.partition
+                          AND p.epoch = v.epoch AND p.head_lsn = v.previous
+                    RETURNING p.partition""",
+                    partitions,
+                    [epochs[p] for p in partitions],
+                    [flushed_heads[p] for p in partitions],
+                    [heads[p] for p in partitions],
+                )
+                if len(advanced) != len(partitions):
+                    lost = set(partitions) - {r["partition"] for r in advanced}
+                    raise FencedOut(sorted(lost))
+                await connection.execute(
+                    """INSERT INTO ledger (partition, lsn, epoch, recorded_at, occurred_at, kind,
+                                           merchant_id, idempotency_key, payload, changes)
+                       SELECT partition, lsn, epoch, to_timestamp(recorded_ms / 1000.0),
+                              to_timestamp(occurred_ms / 1000.0), kind, merchant_id,
+                              idempotency_key, payload::jsonb, changes::jsonb
+                         FROM unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[],
+                                     $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[],
+                                     $10::text[])
+                              AS v(partition, lsn, epoch, recorded_ms, occurred_ms, kind,
+                                   merchant_id, idempotency_key, payload, changes)""",
+                    *_ledger_columns(records, epochs, events),
+                )
+        except FencedOut as fenced:  # raised inside the transaction: it rolled back
+            return fenced.partitions
+        return ()
 
     async def ledger(self, partition: int, after_lsn: int = 0) -> list[LedgerRow]:
         rows = await self._pool.fetch(

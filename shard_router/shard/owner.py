@@ -5,26 +5,40 @@
 Ordering rules of ``_pump`` (one screen, on purpose):
   1. Reads of a batch are answered first, while memory equals what is durable: a read never
      shows state that a failed flush could lose.
-  2. Work whose deadline passed is answered DEADLINE_EXCEEDED and not applied.
+  2. Work whose deadline passed is refused (``DeadlineExpired``) and not applied.
   3. Every mutation of the batch is applied to the core; the records of all of them are
      flushed in one transaction (group commit: the next batch is whatever queued meanwhile).
   4. Replies leave only after the flush commits; events are handed on after that.
   5. If the flush fails, its outcome is unknown: every partition it touched is dropped from
      memory and recovered from PostgreSQL in the background (fail-stop), and the waiting
-     callers get UNAVAILABLE. They retry with the same idempotency key, which finds the
+     callers get ``FlushFailed``. They retry with the same idempotency key, which finds the
      durable answer or runs afresh.
+  6. An exception out of the core is a bug or corruption in that partition alone: it is
+     logged, the partition is fail-stopped (its memory may be half-changed), and every item
+     of it in the batch, applied before the failure or not, gets ``NotOwner(recovering)``:
+     none of its records is flushed, so nothing of them was applied. The rest of the batch
+     is flushed and answered as usual.
 Checkpoints are taken between batches (memory == durable) and written in the background.
+
+Every task the owner starts has an owner: the expiry timer lives in ``run``'s task group;
+checkpoint writers and recoveries live in ``_Background``, which ``close`` cancels and
+awaits. Shutdown, in order: stop taking RPCs, ``drain`` (what is queued is answered),
+cancel ``run``, ``checkpoint_now`` (the last checkpoint), ``close`` (refuse anything still
+queued, finish the checkpoint in flight, cancel and await recoveries).
+
+What each refusal tells the caller (the service maps them to statuses):
+  NotOwner, Overloaded, DeadlineExpired   not applied: retry (elsewhere, later, afresh)
+  FlushFailed                             outcome unknown: retry with the same key
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
@@ -35,19 +49,24 @@ from inventory_core import (
     InventoryKey,
     Outcome,
     Partition,
+    ProcessUsage,
     Record,
     Reservation,
+    Step,
     StockLevel,
 )
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------ answers
 
 
 class NotOwner(Exception):
-    """This process does not own (or is recovering) the partition: retry, maybe elsewhere."""
+    """This process does not own (or is recovering) the partition: nothing was applied;
+    retry, maybe elsewhere."""
 
     def __init__(self, partition: int, recovering: bool) -> None:
         state = "recovering" if recovering else "not owned here"
@@ -57,7 +76,7 @@ class NotOwner(Exception):
 
 
 class Overloaded(Exception):
-    """The request queue is full: load is shed rather than buffered without bound."""
+    """The request queue is full: load is shed rather than buffered; nothing was applied."""
 
 
 class DeadlineExpired(Exception):
@@ -65,7 +84,7 @@ class DeadlineExpired(Exception):
 
 
 class FlushFailed(Exception):
-    """The batch holding this request did not become durable (or its fate is unknown)."""
+    """The batch holding this request did not become durable, or its fate is unknown."""
 
 
 # ------------------------------------------------------------------------------- seams
@@ -80,7 +99,11 @@ class Store(Protocol):
         epochs: dict[int, int],
         flushed_heads: dict[int, int],
         events: Sequence[AvailabilityChanged] = (),
-    ) -> None: ...
+    ) -> Sequence[int]:
+        """Append a batch in one transaction. Returns the partitions another owner took
+        (the epoch check failed): then nothing of the batch was written. Raises when the
+        outcome is unknown."""
+        ...
 
     async def write_checkpoint(
         self, deltas: Sequence[CheckpointDelta], epochs: dict[int, int]
@@ -135,30 +158,46 @@ class _Owned:
     flushed_lsn: int
 
 
-@dataclass(slots=True)
-class _Work:
+# ------------------------------------------------------------------------- work items
+
+
+def _new_future() -> asyncio.Future[Any]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(slots=True, kw_only=True)
+class _Work(Generic[T]):
+    """One queued request; its future gets the answer of type T or the refusal."""
+
     partition: int
-    operation: ClientCommand | _ReadLevels | _ReadReservation | _ExpireTick
     deadline: float | None  # time.monotonic() seconds
-    future: asyncio.Future[object] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    future: asyncio.Future[T] = field(default_factory=_new_future)
 
 
-@dataclass(frozen=True, slots=True)
-class _ReadLevels:
+@dataclass(slots=True, kw_only=True)
+class _Mutate(_Work[Outcome]):
+    command: ClientCommand
+
+
+@dataclass(slots=True, kw_only=True)
+class _ExpireTick(_Work[Outcome]):
+    """The timer's: nobody awaits it, so it is never refused with an exception."""
+
+
+@dataclass(slots=True, kw_only=True)
+class _ReadLevels(_Work[tuple[StockLevel, ...]]):
     keys: tuple[InventoryKey, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class _ReadReservation:
+@dataclass(slots=True, kw_only=True)
+class _ReadReservation(_Work[Reservation | None]):
     merchant_id: str
     reservation_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class _ExpireTick:
-    pass
+_Item = _Mutate | _ExpireTick | _ReadLevels | _ReadReservation
+# What a batch applied, per partition: each write with its step, in order.
+_Applied = dict[int, list[tuple[_Mutate | _ExpireTick, Step]]]
 
 
 class WallClock:
@@ -170,6 +209,38 @@ class WallClock:
     def now_ms(self) -> int:
         self._last_ms = max(self._last_ms, int(time.time() * 1000))
         return self._last_ms
+
+
+class _Background:
+    """The owner's tasks outside its loop (checkpoint writers, recoveries): none is lost.
+
+    A task that ends with an exception is logged (each catches its expected failures, so
+    that is a bug); ``cancel_all`` cancels every task and awaits it.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        assert not self.closed, f"{name} started after close()"
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("owner_task_failed", task=task.get_name(), exc_info=task.exception())
+
+    async def cancel_all(self) -> None:
+        self.closed = True
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Owner:
@@ -184,11 +255,11 @@ class Owner:
         self._events = events or NoEvents()
         self.limits = limits or OwnerLimits()
         self._now_ms = clock or WallClock().now_ms
-        self._queue: asyncio.Queue[_Work] = asyncio.Queue(self.limits.request_queue_max)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(self.limits.request_queue_max)
         self._owned: dict[int, _Owned] = {}
         # Partitions being reloaded after a failed flush, with the epoch we held.
         self._recovering: dict[int, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = _Background()
         self._checkpointing: asyncio.Task[None] | None = None
         self._records_since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -200,26 +271,37 @@ class Owner:
         self.lease_valid_until = math.inf
         # Partitions with an expiry tick waiting in the queue (one each at most).
         self._ticks_queued: set[int] = set()
+        # Keys, live reservations and idempotency entries of every partition owned here,
+        # against the per-process bounds (inventory_core.limits.process_*).
+        self.usage = ProcessUsage()
 
     # -------------------------------------------------------------------------- the API
 
     async def mutate(
         self, partition: int, command: ClientCommand, deadline: float | None
     ) -> Outcome:
-        result = await self._submit(_Work(partition, command, deadline))
-        assert not isinstance(result, BaseException)
-        return result  # type: ignore[return-value]
+        work = _Mutate(partition=partition, deadline=deadline, command=command)
+        self._submit(work)
+        return await work.future
 
     async def levels(
         self, partition: int, keys: tuple[InventoryKey, ...], deadline: float | None
     ) -> tuple[StockLevel, ...]:
-        return await self._submit(_Work(partition, _ReadLevels(keys), deadline))  # type: ignore[return-value]
+        work = _ReadLevels(partition=partition, deadline=deadline, keys=keys)
+        self._submit(work)
+        return await work.future
 
     async def reservation(
         self, partition: int, merchant_id: str, reservation_id: str, deadline: float | None
     ) -> Reservation | None:
-        work = _Work(partition, _ReadReservation(merchant_id, reservation_id), deadline)
-        return await self._submit(work)  # type: ignore[return-value]
+        work = _ReadReservation(
+            partition=partition,
+            deadline=deadline,
+            merchant_id=merchant_id,
+            reservation_id=reservation_id,
+        )
+        self._submit(work)
+        return await work.future
 
     def owns(self, partition: int) -> bool:
         return partition in self._owned
@@ -238,18 +320,22 @@ class Owner:
 
     def adopt(self, partitions: dict[int, Partition], epochs: dict[int, int]) -> None:
         for partition, core in partitions.items():
+            self.drop([partition])  # a partition adopted again replaces the old memory
+            core.attach(self.usage)
             self._owned[partition] = _Owned(core, epochs[partition], core.head_lsn)
             self._recovering.pop(partition, None)
 
     def drop(self, partitions: Sequence[int]) -> None:
         for partition in partitions:
-            self._owned.pop(partition, None)
+            owned = self._owned.pop(partition, None)
+            if owned is not None:
+                owned.core.detach()
             self._dirty.discard(partition)
 
     # -------------------------------------------------------------------------- running
 
     async def run(self) -> None:
-        """The loop and its timer; runs until cancelled."""
+        """The loop and its expiry timer; runs until cancelled. ``close()`` follows it."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self._expiry_timer())
             while True:
@@ -262,92 +348,123 @@ class Owner:
                 self._maybe_checkpoint()
 
     async def close(self) -> None:
-        """Finish background work: the last checkpoint and any recovery."""
+        """Stop, after ``run`` ended: refuse what is still queued (it was not applied),
+        finish the checkpoint in flight, then cancel and await recoveries. Idempotent."""
+        self._background.closed = True
+        while not self._queue.empty():
+            work = self._queue.get_nowait()
+            _refuse(work, NotOwner(work.partition, recovering=False))
+            self._queue.task_done()
         if self._checkpointing is not None:
-            with contextlib.suppress(Exception):
-                await self._checkpointing
-        for task in list(self._tasks):
-            task.cancel()
+            await asyncio.wait([self._checkpointing])
+        await self._background.cancel_all()
 
     # ------------------------------------------------------------------------- the loop
 
-    async def _submit(self, work: _Work) -> object:
-        if work.partition not in self._owned:
+    def _submit(self, work: _Item) -> None:
+        """Queue the work (its future gets the answer) or refuse it at once."""
+        if work.partition not in self._owned or self._background.closed:
             raise NotOwner(work.partition, work.partition in self._recovering)
         try:
             self._queue.put_nowait(work)
         except asyncio.QueueFull:
             self.stats.shed += 1
             raise Overloaded(f"request queue full ({self.limits.request_queue_max})") from None
-        result = await work.future
-        if isinstance(result, BaseException):
-            raise result
-        return result
 
-    async def _take_batch(self) -> list[_Work]:
+    async def _take_batch(self) -> list[_Item]:
         batch = [await self._queue.get()]
         while len(batch) < self.limits.flush_batch_requests_max and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         return batch
 
-    async def _pump(self, batch: list[_Work]) -> None:
+    async def _pump(self, batch: list[_Item]) -> None:
         now_ms, now = self._now_ms(), time.monotonic()
-        writes: list[tuple[_Work, Outcome]] = []
-        records: list[Record] = []
-        events: list[AvailabilityChanged] = []
-        flushed_heads: dict[int, int] = {}
+        applied: _Applied = {}
         lease_lapsed = now > self.lease_valid_until
         for work in batch:
-            if isinstance(work.operation, _ExpireTick):
+            if isinstance(work, _ExpireTick):
                 self._ticks_queued.discard(work.partition)
         for work in sorted(batch, key=_reads_first):
             owned = None if lease_lapsed else self._owned.get(work.partition)
             if owned is None:
-                _answer(work, NotOwner(work.partition, work.partition in self._recovering))
+                _refuse(work, NotOwner(work.partition, work.partition in self._recovering))
             elif work.deadline is not None and work.deadline <= now:
-                _answer(work, DeadlineExpired())
-            elif isinstance(work.operation, _ReadLevels):
-                _answer(work, owned.core.levels(work.operation.keys, now_ms))
-            elif isinstance(work.operation, _ReadReservation):
-                op = work.operation
-                _answer(work, owned.core.reservation(op.merchant_id, op.reservation_id, now_ms))
+                _refuse(work, DeadlineExpired())
             else:
-                flushed_heads.setdefault(work.partition, owned.flushed_lsn)
-                step = self._apply(owned.core, work.operation, now_ms)
-                writes.append((work, step.outcome))
-                records.extend(step.records)
-                events.extend(step.events)
-        if not records:
-            for work, outcome in writes:
-                _answer(work, outcome)
-            return
-        touched = sorted(flushed_heads)
-        try:
+                try:
+                    _serve(owned.core, work, now_ms, applied)
+                except Exception:  # a bug or corruption: this partition stops, alone
+                    self._core_failed(work, applied.pop(work.partition, []))
+        if any(step.records for writes in applied.values() for _, step in writes):
+            await self._flush(applied)
+        else:
+            _reply_all(applied)
+
+    async def _flush(self, applied: _Applied) -> None:
+        """Flush the batch's records, then reply. A partition fenced by another owner is
+        dropped alone (its callers are redirected: nothing was written) and the rest of the
+        batch is flushed again without it (DESIGN section 5.5)."""
+        flushed_events: list[AvailabilityChanged] = []
+        while True:
+            touched = sorted(applied)
+            steps = [step for writes in applied.values() for _, step in writes]
+            records = [record for step in steps for record in step.records]
+            if not records:
+                break
+            events = [event for step in steps for event in step.events]
             epochs = {p: self._owned[p].epoch for p in touched}
+            flushed_heads = {p: self._owned[p].flushed_lsn for p in touched}
             started = time.monotonic()
-            await self._store.flush(records, epochs, flushed_heads, events)
-        except Exception as error:  # unknown outcome: fail-stop these partitions
-            log.error("flush_failed", partitions=touched, records=len(records), error=repr(error))
-            self.stats.flush_failures += 1
-            self._fail_stop(touched)
-            for work, _ in writes:
-                _answer(work, FlushFailed(f"flush failed: {error!r}"))
-            return
-        self.stats.observe_flush(len(records), time.monotonic() - started)
+            try:
+                fenced = await self._store.flush(records, epochs, flushed_heads, events)
+            except asyncio.CancelledError:  # stopping mid-flush: memory may be ahead, drop it
+                self.drop(touched)
+                _refuse_all(applied, FlushFailed("the owner stopped during the flush"))
+                raise
+            except Exception as error:  # unknown outcome: fail-stop these partitions
+                log.error(
+                    "flush_failed", partitions=touched, records=len(records), error=repr(error)
+                )
+                self.stats.flush_failures += 1
+                self._fail_stop(touched)
+                _refuse_all(applied, FlushFailed(f"flush failed: {error!r}"))
+                return
+            if not fenced:
+                self.stats.observe_flush(len(records), time.monotonic() - started)
+                self._flushed(touched, len(records))
+                flushed_events = events
+                break
+            log.warning("flush_fenced", partitions=sorted(fenced))
+            self.stats.fenced += len(fenced)
+            # Recovery checks the epoch: another owner's partition is given up, one whose
+            # head moved under the same epoch is reloaded.
+            self._fail_stop(sorted(fenced))
+            for partition in fenced:
+                for work, _ in applied.pop(partition, []):
+                    _refuse(work, NotOwner(partition, recovering=True))
+        _reply_all(applied)
+        if flushed_events:  # after the replies (rule 4)
+            self._events.publish(flushed_events, self._now_ms())
+
+    def _flushed(self, touched: list[int], records: int) -> None:
         for partition in touched:
             owned = self._owned.get(partition)  # absent if dropped during the flush
             if owned is not None:
                 owned.flushed_lsn = owned.core.head_lsn
-        self._dirty.update(p for p in touched if p in self._owned)
-        self._records_since_checkpoint += len(records)
-        for work, outcome in writes:
-            _answer(work, outcome)
-        self._events.publish(events, self._now_ms())
+                self._dirty.add(partition)
+        self._records_since_checkpoint += records
 
-    def _apply(self, core: Partition, operation: object, now_ms: int) -> _StepLike:
-        if isinstance(operation, _ExpireTick):
-            return core.expire_due(now_ms)
-        return core.apply(replace(operation, now_ms=now_ms))  # type: ignore[arg-type, type-var]
+    def _core_failed(
+        self, work: _Item, applied_before: list[tuple[_Mutate | _ExpireTick, Step]]
+    ) -> None:
+        """Rule 6: the partition's earlier items in the batch are dropped with its memory."""
+        log.error("core_failed", partition=work.partition, kind=_kind(work), exc_info=True)
+        self.stats.core_failures += 1
+        self._fail_stop([work.partition])
+        refusal = NotOwner(work.partition, recovering=True)
+        _refuse(work, refusal)
+        for earlier, _ in applied_before:
+            _refuse(earlier, refusal)
 
     # ---------------------------------------------------------------- timer and recovery
 
@@ -356,23 +473,28 @@ class Owner:
             await asyncio.sleep(self.limits.expiry_tick_s)
             now_ms = self._now_ms()
             for partition, owned in list(self._owned.items()):
-                due = owned.core.next_expiry_ms()
+                try:
+                    due = owned.core.next_expiry_ms()
+                except Exception:  # the tick's expire_due will fail-stop it, in the loop
+                    log.error(
+                        "core_failed", partition=partition, kind="next_expiry_ms", exc_info=True
+                    )
+                    due = now_ms
                 if due is None or due > now_ms or partition in self._ticks_queued:
                     continue
                 if self._queue.full():
                     break  # any command expires what is due first; the next tick retries
                 self._ticks_queued.add(partition)  # at most one tick per partition queued
-                self._queue.put_nowait(_Work(partition, _ExpireTick(), None))
+                self._queue.put_nowait(_ExpireTick(partition=partition, deadline=None))
 
     def _fail_stop(self, partitions: list[int]) -> None:
         for partition in partitions:
-            owned = self._owned.pop(partition, None)
-            self._dirty.discard(partition)
+            owned = self._owned.get(partition)
             if owned is not None:  # not dropped meanwhile
                 self._recovering[partition] = owned.epoch
-        task = asyncio.create_task(self._recover(partitions))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.drop(partitions)
+        if not self._background.closed:
+            self._background.spawn(self._recover(partitions), f"recover {partitions}")
 
     async def _recover(self, partitions: list[int]) -> None:
         """Reload from PostgreSQL what a failed flush may have left wrong in memory."""
@@ -402,12 +524,16 @@ class Owner:
         )
         if not due or not self._dirty or self._checkpointing is not None:
             return
+        if self._background.closed:  # after close() nothing starts
+            return
         deltas = [self._owned[p].core.take_checkpoint() for p in sorted(self._dirty)]
         epochs = {d.partition: self._owned[d.partition].epoch for d in deltas}
         self._dirty.clear()
         self._records_since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
-        self._checkpointing = asyncio.create_task(self._write_checkpoint(deltas, epochs))
+        self._checkpointing = self._background.spawn(
+            self._write_checkpoint(deltas, epochs), "checkpoint"
+        )
 
     async def _write_checkpoint(
         self, deltas: list[CheckpointDelta], epochs: dict[int, int]
@@ -417,6 +543,8 @@ class Owner:
         A partition's delta is never split (it must land at one lsn), but a checkpoint after
         a bulk load spans a million rows: encoding that in one go would hold the event loop
         (and every reply) for seconds, so groups of partitions go one transaction each.
+        Whatever was not written (a failure, or cancellation at close) makes the next
+        checkpoint of its partition full: a lost delta must never be skipped over.
         """
         remaining = list(deltas)
         try:
@@ -429,22 +557,22 @@ class Owner:
             self.stats.checkpoints += 1
         except Exception as error:
             log.warning("checkpoint_failed", partitions=len(remaining), error=repr(error))
+        finally:
             for delta in remaining:
                 owned = self._owned.get(delta.partition)
                 if owned is not None:
                     owned.core.checkpoint_failed()
                     self._dirty.add(delta.partition)
-        finally:
             self._checkpointing = None
 
     async def checkpoint_now(self) -> None:
         """Write a checkpoint of everything dirty (at shutdown, and for tests)."""
         if self._checkpointing is not None:
-            await self._checkpointing
+            await asyncio.wait([self._checkpointing])
         self._records_since_checkpoint = self.limits.checkpoint_records_max
         self._maybe_checkpoint()
         if self._checkpointing is not None:
-            await self._checkpointing
+            await asyncio.wait([self._checkpointing])
 
     async def drain(self) -> None:
         """Wait until every queued request has been answered."""
@@ -472,6 +600,10 @@ class OwnerStats:
     records_flushed: int = 0
     flush_seconds_total: float = 0.0
     flush_failures: int = 0
+    # Exceptions out of the core (each fail-stopped its partition): any is a bug.
+    core_failures: int = 0
+    # Partitions dropped because a flush found another owner's epoch (fenced).
+    fenced: int = 0
     checkpoints: int = 0
     shed: int = 0
 
@@ -485,13 +617,18 @@ class OwnerStats:
         self.flush_seconds_max = max(self.flush_seconds_max, seconds)
 
 
-class _StepLike(Protocol):
-    @property
-    def outcome(self) -> Outcome: ...
-    @property
-    def records(self) -> tuple[Record, ...]: ...
-    @property
-    def events(self) -> tuple[AvailabilityChanged, ...]: ...
+def _serve(core: Partition, work: _Item, now_ms: int, applied: _Applied) -> None:
+    """One item against the core: a read is answered now, a write joins the batch."""
+    match work:
+        case _ReadLevels():
+            _reply(work, core.levels(work.keys, now_ms))
+        case _ReadReservation():
+            _reply(work, core.reservation(work.merchant_id, work.reservation_id, now_ms))
+        case _Mutate():
+            step = core.apply(replace(work.command, now_ms=now_ms))
+            applied.setdefault(work.partition, []).append((work, step))
+        case _ExpireTick():
+            applied.setdefault(work.partition, []).append((work, core.expire_due(now_ms)))
 
 
 def _take_rows(deltas: list[CheckpointDelta], rows_max: int) -> list[CheckpointDelta]:
@@ -507,10 +644,39 @@ def _take_rows(deltas: list[CheckpointDelta], rows_max: int) -> list[CheckpointD
     return group
 
 
-def _reads_first(work: _Work) -> int:
-    return 0 if isinstance(work.operation, _ReadLevels | _ReadReservation) else 1
+def _kind(work: _Item) -> str:
+    match work:
+        case _Mutate():
+            return type(work.command).__name__
+        case _ExpireTick():
+            return "Expire"
+        case _ReadLevels():
+            return "levels"
+        case _ReadReservation():
+            return "reservation"
 
 
-def _answer(work: _Work, value: object) -> None:
+def _reads_first(work: _Item) -> int:
+    return 0 if isinstance(work, _ReadLevels | _ReadReservation) else 1
+
+
+def _reply(work: _Work[T], value: T) -> None:
     if not work.future.done():  # the caller may have gone (cancelled)
         work.future.set_result(value)
+
+
+def _refuse(work: _Item, error: Exception) -> None:
+    if not isinstance(work, _ExpireTick) and not work.future.done():
+        work.future.set_exception(error)
+
+
+def _reply_all(applied: _Applied) -> None:
+    for writes in applied.values():
+        for work, step in writes:
+            _reply(work, step.outcome)
+
+
+def _refuse_all(applied: _Applied, error: Exception) -> None:
+    for writes in applied.values():
+        for work, _ in writes:
+            _refuse(work, error)

@@ -2,7 +2,9 @@
 
 The fake store keeps what it "durably" has as a list of records per partition, checks the
 epoch and flushed head as PartitionStore does, and can block (asyncio.Event) or fail on
-demand. ``load`` rebuilds a partition by replaying what it has.
+demand: before the commit (nothing kept) or after it (kept, as a database whose reply was
+lost). ``load`` rebuilds a partition by replaying what it has. tests/integration/
+test_outcomes.py serves the same store through the gRPC service.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from inventory_core import (
     AvailabilityChanged,
+    CapacityExhausted,
     CheckpointDelta,
+    Command,
     Expire,
     InventoryKey,
     Line,
@@ -28,9 +34,11 @@ from inventory_core import (
     Reserve,
     Reserved,
     SetStock,
+    Step,
     StockChanged,
 )
 from persistence.store import FencedOut
+from shard_router.shard import owner as owner_module
 from shard_router.shard.owner import (
     DeadlineExpired,
     FlushFailed,
@@ -61,7 +69,11 @@ class FakeStore:
     checkpoints: list[list[CheckpointDelta]] = field(default_factory=list)
     flush_gate: asyncio.Event | None = None
     load_gate: asyncio.Event | None = None
+    checkpoint_gate: asyncio.Event | None = None
+    checkpoint_calls: int = 0
     fail_flushes: int = 0
+    # Flushes that commit (the records are kept) and then raise: the reply was lost.
+    fail_flushes_after_commit: int = 0
     fail_loads: int = 0
     fail_checkpoints: int = 0
     loads: list[list[int]] = field(default_factory=list)
@@ -77,7 +89,7 @@ class FakeStore:
         epochs: dict[int, int],
         flushed_heads: dict[int, int],
         events: Sequence[AvailabilityChanged] = (),
-    ) -> None:
+    ) -> tuple[int, ...]:
         self.flush_calls.append(list(records))
         if self.flush_gate is not None:
             await self.flush_gate.wait()
@@ -89,15 +101,22 @@ class FakeStore:
             for p in {r.partition for r in records}
             if epochs[p] != self.epoch[p] or flushed_heads[p] != len(self.durable[p])
         ]
-        if lost:
-            raise FencedOut(lost)
+        if lost:  # the transaction rolls back: nothing of the batch is written
+            return tuple(sorted(lost))
         for record in records:
             assert record.lsn == len(self.durable[record.partition]) + 1
             self.durable[record.partition].append(record)
+        if self.fail_flushes_after_commit:
+            self.fail_flushes_after_commit -= 1
+            raise StoreDown("connection reset after commit")
+        return ()
 
     async def write_checkpoint(
         self, deltas: Sequence[CheckpointDelta], epochs: dict[int, int]
     ) -> None:
+        self.checkpoint_calls += 1
+        if self.checkpoint_gate is not None:
+            await self.checkpoint_gate.wait()
         if self.fail_checkpoints:
             self.fail_checkpoints -= 1
             raise StoreDown("checkpoint lost")
@@ -350,7 +369,7 @@ def test_partition_taken_by_another_owner_during_recovery_is_not_readopted() -> 
             await until(lambda: len(r.store.flush_calls) == 1, "the flush to start")
             r.store.own(3)  # someone else takes partition 3: our flush is fenced
             r.store.flush_gate.set()
-            with pytest.raises(FlushFailed):
+            with pytest.raises(NotOwner):  # nothing was written: retryable, not unknown
                 await pending
             await until(lambda: not r.owner._recovering, "recovery to give up")
             assert not r.owner.owns(3)
@@ -358,6 +377,148 @@ def test_partition_taken_by_another_owner_during_recovery_is_not_readopted() -> 
                 await r.owner.mutate(3, set_stock(APPLE, 1, "s1"), None)
             assert not refused.value.recovering
             assert r.store.durable[3] == []
+
+    run(body)
+
+
+def test_a_fenced_partition_is_dropped_alone_and_the_rest_of_the_batch_is_flushed() -> None:
+    async def body() -> None:
+        async with rig(partitions=(3, 5), start=False) as r:
+            r.store.flush_gate = asyncio.Event()
+            fenced = mutate(r, 3, set_stock(APPLE, 1, "s1"))
+            kept = mutate(r, 5, set_stock(APPLE, 2, "s2"))
+            r.start()  # both queued first: one batch
+            await until(lambda: len(r.store.flush_calls) == 1, "the flush to start")
+            assert {rec.partition for rec in r.store.flush_calls[0]} == {3, 5}
+            r.store.own(3)  # another owner takes partition 3 while the batch is in flight
+            r.store.flush_gate.set()
+            with pytest.raises(NotOwner):
+                await fenced
+            assert isinstance(await kept, StockChanged)
+            # Flushed again without partition 3: only 5's record is durable.
+            assert [rec.partition for rec in r.store.flush_calls[1]] == [5]
+            assert r.store.durable[3] == [] and len(r.store.durable[5]) == 1
+            assert r.owner.stats.fenced == 1
+            await until(lambda: not r.owner._recovering, "recovery to give 3 up")
+            assert not r.owner.owns(3) and r.owner.owns(5)
+
+    run(body)
+
+
+def test_process_usage_counts_owned_partitions_and_bounds_them() -> None:
+    async def body() -> None:
+        async with rig(partitions=(3, 5)) as r:
+            await r.owner.mutate(3, set_stock(APPLE, 5, "s1"), None)
+            await r.owner.mutate(5, set_stock(PEAR, 5, "s2"), None)
+            await r.owner.mutate(5, reserve(PEAR, 1, "r1"), None)
+            usage = r.owner.usage
+            assert (usage.keys, usage.reservations_live, usage.idempotency_entries) == (2, 1, 3)
+            usage.keys_max = 2
+            refused = await r.owner.mutate(3, set_stock(FIG, 1, "s3"), None)
+            assert refused == CapacityExhausted("process_keys_max", 2)
+            r.owner.drop([5])  # a hand-off: its share leaves the totals
+            assert (usage.keys, usage.reservations_live, usage.idempotency_entries) == (1, 0, 1)
+            assert isinstance(await r.owner.mutate(3, set_stock(FIG, 1, "s4"), None), StockChanged)
+
+    run(body)
+
+
+# ------------------------------------------------------------------- a core exception
+
+
+class CoreBroke(Exception):
+    """What a bug in the core looks like to the owner."""
+
+
+def break_core_on(monkeypatch: pytest.MonkeyPatch, idempotency_key: str) -> None:
+    """Partition.apply raises for the command with this idempotency key, in any partition."""
+    original = Partition.apply
+
+    def apply(self: Partition, command: Command) -> Step:
+        if getattr(command, "idempotency_key", None) == idempotency_key:
+            raise CoreBroke(f"corrupt state on {idempotency_key}")
+        return original(self, command)
+
+    monkeypatch.setattr(Partition, "apply", apply)
+
+
+def test_core_exception_fail_stops_its_partition_alone_and_refuses_its_items_retryably(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    break_core_on(monkeypatch, "boom")
+
+    async def body() -> None:
+        async with rig(partitions=(3, 5), start=False) as r:
+            r.store.load_gate = asyncio.Event()
+            # One batch: partition 3 applies s1, breaks on boom, then has s2 queued behind.
+            before = mutate(r, 3, set_stock(APPLE, 10, "s1"))
+            read = asyncio.create_task(r.owner.levels(3, (APPLE,), None))
+            other = mutate(r, 5, set_stock(FIG, 1, "f1"))
+            broken = mutate(r, 3, reserve(APPLE, 1, "boom"))
+            after = mutate(r, 3, set_stock(PEAR, 2, "s2"))
+            await settle()
+            assert r.owner.queue_depth() == 5
+            with capture_logs() as logs:
+                monkeypatch.setattr(owner_module, "log", structlog.get_logger())
+                r.start()
+                for task in (before, broken, after):
+                    with pytest.raises(NotOwner) as refused:
+                        await task
+                    assert refused.value.recovering and refused.value.partition == 3
+                outcome = await other
+            # The read came first and saw only durable state; the other partition flushed.
+            assert (await read)[0].exists is False
+            assert isinstance(outcome, StockChanged)
+            assert [[(rec.partition, rec.lsn) for rec in call] for call in r.store.flush_calls] == [
+                [(5, 1)]
+            ]
+            assert r.store.durable[3] == []
+            assert r.owner.stats.core_failures == 1
+            (failure,) = [entry for entry in logs if entry["event"] == "core_failed"]
+            assert failure["log_level"] == "error"
+            assert (failure["partition"], failure["kind"], failure["exc_info"]) == (
+                3,
+                "Reserve",
+                True,
+            )
+
+            # The process goes on: 3 recovers from the store, 5 never stopped serving.
+            assert r.loop_task is not None and not r.loop_task.done()
+            assert not r.owner.owns(3) and r.owner.recovering_partitions == [3]
+            assert isinstance(await r.owner.mutate(5, set_stock(FIG, 2, "f2"), None), StockChanged)
+            r.store.load_gate.set()
+            await until(lambda: r.owner.owns(3), "recovery")
+            assert r.core(3).snapshot() == r.store.rebuild(3).snapshot()
+            # Nothing of partition 3 was applied: the retries run afresh.
+            again = await r.owner.mutate(3, set_stock(APPLE, 10, "s1"), None)
+            assert isinstance(again, StockChanged) and again.level.on_hand == 10
+            assert [rec.lsn for rec in r.store.durable[3]] == [1]
+
+    run(body)
+
+
+def test_core_exception_in_an_expiry_tick_fail_stops_the_partition_not_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def expire_due(self: Partition, now_ms: int) -> Step:
+        raise CoreBroke("corrupt expiry heap")
+
+    async def body() -> None:
+        async with rig(OwnerLimits(expiry_tick_s=0.005), partitions=(3, 5)) as r:
+            await r.owner.mutate(3, set_stock(APPLE, 5, "s1"), None)
+            reserved = await r.owner.mutate(3, reserve(APPLE, 2, "r1", ttl_s=30), None)
+            assert isinstance(reserved, Reserved)
+            r.store.load_gate = asyncio.Event()
+            monkeypatch.setattr(Partition, "expire_due", expire_due)
+            r.clock.now_ms = reserved.reservation.expires_at_ms
+            await until(lambda: not r.owner.owns(3), "the partition to fail-stop")
+            assert r.owner.stats.core_failures == 1
+            assert isinstance(await r.owner.mutate(5, set_stock(FIG, 1, "f1"), None), StockChanged)
+            monkeypatch.undo()
+            r.store.load_gate.set()
+            await until(lambda: r.owner.owns(3), "recovery")
+            await until(lambda: len(r.store.durable[3]) == 3, "the expiry record")
+            assert isinstance(r.store.durable[3][2].command, Expire)
 
     run(body)
 
@@ -477,10 +638,7 @@ def test_checkpoint_transactions_hold_at_most_checkpoint_transaction_rows_max_ro
                     await r.owner.mutate(partition, set_stock(fruit, 1, f"s{partition}{i}"), None)
             await r.owner.checkpoint_now()
             groups = [sorted(d.partition for d in group) for group in r.store.checkpoints]
-            rows = [
-                sum(len(d.stock) + len(d.reservations) + len(d.idempotency) for d in group)
-                for group in r.store.checkpoints
-            ]
+            rows = [sum(d.row_count for d in group) for group in r.store.checkpoints]
             # Each partition's delta holds 2 keys + 2 idempotency entries (4 rows) or 2 rows:
             # one partition per transaction at the bound of 4, never a partition split.
             assert sorted(p for g in groups for p in g) == [3, 5, 7]
@@ -521,7 +679,7 @@ def test_failed_checkpoint_write_makes_the_next_one_full() -> None:
             await until(lambda: len(r.store.checkpoints) == 1, "the next checkpoint")
             (delta,) = r.store.checkpoints[0]
             assert delta.full and delta.lsn == 2
-            assert {k for k, _ in delta.stock} == {APPLE, PEAR}
+            assert {k for k, _ in delta.tables["stock"].upserts} == {APPLE, PEAR}
 
     run(body)
 
@@ -565,5 +723,79 @@ def test_expiry_timer_queues_at_most_one_tick_per_partition() -> None:
             r.store.flush_gate.set()
             await stalled
             assert depth <= 1, f"{depth} expiry ticks queued for one partition"
+
+    run(body)
+
+
+# ----------------------------------------------------------------------------- shutdown
+
+
+def test_close_finishes_the_checkpoint_in_flight_then_leaves_no_task_pending() -> None:
+    async def body() -> None:
+        outside = asyncio.all_tasks()
+        limits = OwnerLimits(
+            expiry_tick_s=3600, checkpoint_records_max=1, recovery_backoff_s_max=0.01
+        )
+        async with rig(limits, partitions=(3, 5)) as r:
+            # A checkpoint in flight, held by the store...
+            r.store.checkpoint_gate = asyncio.Event()
+            await r.owner.mutate(5, set_stock(FIG, 1, "f1"), None)
+            await until(lambda: r.store.checkpoint_calls == 1, "the checkpoint to start")
+            # ...and a recovery retrying against a store that stays down.
+            r.store.fail_flushes, r.store.fail_loads = 1, 1_000_000
+            with pytest.raises(FlushFailed):
+                await r.owner.mutate(3, set_stock(APPLE, 1, "s1"), None)
+            await until(lambda: len(r.store.loads) >= 3, "the recovery to retry")
+
+            # Shutdown as the shard's main does it: drain, stop the loop, close.
+            await r.owner.drain()
+            assert r.loop_task is not None
+            r.loop_task.cancel()
+            await asyncio.wait([r.loop_task])
+            closing = asyncio.create_task(r.owner.close())
+            await settle()
+            assert not closing.done(), "close() must let the checkpoint in flight finish"
+            r.store.checkpoint_gate.set()
+            await closing
+            assert [[d.partition for d in group] for group in r.store.checkpoints] == [[5]]
+            assert r.owner.recovering_partitions == [3]  # never recovered: cancelled
+            assert asyncio.all_tasks() <= outside, asyncio.all_tasks() - outside
+            # After close nothing is taken.
+            with pytest.raises(NotOwner):
+                await r.owner.mutate(5, set_stock(FIG, 2, "f2"), None)
+
+    run(body)
+
+
+def test_close_refuses_what_is_still_queued_as_not_applied() -> None:
+    async def body() -> None:
+        async with rig(start=False) as r:
+            queued = mutate(r, 3, set_stock(APPLE, 1, "s1"))
+            await settle()
+            await r.owner.close()
+            with pytest.raises(NotOwner) as refused:
+                await queued
+            assert not refused.value.recovering
+            await asyncio.wait_for(r.owner.drain(), WAIT_S)  # refused work counts as done
+            assert r.store.flush_calls == []
+
+    run(body)
+
+
+def test_loop_stopped_during_a_flush_answers_outcome_unknown_and_drops_the_partition() -> None:
+    async def body() -> None:
+        async with rig() as r:
+            r.store.flush_gate = asyncio.Event()
+            pending = mutate(r, 3, set_stock(APPLE, 1, "s1"))
+            await until(lambda: len(r.store.flush_calls) == 1, "the flush to start")
+            assert r.loop_task is not None
+            r.loop_task.cancel()
+            await asyncio.wait([r.loop_task])
+            with pytest.raises(FlushFailed):
+                await pending
+            # Memory may be ahead of the store: it must not be served or checkpointed.
+            assert not r.owner.owns(3)
+            await r.owner.checkpoint_now()
+            assert r.store.checkpoints == []
 
     run(body)
