@@ -8,6 +8,7 @@ import shlex
 import sys
 from typing import Any
 
+from . import require_extra
 from .suites import SUITE_DEFAULT, SUITES, TARGETS
 from .workloads import WORKLOADS
 
@@ -194,6 +195,7 @@ def options_from(parsed: argparse.Namespace) -> argparse.Namespace:
 
 
 def _run(parsed: argparse.Namespace) -> None:
+    require_extra("inventory bench")  # before the harness imports it
     from .bench import run
 
     if not getattr(parsed, "command_line", None):
@@ -215,6 +217,7 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    require_extra("python -m benchmarks")
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=DESCRIPTION)
     add_arguments(parser)
     parsed = parser.parse_args(argv)

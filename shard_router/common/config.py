@@ -1,13 +1,18 @@
 """One typed configuration, read from flags with environment fallbacks.
 
 Every setting has a flag and an ``INVENTORY_*`` variable; flags win. Processes started by
-``inventory up`` get theirs as flags, so ``ps`` shows how each one runs.
+``inventory up`` get theirs as flags, so ``ps`` shows how each one runs. Every ``--help``
+shows each option's default (``HelpFormatter``); a default read from the environment is
+shown as it is, so ``--help`` tells what a run would use.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import re
+import textwrap
 from dataclasses import dataclass
 
 ENVIRONMENT_PREFIX = "INVENTORY_"
@@ -40,6 +45,57 @@ class RouterConfig:
     redis_url: str = ""
 
 
+# A help text that already names its default: "(default: x)", "Default: x", "; default x",
+# "(default none)", or a required option's "(required unless ...)".
+_SAYS_DEFAULT = re.compile(r"\(default\b|\bdefault:|; default\b|\(required\b", re.IGNORECASE)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it.
+
+    Unlike argparse's own formatter this also covers options without a help text, shows an
+    empty or absent default as ``none`` and a flag's as ``off``.
+    """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Wrapped as argparse does, but never inside a word: a command stays copyable."""
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.fill(
+            text,
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.option_strings and not action.help and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)  # argparse shows no help line at all without a text
+            action.help = _default_text(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").strip()
+        if not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if _SAYS_DEFAULT.search(text):
+            return text
+        return f"{text} {_default_text(action)}"
+
+
+def _default_text(action: argparse.Action) -> str:
+    if action.nargs == 0:  # store_true and the like
+        return f"(default: {'on' if action.default else 'off'})"
+    if action.default is None or action.default in ("", []):
+        return "(default: none)"
+    return "(default: %(default)s)"
+
+
 def router_config(options: argparse.Namespace) -> RouterConfig:
     from inventory_core import PARTITION_COUNT
 
@@ -65,11 +121,17 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add_log_level_argument(parser)
 
 
-def add_redis_argument(parser: argparse.ArgumentParser) -> None:
+def add_redis_argument(parser: argparse.ArgumentParser, embedded: bool = False) -> None:
+    if env("REDIS_URL", ""):
+        shown = "(default: from INVENTORY_REDIS_URL)"  # never print a password
+    elif embedded:
+        shown = "(default: an embedded Redis with its data in DATA_DIR/redis)"
+    else:
+        shown = "(default: none: no events, STRONG reads only)"
     parser.add_argument(
         "--redis-url",
         default=env("REDIS_URL", ""),
-        help="Redis for availability events and the read view [INVENTORY_REDIS_URL]",
+        help=f"Redis for availability events and the read view [INVENTORY_REDIS_URL] {shown}",
     )
 
 
@@ -77,7 +139,7 @@ def add_lease_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--membership-lease-s",
         type=float,
-        default=float(env("MEMBERSHIP_LEASE_S", "3.0")),
+        default=env("MEMBERSHIP_LEASE_S", "3.0"),  # a string default goes through `type`
         help="heartbeat age after which a shard counts as dead [INVENTORY_MEMBERSHIP_LEASE_S]",
     )
 
@@ -87,7 +149,7 @@ def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         default=env("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
-        help="[INVENTORY_LOG_LEVEL]",
+        help="level of the JSON logs [INVENTORY_LOG_LEVEL]",
     )
 
 
@@ -109,7 +171,8 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--advertise",
         default=env("ADVERTISE", ""),
-        help="address routers use to reach this shard [INVENTORY_ADVERTISE]",
+        help="address routers use to reach this shard [INVENTORY_ADVERTISE] "
+        "(default: the --listen host and the bound port)",
     )
     add_lease_argument(parser)
     add_database_argument(parser)
@@ -117,12 +180,20 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add_log_level_argument(parser)
 
 
-def add_database_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_database_argument(
+    parser: argparse.ArgumentParser, required: bool = True, embedded: bool = False
+) -> None:
+    if env("DATABASE_URL", ""):
+        shown = "(default: from INVENTORY_DATABASE_URL)"  # never print a password
+    elif embedded:
+        shown = "(default: an embedded PostgreSQL with its data in DATA_DIR/postgres)"
+    else:
+        shown = "(required unless INVENTORY_DATABASE_URL is set)" if required else ""
     parser.add_argument(
         "--database-url",
         default=env("DATABASE_URL", ""),
         required=required and not env("DATABASE_URL", ""),
-        help="PostgreSQL DSN [INVENTORY_DATABASE_URL]",
+        help=f"PostgreSQL DSN [INVENTORY_DATABASE_URL] {shown}".strip(),
     )
 
 

@@ -12,7 +12,6 @@ import signal
 from collections.abc import Sequence
 
 import structlog
-import uvloop
 from inventory.v1 import events_pb2, events_pb2_grpc, inventory_pb2, inventory_pb2_grpc
 
 from persistence.connections import create_pool
@@ -20,7 +19,7 @@ from persistence.membership import Membership
 from persistence.readview import EventReader, SnapshotTooLarge
 
 from ..common.config import RouterConfig
-from ..common.server import create_server, set_serving
+from ..common.server import create_server, run_server, set_serving
 from ..common.telemetry import configure_logging
 from .routing import Routes
 from .service import RouterService
@@ -108,5 +107,7 @@ class _WatchSource:
 
 
 def main(config: RouterConfig) -> None:
+    """Run until SIGTERM/SIGINT; a listen address that cannot be bound exits with
+    LISTEN_FAILED_EXIT_CODE after one line on stderr, checked before any database work."""
     configure_logging(config.log_level, "router")
-    uvloop.run(serve(config))
+    run_server(lambda: serve(config), config.listen)

@@ -15,7 +15,6 @@ import signal
 import time
 
 import structlog
-import uvloop
 from inventory.v1 import inventory_pb2, inventory_pb2_grpc
 
 from persistence.connections import create_pool
@@ -25,7 +24,7 @@ from persistence.migrate import ensure_partitions, migrate
 from persistence.store import PartitionStore
 
 from ..common.config import ShardConfig
-from ..common.server import create_server, set_serving
+from ..common.server import create_server, run_server, set_serving
 from ..common.telemetry import configure_logging
 from .owner import Owner
 from .ownership import Ownership
@@ -191,5 +190,7 @@ def _publisher_figures(publisher: EventPublisher) -> dict[str, int]:
 
 
 def main(config: ShardConfig) -> None:
+    """Run until SIGTERM/SIGINT; a listen address that cannot be bound exits with
+    LISTEN_FAILED_EXIT_CODE after one line on stderr, checked before any database work."""
     configure_logging(config.log_level, f"shard:{config.shard_id}")
-    uvloop.run(serve(config))
+    run_server(lambda: serve(config), config.listen)
