@@ -129,13 +129,21 @@ class EmbeddedPostgres:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         _prune_dead_handle_pids(data_dir)
         pgserver = _import_pgserver()
+        # A postmaster already serving this PGDATA belongs to someone else: never stop it.
+        ours = _postmaster_pid(data_dir) is None
         try:
             server = pgserver.get_server(data_dir, cleanup_mode="stop")
         except (subprocess.SubprocessError, OSError, AssertionError) as error:
+            if ours:
+                _stop_postmaster_of(data_dir)
             raise EmbeddedServerError(
                 f"embedded PostgreSQL failed to start in {data_dir}: {error}\n"
                 f"{_log_tail(data_dir / 'log')}"
             ) from error
+        except BaseException:  # interrupted (a signal, Ctrl-C): no server may outlive us
+            if ours:
+                _stop_postmaster_of(data_dir)
+            raise
         info = server.get_postmaster_info()
         self._server = server
         self._data_dir = data_dir
@@ -172,6 +180,28 @@ class EmbeddedPostgres:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _postmaster_pid(data_dir: Path) -> int | None:
+    """The pid in PGDATA's postmaster.pid when that process is alive, else None."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _stop_postmaster_of(data_dir: Path) -> None:
+    """Stop a postmaster that an interrupted start left behind."""
+    pid = _postmaster_pid(data_dir)
+    if pid is None:
+        return  # never forked, or already gone
+    for stop_signal in (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL):  # fast, then harder
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, stop_signal)
+        if _wait_for_pid_exit(pid, POSTGRES_KILL_TIMEOUT_S):
+            return
 
 
 def _import_pgserver() -> Any:
