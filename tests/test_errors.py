@@ -1,13 +1,19 @@
-"""The rejection <-> google.rpc.Status table, checked in both directions for every rejection."""
+"""The one table of answers, both ways: every core rejection and every shell outcome maps to
+its gRPC code, ErrorInfo reason and class and back; every shell outcome's class is pinned;
+a status the service did not make falls back by code. Also the one table of calls
+(shard_router.common.rpcs) against the proto."""
 
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from inventory.v1 import inventory_pb2 as pb
+from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from inventory_core import (
     CapacityExhausted,
@@ -22,7 +28,7 @@ from inventory_core import (
     ShortLine,
     VersionMismatch,
 )
-from shard_router.common import errors
+from shard_router.common import batching, errors, rpcs, servicer
 
 KEY = InventoryKey("merchant-1", "sku-42", "loc-7")
 OTHER_KEY = InventoryKey("merchant-1", "sku-43", "loc-7")
@@ -124,3 +130,249 @@ def test_status_with_only_typed_detail_and_no_error_info_is_not_a_rejection() ->
     detail.Pack(error_details_pb2.ResourceInfo(resource_name="r0003-0000000012"))
     status = status_pb2.Status(code=grpc.StatusCode.NOT_FOUND.value[0], details=[detail])
     assert errors.rejection_from_status(status) is None
+
+
+# ------------------------------------------------------------- the whole answer table
+
+FINAL, RETRYABLE, UNKNOWN = (
+    errors.AnswerClass.FINAL,
+    errors.AnswerClass.RETRYABLE,
+    errors.AnswerClass.OUTCOME_UNKNOWN,
+)
+ROW_CLASSES = [(row, answer_class) for row in errors.TABLE for answer_class in row.classes]
+
+
+def test_reasons_of_the_whole_table_are_unique() -> None:
+    reasons = [row.reason for row in errors.TABLE]
+    assert len(set(reasons)) == len(reasons)
+    assert set(errors.BY_REASON) == set(reasons)
+
+
+def test_every_core_rejection_is_final() -> None:
+    assert all(row.classes == (FINAL,) for row in errors.REJECTIONS.values())
+    for rejection in EXAMPLES:
+        assert errors.answer_class_of(errors.rejection_to_status(rejection)) is FINAL
+
+
+@pytest.mark.parametrize(
+    ("row", "answer_class"), ROW_CLASSES, ids=[f"{r.reason}-{c.value}" for r, c in ROW_CLASSES]
+)
+def test_every_row_maps_to_its_code_reason_and_class_and_back(
+    row: errors.Answer, answer_class: errors.AnswerClass
+) -> None:
+    status = errors.answer(row, "what happened", answer_class=answer_class)
+    wire = status_pb2.Status.FromString(status.SerializeToString())
+    assert wire.code == row.code.value[0]
+    info = _error_info(wire)
+    assert (info.domain, info.reason) == (errors.DOMAIN, row.reason)
+    assert info.metadata[errors.ANSWER_CLASS_KEY] == answer_class.value
+    assert errors.answer_class_of(wire) is answer_class
+    assert errors.BY_REASON[errors.reason_of(wire) or ""] is row
+
+
+def test_a_row_refuses_a_class_it_does_not_allow() -> None:
+    with pytest.raises(AssertionError):
+        errors.answer(errors.NOT_OWNER, "x", answer_class=UNKNOWN)
+    with pytest.raises(AssertionError):
+        errors.answer(errors.OWNERS_UNAVAILABLE, "which class?")
+
+
+# Every shell outcome, built by its constructor, with the class it must carry (pinned).
+SHELL_OUTCOMES: list[tuple[str, status_pb2.Status, grpc.StatusCode, errors.AnswerClass]] = [
+    ("not owner", errors.not_owner(3, "x"), grpc.StatusCode.UNAVAILABLE, RETRYABLE),
+    ("recovering", errors.partition_recovering(3, "x"), grpc.StatusCode.UNAVAILABLE, RETRYABLE),
+    ("fenced", errors.fenced(3, "x"), grpc.StatusCode.UNAVAILABLE, RETRYABLE),
+    ("overloaded", errors.overloaded("x"), grpc.StatusCode.RESOURCE_EXHAUSTED, RETRYABLE),
+    (
+        "deadline before applied",
+        errors.deadline_not_applied("x"),
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        RETRYABLE,
+    ),
+    (
+        "deadline while waiting, mutation",
+        errors.deadline_passed("x", mutating=True),
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        UNKNOWN,
+    ),
+    (
+        "deadline while waiting, read",
+        errors.deadline_passed("x", mutating=False),
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        RETRYABLE,
+    ),
+    ("flush failed", errors.flush_failed("x", [3]), grpc.StatusCode.UNAVAILABLE, UNKNOWN),
+    (
+        "owners unavailable, all known not applied",
+        errors.owners_unavailable("x", outcome_unknown=False),
+        grpc.StatusCode.UNAVAILABLE,
+        RETRYABLE,
+    ),
+    (
+        "owners unavailable, an attempt unknown",
+        errors.owners_unavailable("x", outcome_unknown=True),
+        grpc.StatusCode.UNAVAILABLE,
+        UNKNOWN,
+    ),
+    (
+        "stream broken, mutation sent",
+        errors.stream_broken("x", sent=True, mutating=True),
+        grpc.StatusCode.UNAVAILABLE,
+        UNKNOWN,
+    ),
+    (
+        "stream broken, never sent",
+        errors.stream_broken("x", sent=False, mutating=True),
+        grpc.StatusCode.UNAVAILABLE,
+        RETRYABLE,
+    ),
+    (
+        "stream broken, read",
+        errors.stream_broken("x", sent=True, mutating=False),
+        grpc.StatusCode.UNAVAILABLE,
+        RETRYABLE,
+    ),
+    (
+        "internal, mutation",
+        errors.internal("x", mutating=True),
+        grpc.StatusCode.INTERNAL,
+        UNKNOWN,
+    ),
+    (
+        "internal, read",
+        errors.internal("x", mutating=False),
+        grpc.StatusCode.INTERNAL,
+        RETRYABLE,
+    ),
+    ("unimplemented", errors.unimplemented("x"), grpc.StatusCode.UNIMPLEMENTED, FINAL),
+    (
+        "order released",
+        errors.order_released("order-1"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        FINAL,
+    ),
+    (
+        "order unknown",
+        errors.order_outcome_unknown("order-1", [1], "flush failed"),
+        grpc.StatusCode.UNAVAILABLE,
+        UNKNOWN,
+    ),
+    ("server stopping", errors.server_stopping("x"), grpc.StatusCode.UNAVAILABLE, RETRYABLE),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "code", "answer_class"), SHELL_OUTCOMES, ids=[o[0] for o in SHELL_OUTCOMES]
+)
+def test_every_shell_outcome_has_its_pinned_code_and_class(
+    name: str, status: status_pb2.Status, code: grpc.StatusCode, answer_class: errors.AnswerClass
+) -> None:
+    assert status.code == code.value[0], name
+    assert errors.answer_class_of(status) is answer_class, name
+    assert errors.rejection_from_status(status) is None, "a shell outcome is no rejection"
+    assert _error_info(status).domain == errors.DOMAIN
+
+
+def test_the_pinned_outcomes_cover_every_shell_row() -> None:
+    covered = {errors.reason_of(status) for _, status, _, _ in SHELL_OUTCOMES}
+    assert covered == {row.reason for row in errors.SHELL}
+
+
+@pytest.mark.parametrize("code", list(grpc.StatusCode), ids=lambda c: c.name)
+def test_a_status_without_our_error_info_falls_back_by_code(code: grpc.StatusCode) -> None:
+    maybe_applied = {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.ABORTED,
+    }
+    expected = UNKNOWN if code in maybe_applied else FINAL
+    assert errors.answer_class_of(errors.status(code, "made by gRPC")) is expected
+    foreign = error_details_pb2.ErrorInfo(
+        reason="NOT_OWNER", domain="elsewhere", metadata={errors.ANSWER_CLASS_KEY: "retryable"}
+    )
+    assert errors.answer_class_of(errors.status(code, "another domain", foreign)) is expected
+
+
+def test_answer_class_metadata_wins_even_for_a_reason_this_table_does_not_know() -> None:
+    info = error_details_pb2.ErrorInfo(
+        reason="SOMETHING_NEW",
+        domain=errors.DOMAIN,
+        metadata={errors.ANSWER_CLASS_KEY: "retryable"},
+    )
+    status = errors.status(grpc.StatusCode.UNAVAILABLE, "newer server", info)
+    assert errors.answer_class_of(status) is RETRYABLE
+
+
+def test_a_known_reason_without_class_metadata_gets_its_rows_class() -> None:
+    info = error_details_pb2.ErrorInfo(reason="NOT_OWNER", domain=errors.DOMAIN)
+    status = errors.status(grpc.StatusCode.UNAVAILABLE, "older server", info)
+    assert errors.answer_class_of(status) is RETRYABLE
+    two_classes = error_details_pb2.ErrorInfo(reason="STREAM_BROKEN", domain=errors.DOMAIN)
+    status = errors.status(grpc.StatusCode.UNAVAILABLE, "older server", two_classes)
+    assert errors.answer_class_of(status) is UNKNOWN  # by code
+
+
+def test_after_attempts_never_reports_not_applied_when_an_earlier_attempt_may_have_been() -> None:
+    not_applied = errors.deadline_not_applied("the last attempt was not applied")
+    assert errors.after_attempts(not_applied, earlier_unknown=False) is not_applied
+    honest = errors.after_attempts(not_applied, earlier_unknown=True)
+    assert honest.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert errors.answer_class_of(honest) is UNKNOWN
+    shed = errors.after_attempts(errors.overloaded("queue full"), earlier_unknown=True)
+    assert errors.answer_class_of(shed) is UNKNOWN
+    final = errors.rejection_to_status(ReservationNotFound("r0003-0000000012"))
+    assert errors.after_attempts(final, earlier_unknown=True) is final  # the truth, by key
+
+
+def test_times_in_messages_are_iso_8601_utc_while_the_detail_keeps_epoch_ms() -> None:
+    changed_at_ms = 1_796_119_200_123  # 2026-12-01T10:00:00.123Z
+    rejection = ReservationNotActive("r0003-0000000012", ReservationState.EXPIRED, changed_at_ms)
+    status = errors.rejection_to_status(rejection)
+    assert status.message == (
+        "reservation 'r0003-0000000012' is expired since 2026-12-01T10:00:00.123Z"
+    )
+    assert errors.rejection_from_status(status) == rejection
+    assert errors.iso_utc(0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_readme_and_proto_document_every_reason() -> None:
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    proto = (root / "protos/inventory/v1/inventory.proto").read_text()
+    for row in errors.TABLE:
+        assert f"| {row.code.name} | `{row.reason}` |" in readme, row.reason
+        assert row.reason in proto, row.reason
+
+
+# ------------------------------------------------------------ the table of calls
+
+
+def test_the_call_table_matches_the_proto_service_and_the_batch_item() -> None:
+    service = pb.DESCRIPTOR.services_by_name["Inventory"]
+    unary = {m.name: m for m in service.methods if not m.client_streaming}
+    assert set(unary) == set(rpcs.BY_METHOD)
+    assert {m.name for m in service.methods} - set(unary) == {"Batch"}
+    for rpc in rpcs.UNARY:
+        method = unary[rpc.method]
+        assert method.input_type is rpc.request_type.DESCRIPTOR, rpc
+        assert method.output_type is rpc.response_type.DESCRIPTOR, rpc
+        # A mutation carries an idempotency key (ReserveOrder's legs derive theirs).
+        assert ("idempotency_key" in method.input_type.fields_by_name) == rpc.mutating, rpc
+    item = pb.BatchItem.DESCRIPTOR.oneofs_by_name["call"]
+    result = pb.BatchItemResult.DESCRIPTOR.fields_by_name
+    assert [f.name for f in item.fields] == [rpc.field for rpc in rpcs.CALLS]
+    for field, rpc in zip(item.fields, rpcs.CALLS, strict=True):
+        assert field.message_type is rpc.request_type.DESCRIPTOR
+        assert result[rpc.field].message_type is rpc.response_type.DESCRIPTOR
+    assert tuple(rpc.field for rpc in rpcs.CALLS) == batching.CALL_FIELDS
+
+
+def test_the_servicer_serves_every_unary_call_of_the_table() -> None:
+    for rpc in rpcs.UNARY:
+        method = getattr(servicer.CallsServicer, rpc.method)
+        assert method.__name__ == rpc.method
+        assert method is not getattr(pb_grpc.InventoryServicer, rpc.method)

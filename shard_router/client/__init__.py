@@ -5,11 +5,14 @@
                                       idempotency_key="order-42")
 
 Methods return the generated response messages (typed by their .pyi) and raise the
-exceptions drawn in ``_errors``. Concurrent calls are batched onto one stream
-(``StreamBatcher``, also used by the router towards its shards) and UNAVAILABLE is retried
-with the same idempotency key.
+exceptions drawn in ``_errors``, each of one answer class (``AnswerClass``): final (the
+answer), ``NotApplied`` (retryable: nothing was applied) or ``OutcomeUnknown`` (it may have
+been applied: retry with the same idempotency key). Concurrent calls are batched onto one
+stream (``StreamBatcher``, also used by the router towards its shards); retryable answers are
+retried, and answers of unknown outcome are retried with the same idempotency key.
 """
 
+from ..common.errors import AnswerClass
 from ._batcher import BatcherStats, StreamBatcher
 from ._client import InventoryClient, key, line
 from ._errors import (
@@ -19,6 +22,8 @@ from ._errors import (
     InsufficientStock,
     InvalidArgument,
     InventoryError,
+    NotApplied,
+    OutcomeUnknown,
     Overloaded,
     ReservationNotActive,
     ReservationNotFound,
@@ -27,6 +32,7 @@ from ._errors import (
 )
 
 __all__ = [
+    "AnswerClass",
     "BatcherStats",
     "CapacityExhausted",
     "DeadlineExceeded",
@@ -35,6 +41,8 @@ __all__ = [
     "InvalidArgument",
     "InventoryClient",
     "InventoryError",
+    "NotApplied",
+    "OutcomeUnknown",
     "Overloaded",
     "ReservationNotActive",
     "ReservationNotFound",

@@ -10,17 +10,20 @@ How it works, and its rules:
      answered (or given up), so a busy stream carries few large requests, an idle one sends
      each call at once (no added latency).
   2. Each item keeps its own deadline: it is sent with the time it has left (``timeout_ms``),
-     answered locally DEADLINE_EXCEEDED if that ran out before it was sent (nothing applied),
-     and given up by its caller ``answer_grace_s`` after its deadline (outcome unknown: the
-     server answers expired items itself, so this only happens when the server is stuck).
+     answered locally DEADLINE_NOT_APPLIED (retryable) if that ran out before it was sent,
+     and given up by its caller ``answer_grace_s`` after its deadline: DEADLINE_PASSED,
+     outcome unknown for a mutation (the server answers expired items itself, so this only
+     happens when the server is stuck or a flush is slow).
   3. A broken stream (an error, or the server closing it with items pending) answers every
-     item of it UNAVAILABLE with a synthetic google.rpc.Status: whether an item sent on it was
-     applied is unknown. The stream is never reused; the next call opens a new one.
+     item of it STREAM_BROKEN (UNAVAILABLE): outcome unknown for a mutation sent on it,
+     retryable for one never sent and for a read. The stream is never reused; the next call
+     opens a new one.
   4. Bounded: at most ``pending_items_max`` items queued or in flight per stream; past it a
      call raises ``Overloaded`` at once (back-pressure rather than a backlog).
   5. Policy-free: no retries and no interpretation of results. A call returns the
      ``BatchItemResult`` exactly as the server (or rule 2 or 3) gave it, so the client and the
-     router each put their own policy on top.
+     router each put their own policy on top. Every local answer is a row of the error table
+     (shard_router.common.errors) with its class.
   6. Structured: each stream's reader and writer are tasks owned by that stream's run task,
      which the batcher owns; ``close()`` drains the pending items, half-closes the stream and
      cancels whatever is left.
@@ -38,10 +41,11 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 from google.protobuf.message import Message
+from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from ..common import batching, calls, errors
+from ..common import batching, calls, errors, rpcs
 from ._errors import Overloaded
 
 log = structlog.get_logger(__name__)
@@ -52,11 +56,12 @@ BATCH_ITEMS_MAX_DEFAULT = 500
 # BatchRequests outstanding on a stream (pipelining): enough to keep the server's pump busy
 # while the previous flush commits; more only makes each request smaller.
 REQUESTS_IN_FLIGHT_MAX_DEFAULT = 4
-# Items queued or in flight per stream: far below the server's STREAM_ITEMS_IN_FLIGHT_MAX
-# (20,000) times a few streams, and a few seconds of the fastest shard's throughput.
+# Items queued or in flight per stream: a few seconds of the fastest shard's throughput. Only
+# batch_items_max * requests_in_flight_max (2,000) of them are on the wire at once, within
+# the server's STREAM_ITEMS_HELD_MAX (4,000); the rest wait here.
 PENDING_ITEMS_MAX_DEFAULT = 50_000
 # How long after an item's deadline its caller still waits for the server's own answer
-# (DEADLINE_EXCEEDED: nothing applied, a definite outcome): a round trip plus one flush.
+# (DEADLINE_NOT_APPLIED, a definite outcome): a round trip plus one flush.
 ANSWER_GRACE_S_DEFAULT = 0.5
 # How long close() waits for pending items before cancelling them.
 CLOSE_DRAIN_S_MAX_DEFAULT = 10.0
@@ -110,8 +115,8 @@ class _Bounds:
     pending_items_max: int
 
 
-def _error_result(item_id: int, code: grpc.StatusCode, message: str) -> pb.BatchItemResult:
-    return pb.BatchItemResult(id=item_id, error=errors.status(code, message))
+def _error_result(item_id: int, status: status_pb2.Status) -> pb.BatchItemResult:
+    return pb.BatchItemResult(id=item_id, error=status)
 
 
 class _Stream:
@@ -204,9 +209,7 @@ class _Stream:
                 continue  # its caller gave up
             if item.deadline <= now:
                 message = "deadline passed before the item was sent; nothing applied"
-                self._settle(
-                    item, _error_result(item.id, grpc.StatusCode.DEADLINE_EXCEEDED, message)
-                )
+                self._settle(item, _error_result(item.id, errors.deadline_not_applied(message)))
                 self._stats.items_expired += 1
                 continue
             items.append(item)
@@ -243,19 +246,29 @@ class _Stream:
             self._idle.set()
 
     def _fail_all(self, reason: str) -> None:
-        items = [*self._in_flight.values(), *self._queue]
+        sent = [item for item in self._in_flight.values() if not item.future.done()]
+        unsent = [item for item in self._queue if not item.future.done()]
         self._in_flight.clear()
         self._queue.clear()
-        live = [item for item in items if not item.future.done()]
         self._idle.set()
-        if not live and reason in _CLEAN_ENDS:
+        if not sent and not unsent and reason in _CLEAN_ENDS:
             return
         self._stats.streams_broken += 1
-        self._stats.items_failed_unavailable += len(live)
-        log.warning("batch_stream_broken", reason=reason, items_failed=len(live))
-        message = f"Batch stream broke ({reason}); outcome unknown, retry with the same key"
-        for item in live:
-            self._settle(item, _error_result(item.id, grpc.StatusCode.UNAVAILABLE, message))
+        self._stats.items_failed_unavailable += len(sent) + len(unsent)
+        log.warning("batch_stream_broken", reason=reason, items_failed=len(sent) + len(unsent))
+        for item in sent:
+            mutating = rpcs.is_mutating(item.field_name)
+            message = f"Batch stream broke ({reason}) with the item sent: " + (
+                "outcome unknown, retry with the same idempotency key"
+                if mutating
+                else "retry the read"
+            )
+            status = errors.stream_broken(message, sent=True, mutating=mutating)
+            self._settle(item, _error_result(item.id, status))
+        for item in unsent:
+            message = f"Batch stream broke ({reason}) before the item was sent; nothing applied"
+            status = errors.stream_broken(message, sent=False, mutating=True)
+            self._settle(item, _error_result(item.id, status))
 
 
 def _reason(task: asyncio.Task[object]) -> str:
@@ -328,8 +341,11 @@ class StreamBatcher:
         except TimeoutError:
             stream.forget(item)
             self.stats.items_expired += 1
-            message = f"no answer within {timeout_s} s (+{self._answer_grace_s} s); outcome unknown"
-            return _error_result(item.id, grpc.StatusCode.DEADLINE_EXCEEDED, message)
+            mutating = rpcs.is_mutating(field_name)
+            fate = "outcome unknown" if mutating else "a read: nothing applied"
+            message = f"no answer within {timeout_s} s (+{self._answer_grace_s} s); {fate}"
+            status = errors.deadline_passed(message, mutating=mutating)
+            return _error_result(item.id, status)
         except asyncio.CancelledError:
             stream.forget(item)
             raise

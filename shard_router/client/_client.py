@@ -1,17 +1,33 @@
 """``InventoryClient``: the public Inventory API as typed async methods, with retries.
 
-Every method builds its request message once, then tries it until it has an answer:
+Every method builds its request message once, then tries that very message until it has
+an answer, by the answer's class (``_errors``, DESIGN section 11):
 
   1. One attempt goes onto the shared Batch stream (``batching=True``: concurrent calls of
-     this process travel together, see ``_batcher``) or is a plain unary call.
-  2. UNAVAILABLE (the owner is recovering or handing off, a NOT_OWNER redirect, a broken
-     stream) is retried with the very same request, so the same idempotency key: the server
-     answers a retry of an applied call with the original answer. Pauses grow exponentially
-     from ``backoff_s_initial`` to ``backoff_s_max`` with full jitter, drawn from a
-     ``random.Random`` seeded by ``seed``.
-  3. Retries stop at ``retry_attempts_max`` attempts (``Unavailable``) or at the call's
-     deadline (``DeadlineExceeded``); both leave the outcome unknown.
-  4. Any other status is final and raised at once as its precise exception (``_errors``).
+     this process travel together, see ``_batcher``) or is a plain unary call. A full
+     pending queue of this process raises ``Overloaded`` at once (back-pressure; but
+     ``OutcomeUnknown`` if an earlier attempt's outcome was unknown).
+  2. A final answer (a response, a rejection) is returned or raised at once; after an
+     attempt of unknown outcome it is the truth (the retry found the durable answer or ran
+     the call afresh).
+  3. A retryable answer (not the owner, recovering, overloaded, the work's deadline passed
+     before it was applied: nothing was applied) is tried again.
+  4. An answer of unknown outcome (a failed flush, a broken stream, a transport error) is
+     tried again only with the same idempotency key: always so, since the request is
+     resent unchanged, and a mutation without a key is never resent. The server answers a
+     retry of an applied call with its original answer. A read applies nothing, so its
+     unknown answers count as retryable.
+  5. Pauses grow exponentially from ``backoff_s_initial`` to ``backoff_s_max`` with full
+     jitter, drawn from a ``random.Random`` seeded by ``seed``. Retries stop at
+     ``retry_attempts_max`` attempts or at the call's deadline; the caller then gets
+     ``OutcomeUnknown`` (``Unavailable``, ``DeadlineExceeded``) if any attempt's outcome was
+     unknown, else ``NotApplied``: never "nothing applied" for work that might have been.
+  6. The call's deadline (``timeout_s``) is local: each attempt gets what is left of it. When
+     it fires before an answer, gRPC answers DEADLINE_EXCEEDED here without the server
+     having said anything, so the client raises ``DeadlineExceeded`` (outcome unknown: the
+     server may still apply the work; retry with the same idempotency key). On the Batch
+     stream the batcher waits its ``answer_grace_s`` past the deadline for the server's own,
+     definite answer before giving up the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +36,7 @@ import asyncio
 import random
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -29,9 +45,15 @@ from grpc_status import rpc_status
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from ..common import errors
+from ..common import errors, rpcs
+from ..common.errors import AnswerClass, answer_class_of
 from ._batcher import BatcherStats, StreamBatcher
-from ._errors import DeadlineExceeded, Unavailable, error_from_status, status_code
+from ._errors import (
+    Overloaded,
+    error_from_status,
+    given_up,
+    outcome_unknown,
+)
 
 R = TypeVar("R", bound=Message)
 
@@ -42,19 +64,6 @@ BACKOFF_S_INITIAL_DEFAULT = 0.02
 BACKOFF_S_MAX_DEFAULT = 1.0
 # The server's own default for an item without timeout_ms.
 TIMEOUT_S_DEFAULT = 10.0
-
-# The unary method of the stub for each Batch oneof field.
-_UNARY_METHODS = {
-    "get_availability": "GetAvailability",
-    "reserve": "Reserve",
-    "commit": "Commit",
-    "release": "Release",
-    "extend_reservation": "ExtendReservation",
-    "get_reservation": "GetReservation",
-    "adjust_stock": "AdjustStock",
-    "set_stock": "SetStock",
-    "set_safety_stock": "SetSafetyStock",
-}
 
 
 def key(merchant_id: str, sku_id: str, location_id: str) -> pb.InventoryKey:
@@ -134,7 +143,7 @@ class InventoryClient:
         timeout_s: float | None = None,
     ) -> pb.GetAvailabilityResponse:
         request = pb.GetAvailabilityRequest(keys=keys, consistency=consistency)
-        return await self._call("get_availability", request, pb.GetAvailabilityResponse, timeout_s)
+        return await self._call(rpcs.GET_AVAILABILITY, request, timeout_s)
 
     async def reserve(
         self,
@@ -145,7 +154,7 @@ class InventoryClient:
         timeout_s: float | None = None,
     ) -> pb.ReserveResponse:
         request = pb.ReserveRequest(lines=lines, ttl_s=ttl_s, idempotency_key=idempotency_key)
-        return await self._call("reserve", request, pb.ReserveResponse, timeout_s)
+        return await self._call(rpcs.RESERVE, request, timeout_s)
 
     async def commit(
         self,
@@ -162,7 +171,7 @@ class InventoryClient:
             lines=lines,
             idempotency_key=idempotency_key,
         )
-        return await self._call("commit", request, pb.CommitResponse, timeout_s)
+        return await self._call(rpcs.COMMIT, request, timeout_s)
 
     async def release(
         self,
@@ -175,7 +184,7 @@ class InventoryClient:
         request = pb.ReleaseRequest(
             merchant_id=merchant_id, reservation_id=reservation_id, idempotency_key=idempotency_key
         )
-        return await self._call("release", request, pb.ReleaseResponse, timeout_s)
+        return await self._call(rpcs.RELEASE, request, timeout_s)
 
     async def extend_reservation(
         self,
@@ -192,15 +201,13 @@ class InventoryClient:
             ttl_s=ttl_s,
             idempotency_key=idempotency_key,
         )
-        return await self._call(
-            "extend_reservation", request, pb.ExtendReservationResponse, timeout_s
-        )
+        return await self._call(rpcs.EXTEND_RESERVATION, request, timeout_s)
 
     async def get_reservation(
         self, merchant_id: str, reservation_id: str, *, timeout_s: float | None = None
     ) -> pb.GetReservationResponse:
         request = pb.GetReservationRequest(merchant_id=merchant_id, reservation_id=reservation_id)
-        return await self._call("get_reservation", request, pb.GetReservationResponse, timeout_s)
+        return await self._call(rpcs.GET_RESERVATION, request, timeout_s)
 
     async def adjust_stock(
         self,
@@ -219,7 +226,7 @@ class InventoryClient:
             occurred_at_ms=occurred_at_ms,
             idempotency_key=idempotency_key,
         )
-        return await self._call("adjust_stock", request, pb.AdjustStockResponse, timeout_s)
+        return await self._call(rpcs.ADJUST_STOCK, request, timeout_s)
 
     async def set_stock(
         self,
@@ -236,7 +243,7 @@ class InventoryClient:
             expected_version=expected_version,
             idempotency_key=idempotency_key,
         )
-        return await self._call("set_stock", request, pb.SetStockResponse, timeout_s)
+        return await self._call(rpcs.SET_STOCK, request, timeout_s)
 
     async def set_safety_stock(
         self,
@@ -253,35 +260,45 @@ class InventoryClient:
             expected_version=expected_version,
             idempotency_key=idempotency_key,
         )
-        return await self._call("set_safety_stock", request, pb.SetSafetyStockResponse, timeout_s)
+        return await self._call(rpcs.SET_SAFETY_STOCK, request, timeout_s)
 
     # -------------------------------------------------------------------------- the policy
 
-    async def _call(
-        self, field_name: str, request: Message, response_type: type[R], timeout_s: float | None
-    ) -> R:
+    async def _call(self, rpc: rpcs.Rpc[Any, R], request: Message, timeout_s: float | None) -> R:
+        """Try ``request`` until a final answer, by the rules of the module's docstring."""
         timeout_s = self._timeout_s_default if timeout_s is None else timeout_s
         assert timeout_s > 0, timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        unknown_seen = False  # has any attempt had an unknown outcome (maybe applied)?
         attempt = 0
         while True:
             attempt += 1
-            remaining_s = deadline - loop.time()
-            if remaining_s <= 0:  # the last pause overslept the deadline
-                raise _deadline_passed(attempt - 1)
-            answer = await self._attempt(field_name, request, remaining_s)
-            if isinstance(answer, response_type):
+            try:
+                answer = await self._attempt(rpc, request, deadline - loop.time())
+            except Overloaded as shed:  # this process's own queue: back-pressure, at once
+                if not unknown_seen:
+                    raise
+                raise given_up(shed.status, attempt, unknown_seen=True) from shed
+            if isinstance(answer, rpc.response_type):
                 return answer
             assert isinstance(answer, status_pb2.Status), answer
-            if status_code(answer) != grpc.StatusCode.UNAVAILABLE:
-                raise error_from_status(answer)
+            answer_class = answer_class_of(answer)
+            if answer_class is AnswerClass.OUTCOME_UNKNOWN and not rpc.mutating:
+                answer_class = AnswerClass.RETRYABLE  # a read applied nothing, whatever happened
+            if answer_class is AnswerClass.FINAL:
+                raise error_from_status(answer)  # the true answer, even after unknown attempts
+            unknown_seen = unknown_seen or answer_class is AnswerClass.OUTCOME_UNKNOWN
+            if answer_class is AnswerClass.OUTCOME_UNKNOWN and not _resend_is_safe(rpc, request):
+                raise outcome_unknown(answer, attempt, "; not resent: it has no idempotency key")
             if attempt >= self._retry_attempts_max:
-                raise Unavailable(answer, attempt)
+                raise given_up(answer, attempt, unknown_seen=unknown_seen)
             pause_s = self._backoff_s(attempt)
             if loop.time() + pause_s >= deadline:
-                raise _deadline_passed(attempt)
+                raise given_up(answer, attempt, unknown_seen=unknown_seen, deadline_passed=True)
             await asyncio.sleep(pause_s)
+            if loop.time() >= deadline:  # the pause overslept the deadline
+                raise given_up(answer, attempt, unknown_seen=unknown_seen, deadline_passed=True)
 
     def _backoff_s(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, initial * 2^(attempt-1)))."""
@@ -289,21 +306,21 @@ class InventoryClient:
         return self._random.uniform(0, ceiling_s)
 
     async def _attempt(
-        self, field_name: str, request: Message, timeout_s: float
+        self, rpc: rpcs.Rpc[Any, Any], request: Message, timeout_s: float
     ) -> Message | status_pb2.Status:
         """One try: the response message, or the status the call failed with."""
         stub, batcher = self._open()
         if batcher is not None:
-            result = await batcher.call(field_name, request, timeout_s)
+            result = await batcher.call(rpc.field, request, timeout_s)
             if result.WhichOneof("result") == "error":
                 return result.error
-            response: Message = getattr(result, field_name)
+            response: Message = getattr(result, rpc.field)
             return response
-        method = getattr(stub, _UNARY_METHODS[field_name])
+        method = getattr(stub, rpc.method)
         try:
             unary_response: Message = await method(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            return _status_of(error)
+            return _status_of(error, timeout_s)
         return unary_response
 
     def _open(self) -> tuple[pb_grpc.InventoryStub, StreamBatcher | None]:
@@ -317,14 +334,19 @@ class InventoryClient:
         return self._stub, self._batcher
 
 
-def _status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+def _resend_is_safe(rpc: rpcs.Rpc[Any, Any], request: Message) -> bool:
+    """May a call of unknown outcome be sent again? A read, always; a mutation only with
+    its idempotency key, which the server uses to answer an applied one from memory."""
+    return not rpc.mutating or bool(getattr(request, "idempotency_key", ""))
+
+
+def _status_of(error: grpc.aio.AioRpcError, timeout_s: float) -> status_pb2.Status:
     status = rpc_status.from_call(error)
     if status is not None:
         assert isinstance(status, status_pb2.Status)
         return status
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # gRPC's own answer when the caller's deadline fires: the server said nothing.
+        message = f"no answer within the call's deadline ({timeout_s:.3f} s left)"
+        return errors.status(grpc.StatusCode.DEADLINE_EXCEEDED, message)
     return errors.status(error.code(), error.details() or "")
-
-
-def _deadline_passed(attempts: int) -> DeadlineExceeded:
-    message = f"deadline passed after {attempts} attempts answered UNAVAILABLE; outcome unknown"
-    return DeadlineExceeded(errors.status(grpc.StatusCode.DEADLINE_EXCEEDED, message))

@@ -1,23 +1,46 @@
-"""The client's exceptions, built from a call's google.rpc.Status.
+"""The client's exceptions, built from a call's google.rpc.Status, by its answer class.
 
-    InventoryError            any failed call: .code (grpc.StatusCode), .status (google.rpc)
-    ├── InvalidArgument       .field, .reason                           INVALID_ARGUMENT
-    ├── InsufficientStock     .lines: ShortLine(key, requested, available)  FAILED_PRECONDITION
-    ├── ReservationNotFound   .reservation_id                           NOT_FOUND
-    ├── ReservationNotActive  .reservation_id, .state, .changed_at_ms   FAILED_PRECONDITION
-    ├── VersionMismatch       .key, .expected_version, .current_version ABORTED
-    ├── IdempotencyKeyReused  .idempotency_key, .original_kind          ALREADY_EXISTS
-    ├── CapacityExhausted     .limit_name, .limit                       RESOURCE_EXHAUSTED
-    ├── Overloaded            load shed: this process's pending queue, or the server
-    ├── Unavailable           still UNAVAILABLE after retry_attempts_max: .attempts
-    └── DeadlineExceeded      the call's deadline passed
+    InventoryError              any failed call: .code .status .answer_class .attempts
+                                .error_reason (the ErrorInfo reason, e.g. NOT_OWNER)
+    ├── InvalidArgument         .field, .reason                              INVALID_ARGUMENT
+    ├── InsufficientStock       .lines: ShortLine(key, requested, available) FAILED_PRECONDITION
+    ├── ReservationNotFound     .reservation_id                              NOT_FOUND
+    ├── ReservationNotActive    .reservation_id, .state, .changed_at_ms      FAILED_PRECONDITION
+    ├── VersionMismatch         .key, .expected_version, .current_version    ABORTED
+    ├── IdempotencyKeyReused    .idempotency_key, .original_kind             ALREADY_EXISTS
+    ├── CapacityExhausted       .limit_name, .limit                          RESOURCE_EXHAUSTED
+    ├── NotApplied              retryable: the server knows nothing was applied
+    │   └── Overloaded          load shed, by this process's pending queue or the server
+    └── OutcomeUnknown          it may have been applied: retry with the same idempotency key
+        ├── Unavailable         UNAVAILABLE (broken stream, failed flush, transport) at give-up
+        └── DeadlineExceeded    the deadline passed with no definite answer
 
-The first seven are the domain rejections of ``inventory_core``, read from the status by
-``shard_router.common.errors.rejection_from_status`` (the one table, both ways); each carries
-the rejection's fields and the rejection itself (``.rejection``). A rejection means nothing
-was applied. ``Unavailable`` and ``DeadlineExceeded`` mean the outcome is unknown: the call may
-or may not have been applied, and a retry with the same idempotency key finds out. Any other
-status (INTERNAL, UNIMPLEMENTED, ...) is raised as a plain ``InventoryError``.
+Every answer is one of three classes (``AnswerClass``, DESIGN section 11), and the class is
+the caller's next step:
+
+- **final**: the caller has its answer. The seven rejections of ``inventory_core`` (read by
+  ``shard_router.common.errors.rejection_from_status``, the one table both ways; each carries
+  its fields and ``.rejection``) applied nothing; sending the same request again gets the same
+  answer. Any other final status (UNIMPLEMENTED, PERMISSION_DENIED, ...) is a plain
+  ``InventoryError``.
+- **retryable** (``NotApplied``): nothing was applied and the server knows it (not the
+  owner, a partition recovering, load shed, the work's deadline passed before the owner
+  applied it; ``.code`` and ``.error_reason`` say which), or the call is a read, which
+  applies nothing whatever happened. Trying again later, here or elsewhere, is safe. The
+  client has already retried as far as its attempts and the call's deadline allowed.
+- **outcome unknown** (``OutcomeUnknown``): a mutation that may or may not have been applied
+  (a flush whose result is unknown, a stream that broke with the call on it, the caller's
+  deadline firing before an answer came: the server may still apply it). Retry with the same
+  request, so the same idempotency key: the server answers a retry of an applied call with
+  its original answer, and applies it once if it was not.
+
+So ``except DeadlineExceeded`` catches the deadlines of unknown outcome; a deadline the
+server says passed before anything was applied (or a read's) is ``NotApplied`` with
+``.code`` DEADLINE_EXCEEDED. Likewise for ``Unavailable`` and UNAVAILABLE.
+
+A give-up after several attempts is ``OutcomeUnknown`` if *any* attempt's outcome was unknown
+(an earlier attempt may have been applied, whatever the last one said), else ``NotApplied``:
+the client never reports "nothing applied" for work that might have been.
 """
 
 from __future__ import annotations
@@ -28,6 +51,7 @@ from google.rpc import status_pb2
 import inventory_core as core
 
 from ..common import errors
+from ..common.errors import AnswerClass, answer_class_of
 
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -37,18 +61,38 @@ def status_code(status: status_pb2.Status) -> grpc.StatusCode:
 
 
 class InventoryError(Exception):
-    """A call failed; ``status`` is the google.rpc.Status it failed with."""
+    """A call failed after ``attempts`` tries; ``status`` is the last one's google.rpc.Status.
 
-    def __init__(self, status: status_pb2.Status) -> None:
-        super().__init__(f"{status_code(status).name}: {status.message}")
+    ``answer_class`` is the call's class, fixed by the exception's type (a plain
+    ``InventoryError`` is final). It can differ from the last status's own class: when an
+    earlier attempt's outcome was unknown, the call's is unknown whatever the last said.
+    """
+
+    answer_class = AnswerClass.FINAL
+    # What the class means for the caller's next step, appended to the message.
+    _advice = ""
+
+    def __init__(self, status: status_pb2.Status, attempts: int = 1, note: str = "") -> None:
+        assert attempts >= 1, attempts
+        tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+        text = f"{status_code(status).name}: {status.message}{note}{tries}{self._advice}"
+        super().__init__(text)
         self.status = status
+        self.attempts = attempts
 
     @property
     def code(self) -> grpc.StatusCode:
         return status_code(self.status)
 
+    @property
+    def error_reason(self) -> str | None:
+        """The ErrorInfo reason of the inventory.v1 domain, if the status has one."""
+        return errors.reason_of(self.status)
+
 
 class _Rejected(InventoryError):
+    """A domain rejection of the core: final, nothing was applied."""
+
     def __init__(self, status: status_pb2.Status, rejection: core.Rejection) -> None:
         super().__init__(status)
         self.rejection = rejection
@@ -105,7 +149,17 @@ class CapacityExhausted(_Rejected):
         self.limit = rejection.limit
 
 
-class Overloaded(InventoryError):
+class NotApplied(InventoryError):
+    """Retryable: the server knows nothing was applied (``.code`` and ``.reason`` say why).
+
+    Trying again later, on this address or another, is safe; the client's own retries (its
+    attempts, within the call's deadline) are used up."""
+
+    answer_class = AnswerClass.RETRYABLE
+    _advice = "; nothing was applied, trying again is safe"
+
+
+class Overloaded(NotApplied):
     """Load was shed before the call was applied: by a full pending queue in this process
     (raised at once, never retried) or by the server (RESOURCE_EXHAUSTED without a named
     capacity). Back off at the caller's level."""
@@ -113,24 +167,79 @@ class Overloaded(InventoryError):
     @staticmethod
     def pending_items_full(pending_items_max: int) -> Overloaded:
         message = f"pending_items_max ({pending_items_max}) items already wait on this stream"
-        return Overloaded(errors.status(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+        return Overloaded(errors.overloaded(message))
 
 
-class Unavailable(InventoryError):
-    """Still UNAVAILABLE after ``attempts`` tries; the outcome is unknown."""
+class OutcomeUnknown(InventoryError):
+    """It may have been applied, or not. Retry with the same idempotency key (the same
+    request) to learn which: an applied call is answered with its original answer, one that
+    was not is applied once."""
 
-    def __init__(self, status: status_pb2.Status, attempts: int) -> None:
-        super().__init__(status)
-        self.attempts = attempts
+    answer_class = AnswerClass.OUTCOME_UNKNOWN
+    _advice = (
+        "; outcome unknown: it may have been applied, retry with the same idempotency key"
+        " to learn which"
+    )
 
 
-class DeadlineExceeded(InventoryError):
-    """The call's deadline passed. If the server said so, nothing was applied; if the client
-    gave up waiting (or was still retrying), the outcome is unknown."""
+class Unavailable(OutcomeUnknown):
+    """UNAVAILABLE with an unknown outcome (a broken stream, a flush whose result is unknown,
+    a transport failure), still so after ``attempts`` tries."""
 
 
-def error_from_status(status: status_pb2.Status) -> InventoryError:
-    """The precise exception for a failed call's status (never for UNAVAILABLE retries)."""
+class DeadlineExceeded(OutcomeUnknown):
+    """The deadline passed before a definite answer: the caller's deadline fired (gRPC answers
+    DEADLINE_EXCEEDED locally), or the client stopped retrying after an attempt of unknown
+    outcome. The server may still apply the work; retry with the same idempotency key."""
+
+
+def error_from_status(status: status_pb2.Status, attempts: int = 1) -> InventoryError:
+    """The precise exception for a failed call's status, by its answer class."""
+    match answer_class_of(status):
+        case AnswerClass.FINAL:
+            return _final(status)
+        case AnswerClass.RETRYABLE:
+            return not_applied(status, attempts)
+        case AnswerClass.OUTCOME_UNKNOWN:
+            return outcome_unknown(status, attempts)
+
+
+def not_applied(status: status_pb2.Status, attempts: int) -> NotApplied:
+    if status_code(status) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Overloaded(status, attempts)
+    return NotApplied(status, attempts)
+
+
+def outcome_unknown(status: status_pb2.Status, attempts: int, note: str = "") -> OutcomeUnknown:
+    match status_code(status):
+        case grpc.StatusCode.UNAVAILABLE:
+            return Unavailable(status, attempts, note)
+        case grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(status, attempts, note)
+        case _:
+            return OutcomeUnknown(status, attempts, note)
+
+
+def given_up(
+    last: status_pb2.Status, attempts: int, *, unknown_seen: bool, deadline_passed: bool = False
+) -> NotApplied | OutcomeUnknown:
+    """What the caller gets when the client stops retrying after ``attempts`` tries, the
+    last answered ``last``: outcome unknown if any attempt's was (``unknown_seen``, counted
+    for mutations only), else not applied."""
+    if deadline_passed and status_code(last) != grpc.StatusCode.DEADLINE_EXCEEDED:
+        what = "an attempt's outcome was unknown" if unknown_seen else "no attempt was applied"
+        message = f"the call's deadline passed while retrying; {what} (last: {last.message})"
+        last = (
+            errors.deadline_passed(message, mutating=True)
+            if unknown_seen
+            else errors.deadline_not_applied(message)
+        )
+    if not unknown_seen:
+        return not_applied(last, attempts)
+    return outcome_unknown(errors.after_attempts(last, earlier_unknown=True), attempts)
+
+
+def _final(status: status_pb2.Status) -> InventoryError:
     match errors.rejection_from_status(status):
         case core.Invalid() as rejection:
             return InvalidArgument(status, rejection)
@@ -147,16 +256,4 @@ def error_from_status(status: status_pb2.Status) -> InventoryError:
         case core.CapacityExhausted() as rejection:
             return CapacityExhausted(status, rejection)
         case None:
-            return _transport_error(status)
-
-
-def _transport_error(status: status_pb2.Status) -> InventoryError:
-    match status_code(status):
-        case grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return Overloaded(status)
-        case grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceeded(status)
-        case grpc.StatusCode.UNAVAILABLE:
-            return Unavailable(status, attempts=1)
-        case _:
             return InventoryError(status)

@@ -1,8 +1,10 @@
 """What the shard's and the router's call handlers share: refusals and the unary wrapper.
 
 A handler is ``request, deadline -> response`` and raises ``Refusal`` with the
-google.rpc.Status to answer; the unary wrapper aborts with it, the Batch stream returns it
-as that item's result.
+google.rpc.Status to answer (always one of the error table's, shard_router.common.errors);
+the unary wrapper aborts with it, the Batch stream returns it as that item's result. Any
+other exception is a bug: it is logged and answered INTERNAL (outcome unknown for a
+mutation).
 """
 
 from __future__ import annotations
@@ -10,18 +12,19 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Iterable
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import structlog
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from inventory_core import Invalid, InventoryKey, Rejection, SetStock, validate
+from inventory_core import Invalid, Rejection
 
 from . import errors
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 # Caller metadata that travels with a call from router to owner (and into log lines).
 PROPAGATED_METADATA = ("x-request-id", "traceparent", "tracestate")
@@ -47,14 +50,6 @@ class Refusal(Exception):
 def check(problem: Invalid | None) -> None:
     if problem is not None:
         raise Refusal.of(problem)
-
-
-def validate_key(field: str, key: InventoryKey) -> Invalid | None:
-    """A key's shape, by the core's rules (a read has no command to validate)."""
-    problem = validate(SetStock(key, "read", 0, None, 0))
-    if problem is None:
-        return None
-    return Invalid(problem.field.replace("key", field, 1), problem.reason)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float:
@@ -95,10 +90,20 @@ def _log_fields(metadata: dict[str, str]) -> dict[str, str]:
     return fields
 
 
-async def unary(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+async def unary(
+    context: grpc.aio.ServicerContext, call: Awaitable[T], *, mutating: bool = True
+) -> T:
     metadata = propagated(context.invocation_metadata() or ())
     try:
         return await with_metadata(metadata, call)
     except Refusal as refusal:
-        await context.abort_with_status(rpc_status.to_status(refusal.status))
-        raise AssertionError("abort_with_status returned") from refusal
+        await abort(context, refusal.status)
+    except Exception as error:  # a bug: the last-resort answer, as the Batch items get
+        log.exception("call_failed")
+        await abort(context, errors.internal(f"internal error: {error!r}", mutating=mutating))
+
+
+async def abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> NoReturn:
+    """End the call with ``status`` (grpc's abort raises)."""
+    await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("abort_with_status returned")

@@ -88,22 +88,36 @@ def release(request: pb.ReleaseRequest) -> Release:
     return Release(request.merchant_id, request.idempotency_key, request.reservation_id, 0)
 
 
+def reserve_to_proto(command: Reserve) -> pb.ReserveRequest:
+    """The request that converts back to ``command`` (an order's leg, sent by the router)."""
+    return pb.ReserveRequest(
+        lines=lines_to_proto(command.lines),
+        ttl_s=command.ttl_s,
+        idempotency_key=command.idempotency_key,
+    )
+
+
+def release_to_proto(command: Release) -> pb.ReleaseRequest:
+    return pb.ReleaseRequest(
+        merchant_id=command.merchant_id,
+        reservation_id=command.reservation_id,
+        idempotency_key=command.idempotency_key,
+    )
+
+
 def extend(request: pb.ExtendReservationRequest) -> Extend:
     return Extend(
         request.merchant_id, request.idempotency_key, request.reservation_id, request.ttl_s, 0
     )
 
 
-def adjust_stock(request: pb.AdjustStockRequest) -> AdjustStock | str:
-    """The command, or the reason the adjustment reason is unusable."""
-    reason = REASON_FROM_PROTO.get(request.reason)
-    if reason is None:
-        return "must name why stock moved (receipt, sale, return, shrinkage, ...)"
+def adjust_stock(request: pb.AdjustStockRequest) -> AdjustStock:
+    """An unset or unknown reason becomes ``reason=None``, which the core refuses."""
     return AdjustStock(
         key_from_proto(request.key),
         request.idempotency_key,
         request.delta,
-        reason,
+        REASON_FROM_PROTO.get(request.reason),
         request.occurred_at_ms,
         0,
     )

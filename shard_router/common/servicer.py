@@ -2,83 +2,58 @@
 
 A calls object has one method per call (``reserve(request, deadline)`` and so on, named as
 the ``BatchItem`` oneof fields) that returns the response or raises ``Refusal``. This class
-turns each into its unary RPC and serves the ``Batch`` stream over the same methods, so the
-two paths can never answer differently.
+turns each into its unary RPC, generated from the one table of calls (``rpcs.UNARY``), and
+serves the ``Batch`` stream over the same methods, so the two paths can never answer
+differently. A call the calls object lacks (``reserve_order`` on a shard) is answered
+UNIMPLEMENTED from the error table.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from . import batching
-from .calls import deadline_of, refusal_status, unary
+from . import batching, errors, rpcs
+from .calls import abort, deadline_of, refusal_status, unary
+
+# The generated servicer's stub declares every RPC abstract, so a class whose RPCs are
+# generated from the table (rather than spelled out here a second time) would read as
+# abstract to mypy: it sees the base as Any. At run time it is the generated class.
+_GeneratedServicer: Any = pb_grpc.InventoryServicer
 
 
-class CallsServicer(pb_grpc.InventoryServicer):
+class CallsServicer(_GeneratedServicer):  # type: ignore[misc]
     def __init__(self, calls: Any) -> None:
         self._calls = calls
         self._dispatch = batching.dispatch_table(calls)
-
-    async def GetAvailability(
-        self, request: pb.GetAvailabilityRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetAvailabilityResponse:
-        return await unary(context, self._calls.get_availability(request, deadline_of(context)))
-
-    async def Reserve(
-        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReserveResponse:
-        return await unary(context, self._calls.reserve(request, deadline_of(context)))
-
-    async def Commit(
-        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CommitResponse:
-        return await unary(context, self._calls.commit(request, deadline_of(context)))
-
-    async def Release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseResponse:
-        return await unary(context, self._calls.release(request, deadline_of(context)))
-
-    async def ExtendReservation(
-        self, request: pb.ExtendReservationRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ExtendReservationResponse:
-        return await unary(context, self._calls.extend_reservation(request, deadline_of(context)))
-
-    async def GetReservation(
-        self, request: pb.GetReservationRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetReservationResponse:
-        return await unary(context, self._calls.get_reservation(request, deadline_of(context)))
-
-    async def AdjustStock(
-        self, request: pb.AdjustStockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AdjustStockResponse:
-        return await unary(context, self._calls.adjust_stock(request, deadline_of(context)))
-
-    async def SetStock(
-        self, request: pb.SetStockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SetStockResponse:
-        return await unary(context, self._calls.set_stock(request, deadline_of(context)))
-
-    async def SetSafetyStock(
-        self, request: pb.SetSafetyStockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SetSafetyStockResponse:
-        return await unary(context, self._calls.set_safety_stock(request, deadline_of(context)))
-
-    async def ReserveOrder(
-        self, request: pb.ReserveOrderRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReserveOrderResponse:
-        """Orders across locations span owners: only the router runs them (as a saga)."""
-        message = "ReserveOrder is served by the router, not by a shard"
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
-        raise AssertionError("abort returned")
 
     async def Batch(
         self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.BatchResponse]:
         async for response in batching.serve_stream(requests, self._dispatch, refusal_status):
             yield response
+
+
+UnaryMethod = Callable[[CallsServicer, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _unary_method(rpc: rpcs.Rpc[Any, Any]) -> UnaryMethod:
+    async def method(self: CallsServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        handler = getattr(self._calls, rpc.field, None)
+        if handler is None:
+            message = f"{rpc.method} is not served here (ReserveOrder is served by the router)"
+            await abort(context, errors.unimplemented(message))
+        return await unary(context, handler(request, deadline_of(context)), mutating=rpc.mutating)
+
+    method.__name__ = rpc.method
+    method.__qualname__ = f"CallsServicer.{rpc.method}"
+    method.__doc__ = f"The unary {rpc.method}: ``calls.{rpc.field}(request, deadline)``."
+    return method
+
+
+for _rpc in rpcs.UNARY:
+    setattr(CallsServicer, _rpc.method, _unary_method(_rpc))

@@ -3,9 +3,12 @@
 Every call is checked with the core's rules first (a malformed request never costs a hop),
 then forwarded as an item on the owner's ``Inventory.Batch`` stream with the caller's
 remaining deadline. UNAVAILABLE answers (a redirect from a shard that does not own the
-partition, a recovering partition, a broken stream) refresh the ring and retry with
-backoff until the deadline: mutations carry idempotency keys, so a retry can never apply
-twice. Batch reads fan out per owner and are merged back in request order.
+partition, a recovering partition, a failed flush, a broken stream) refresh the ring and
+retry with backoff until the deadline: the request is forwarded unchanged, so a mutation is
+retried only with its own idempotency key and can never apply twice. When the router gives
+up, its answer is RETRYABLE only if every attempt was known not applied, else
+OUTCOME_UNKNOWN (shard_router.common.errors). Batch reads fan out per owner and are merged
+back in request order. ReserveOrder runs the core's order plan (inventory_core.orders).
 """
 
 from __future__ import annotations
@@ -24,26 +27,22 @@ from inventory.v1 import inventory_pb2 as pb
 from inventory_core import (
     Invalid,
     InventoryKey,
+    Release,
     ReservationNotFound,
-    limits,
+    orders,
     partition_of,
     partition_of_reservation,
     validate,
+    validate_read,
 )
 
-from ..common import convert, errors
-from ..common.calls import (
-    Refusal,
-    check,
-    deadline_of,
-    remaining_s,
-    unary,
-    validate_key,
-)
+from ..client._errors import Overloaded
+from ..common import convert, errors, rpcs
+from ..common.calls import Refusal, check, remaining_s
 from ..common.servicer import CallsServicer
 from .routing import Routes
 
-T = TypeVar("T")
+ResponseT = TypeVar("ResponseT", bound=Message)
 log = structlog.get_logger(__name__)
 
 # Retries of one call on UNAVAILABLE before giving up (within its deadline anyway).
@@ -51,9 +50,9 @@ FORWARD_ATTEMPTS_MAX = 30
 # Backoff between them: a partition hand-off takes about a membership lease.
 RETRY_BACKOFF_S_INITIAL = 0.02
 RETRY_BACKOFF_S_MAX = 0.5
-# Legs of one ReserveOrder: a marketplace order rarely spans more than a few locations.
-ORDER_LEGS_MAX = 20
-ORDER_IDEMPOTENCY_KEY_LENGTH_MAX = 100
+# One round of an order's calls (its legs, their resolution, their confirmation) may use
+# this share of what is left of the deadline, so compensation always has time left.
+ORDER_ROUND_DEADLINE_SHARE = 0.5
 
 
 class ReadView(Protocol):
@@ -76,14 +75,8 @@ class RouterCalls:
     async def get_availability(
         self, request: pb.GetAvailabilityRequest, deadline: float | None
     ) -> pb.GetAvailabilityResponse:
-        if not request.keys or len(request.keys) > limits.availability_keys_max:
-            raise Refusal.of(Invalid("keys", f"1 to {limits.availability_keys_max} keys"))
-        partitions: list[int] = []
-        for index, key in enumerate(request.keys):
-            problem = validate_key(f"keys[{index}]", convert.key_from_proto(key))
-            if problem:
-                raise Refusal.of(problem)
-            partitions.append(partition_of(key.merchant_id, key.location_id))
+        check(validate_read([convert.key_from_proto(key) for key in request.keys]))
+        partitions = [partition_of(key.merchant_id, key.location_id) for key in request.keys]
         levels: list[pb.StockLevel] = [pb.StockLevel()] * len(partitions)
         pending = list(range(len(partitions)))
         staleness_ms = 0
@@ -113,8 +106,9 @@ class RouterCalls:
                     levels[index] = level
             if not pending:
                 return pb.GetAvailabilityResponse(levels=levels, staleness_ms=staleness_ms)
-            await self._backoff(attempt, deadline)
-        raise Refusal(errors.status(grpc.StatusCode.UNAVAILABLE, "owners unavailable"))
+            await self._backoff(attempt, deadline, outcome_unknown=False)  # a read
+        message = f"owners unavailable after {FORWARD_ATTEMPTS_MAX} attempts"
+        raise Refusal(errors.owners_unavailable(message, outcome_unknown=False))
 
     async def _from_read_view(
         self,
@@ -153,13 +147,11 @@ class RouterCalls:
         deadline: float | None,
     ) -> pb.GetAvailabilityResponse | status_pb2.Status:
         if address is None:
-            return errors.status(grpc.StatusCode.UNAVAILABLE, "no live shard")
+            return errors.owners_unavailable("no live shard", outcome_unknown=False)
         part = pb.GetAvailabilityRequest(
             keys=[request.keys[i] for i in indexes], consistency=request.consistency
         )
-        result = await self._routes.batcher(address).call(
-            "get_availability", part, remaining_s(deadline)
-        )
+        result = await self._call(address, rpcs.GET_AVAILABILITY.field, part, deadline)
         if result.WhichOneof("result") == "error":
             return result.error
         return result.get_availability
@@ -170,10 +162,7 @@ class RouterCalls:
         partition = partition_of_reservation(request.reservation_id)
         if partition is None:
             raise Refusal.of(ReservationNotFound(request.reservation_id))
-        answer: pb.GetReservationResponse = await self._forward(
-            partition, "get_reservation", request, deadline
-        )
-        return answer
+        return await self._forward(partition, rpcs.GET_RESERVATION, request, deadline)
 
     # -------------------------------------------------------------------- mutations
 
@@ -183,173 +172,241 @@ class RouterCalls:
         command = convert.reserve(request)
         check(validate(command))
         first = command.lines[0].key
-        answer: pb.ReserveResponse = await self._forward(
-            partition_of(first.merchant_id, first.location_id), "reserve", request, deadline
+        return await self._forward(
+            partition_of(first.merchant_id, first.location_id), rpcs.RESERVE, request, deadline
         )
-        return answer
 
     async def commit(self, request: pb.CommitRequest, deadline: float | None) -> pb.CommitResponse:
         check(validate(convert.commit(request)))
-        answer: pb.CommitResponse = await self._forward(
-            _reservation_partition(request.reservation_id), "commit", request, deadline
+        return await self._forward(
+            _reservation_partition(request.reservation_id), rpcs.COMMIT, request, deadline
         )
-        return answer
 
     async def release(
         self, request: pb.ReleaseRequest, deadline: float | None
     ) -> pb.ReleaseResponse:
         check(validate(convert.release(request)))
-        answer: pb.ReleaseResponse = await self._forward(
-            _reservation_partition(request.reservation_id), "release", request, deadline
+        return await self._forward(
+            _reservation_partition(request.reservation_id), rpcs.RELEASE, request, deadline
         )
-        return answer
 
     async def extend_reservation(
         self, request: pb.ExtendReservationRequest, deadline: float | None
     ) -> pb.ExtendReservationResponse:
         check(validate(convert.extend(request)))
-        answer: pb.ExtendReservationResponse = await self._forward(
-            _reservation_partition(request.reservation_id), "extend_reservation", request, deadline
+        return await self._forward(
+            _reservation_partition(request.reservation_id),
+            rpcs.EXTEND_RESERVATION,
+            request,
+            deadline,
         )
-        return answer
 
     async def adjust_stock(
         self, request: pb.AdjustStockRequest, deadline: float | None
     ) -> pb.AdjustStockResponse:
-        command = convert.adjust_stock(request)
-        if isinstance(command, str):
-            raise Refusal.of(Invalid("reason", command))
-        check(validate(command))
-        answer: pb.AdjustStockResponse = await self._forward(
-            _key_partition(request.key), "adjust_stock", request, deadline
+        check(validate(convert.adjust_stock(request)))
+        return await self._forward(
+            _key_partition(request.key), rpcs.ADJUST_STOCK, request, deadline
         )
-        return answer
 
     async def set_stock(
         self, request: pb.SetStockRequest, deadline: float | None
     ) -> pb.SetStockResponse:
         check(validate(convert.set_stock(request)))
-        answer: pb.SetStockResponse = await self._forward(
-            _key_partition(request.key), "set_stock", request, deadline
-        )
-        return answer
+        return await self._forward(_key_partition(request.key), rpcs.SET_STOCK, request, deadline)
 
     async def set_safety_stock(
         self, request: pb.SetSafetyStockRequest, deadline: float | None
     ) -> pb.SetSafetyStockResponse:
         check(validate(convert.set_safety_stock(request)))
-        answer: pb.SetSafetyStockResponse = await self._forward(
-            _key_partition(request.key), "set_safety_stock", request, deadline
+        return await self._forward(
+            _key_partition(request.key), rpcs.SET_SAFETY_STOCK, request, deadline
         )
-        return answer
 
     # ------------------------------------------------------------------------- saga
 
     async def reserve_order(
         self, request: pb.ReserveOrderRequest, deadline: float | None
     ) -> pb.ReserveOrderResponse:
-        """Reserve every leg; on any failure release the legs taken, then fail like that leg."""
-        key = request.idempotency_key
-        if not request.legs or len(request.legs) > ORDER_LEGS_MAX:
-            raise Refusal.of(Invalid("legs", f"1 to {ORDER_LEGS_MAX} legs"))
-        if not key or len(key) > ORDER_IDEMPOTENCY_KEY_LENGTH_MAX:
-            limit = ORDER_IDEMPOTENCY_KEY_LENGTH_MAX
-            raise Refusal.of(Invalid("idempotency_key", f"1 to {limit} characters"))
-        legs = [
-            pb.ReserveRequest(
-                lines=leg.lines, ttl_s=request.ttl_s, idempotency_key=f"{key}/leg-{i}"
-            )
-            for i, leg in enumerate(request.legs)
-        ]
-        for index, leg in enumerate(legs):
-            problem = validate(convert.reserve(leg))
-            if problem is not None:
-                raise Refusal.of(Invalid(f"legs[{index}].{problem.field}", problem.reason))
-        outcomes = await asyncio.gather(
-            *(self.reserve(leg, deadline) for leg in legs), return_exceptions=True
-        )
-        taken = [o.reservation for o in outcomes if isinstance(o, pb.ReserveResponse)]
-        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
-        if failure is None:
-            # A retry of an order that failed before gets its legs' original answers; the
-            # legs were released then, so the order is still failed: check they are held.
-            states = await asyncio.gather(*(self._state(r, deadline) for r in taken))
-            if all(s == pb.RESERVATION_STATE_ACTIVE for s in states):
-                return pb.ReserveOrderResponse(reservations=taken)
-            message = f"order {key!r} failed before and its legs were released"
-            failure = Refusal(errors.status(grpc.StatusCode.FAILED_PRECONDITION, message))
-        await asyncio.gather(*(self._compensate(key, r, deadline) for r in taken))
-        if isinstance(failure, Refusal):
-            raise failure
-        raise failure
+        """Run the core's order plan (inventory_core.orders): reserve every leg, resolve the
+        legs whose outcome is unknown, confirm or compensate, and answer as the plan says."""
+        legs = [convert.lines_from_proto(leg.lines) for leg in request.legs]
+        plan = orders.plan(request.idempotency_key, request.ttl_s, legs)
+        if isinstance(plan, Invalid):
+            raise Refusal.of(plan)
+        run = _OrderRun(plan)
+        await self._reserve_legs(run, range(len(plan.legs)), _share(deadline))
+        resolutions = 0
+        while True:
+            step = orders.next_step(plan, run.results, resolutions)
+            match step:
+                case orders.Resolve(indexes):
+                    resolutions += 1
+                    await self._reserve_legs(run, indexes, _share(deadline))
+                case orders.Confirm(indexes):
+                    await self._confirm_legs(run, indexes, _share(deadline))
+                case orders.Compensate():
+                    settled = await asyncio.gather(
+                        *(self._compensate(release, deadline) for release in step.releases)
+                    )
+                    return run.answer(orders.after_compensation(step, settled))
+                case _:
+                    return run.answer(step)
 
-    async def _state(self, reservation: pb.Reservation, deadline: float | None) -> int:
-        found = await self.get_reservation(
-            pb.GetReservationRequest(
-                merchant_id=reservation.merchant_id, reservation_id=reservation.reservation_id
-            ),
-            deadline,
-        )
-        return found.reservation.state
-
-    async def _compensate(
-        self, key: str, reservation: pb.Reservation, deadline: float | None
+    async def _reserve_legs(
+        self, run: _OrderRun, indexes: Sequence[int], deadline: float | None
     ) -> None:
-        request = pb.ReleaseRequest(
-            merchant_id=reservation.merchant_id,
-            reservation_id=reservation.reservation_id,
-            idempotency_key=f"{key}/undo-{reservation.reservation_id}",
-        )
+        async def reserve(index: int) -> None:
+            command = run.plan.legs[index]
+            first = command.lines[0].key
+            partition = partition_of(first.merchant_id, first.location_id)
+            try:
+                answer = await self._forward(
+                    partition, rpcs.RESERVE, convert.reserve_to_proto(command), deadline
+                )
+            except Refusal as refusal:
+                run.refused(index, refusal.status)
+            else:
+                run.taken(index, answer.reservation)
+
+        await asyncio.gather(*(reserve(index) for index in indexes))
+
+    async def _confirm_legs(
+        self, run: _OrderRun, indexes: Sequence[int], deadline: float | None
+    ) -> None:
+        async def confirm(index: int) -> None:
+            reservation = run.reservations[index]
+            request = pb.GetReservationRequest(
+                merchant_id=reservation.merchant_id, reservation_id=reservation.reservation_id
+            )
+            try:
+                found = await self.get_reservation(request, deadline)
+            except Refusal:  # not read: settle it by reserving again with the same key
+                run.results[index] = orders.Unknown()
+                return
+            active = found.reservation.state == pb.RESERVATION_STATE_ACTIVE
+            kind = orders.Held if active else orders.Lapsed
+            run.results[index] = kind(reservation.reservation_id)
+
+        await asyncio.gather(*(confirm(index) for index in indexes))
+
+    async def _compensate(self, release: Release, deadline: float | None) -> bool:
+        """Release a taken leg; True once nothing is held by it (released now or before,
+        expired, or committed): a final answer. False if the release's fate is open."""
         try:
-            await self.release(request, deadline)
-        except Refusal as refusal:  # already released or expired: nothing is held
-            if refusal.status.code != grpc.StatusCode.FAILED_PRECONDITION.value[0]:
-                raise
+            await self.release(convert.release_to_proto(release), deadline)
+        except Refusal as refusal:
+            return errors.answer_class_of(refusal.status) is errors.AnswerClass.FINAL
+        return True
 
     # -------------------------------------------------------------------- forwarding
 
     async def _forward(
-        self, partition: int, field: str, request: Message, deadline: float | None
-    ) -> Any:
+        self,
+        partition: int,
+        rpc: rpcs.Rpc[Any, ResponseT],
+        request: Message,
+        deadline: float | None,
+    ) -> ResponseT:
+        """Send the call to the partition's owner, retrying UNAVAILABLE with backoff.
+
+        The request is forwarded unchanged, so a retry of a mutation whose outcome is
+        unknown carries the same idempotency key and finds its durable answer. The answer
+        after several attempts is honest about them (``errors.after_attempts``).
+        """
+        earlier_unknown = False
         for attempt in range(FORWARD_ATTEMPTS_MAX):
             address = self._routes.address_of(partition)
             if address is not None:
-                result = await self._routes.batcher(address).call(
-                    field, request, remaining_s(deadline)
-                )
+                result = await self._call(address, rpc.field, request, deadline)
                 if result.WhichOneof("result") != "error":
-                    return getattr(result, field)
+                    response: ResponseT = getattr(result, rpc.field)
+                    return response
                 if result.error.code != grpc.StatusCode.UNAVAILABLE.value[0]:
-                    raise Refusal(result.error)
-            await self._backoff(attempt, deadline)
-        raise Refusal(
-            errors.status(grpc.StatusCode.UNAVAILABLE, f"partition {partition} unavailable")
-        )
+                    raise Refusal(
+                        errors.after_attempts(result.error, earlier_unknown=earlier_unknown)
+                    )
+                unknown = errors.answer_class_of(result.error) is errors.AnswerClass.OUTCOME_UNKNOWN
+                earlier_unknown |= rpc.mutating and unknown
+            await self._backoff(attempt, deadline, outcome_unknown=earlier_unknown)
+        message = f"partition {partition} unavailable after {FORWARD_ATTEMPTS_MAX} attempts"
+        raise Refusal(errors.owners_unavailable(message, outcome_unknown=earlier_unknown))
 
-    async def _backoff(self, attempt: int, deadline: float | None) -> None:
+    async def _call(
+        self, address: str, field: str, request: Message, deadline: float | None
+    ) -> pb.BatchItemResult:
+        try:
+            return await self._routes.batcher(address).call(field, request, remaining_s(deadline))
+        except Overloaded as shed:  # the router's own stream to that shard is full
+            return pb.BatchItemResult(error=errors.overloaded(f"router: {shed.status.message}"))
+
+    async def _backoff(
+        self, attempt: int, deadline: float | None, *, outcome_unknown: bool
+    ) -> None:
         pause_s = min(RETRY_BACKOFF_S_INITIAL * 2**attempt, RETRY_BACKOFF_S_MAX)
         if deadline is not None and time.monotonic() + pause_s >= deadline:
-            raise Refusal(
-                errors.status(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "deadline passed while the owner was unavailable",
+            message = "deadline passed while the owner was unavailable"
+            if outcome_unknown:
+                status = errors.deadline_passed(
+                    f"{message}; an attempt's outcome is unknown, retry with the same key",
+                    mutating=True,
                 )
-            )
+            else:
+                status = errors.deadline_not_applied(f"{message}; nothing applied")
+            raise Refusal(status)
         await asyncio.sleep(pause_s)
         await self._routes.refresh(force=True)
 
 
+class _OrderRun:
+    """One execution of an order plan: each leg's latest result, status and reservation."""
+
+    def __init__(self, plan: orders.OrderPlan) -> None:
+        self.plan = plan
+        self.results: list[orders.LegResult] = [orders.Unknown()] * len(plan.legs)
+        self.statuses: dict[int, status_pb2.Status] = {}
+        self.reservations: dict[int, pb.Reservation] = {}
+
+    def taken(self, index: int, reservation: pb.Reservation) -> None:
+        self.reservations[index] = reservation
+        self.results[index] = orders.Taken(reservation.reservation_id)
+
+    def refused(self, index: int, status: status_pb2.Status) -> None:
+        self.statuses[index] = status
+        unknown = errors.answer_class_of(status) is errors.AnswerClass.OUTCOME_UNKNOWN
+        self.results[index] = orders.Unknown() if unknown else orders.Refused()
+
+    def answer(self, answer: orders.OrderAnswer) -> pb.ReserveOrderResponse:
+        key = self.plan.idempotency_key
+        match answer:
+            case orders.Placed():
+                count = len(self.plan.legs)
+                return pb.ReserveOrderResponse(
+                    reservations=[self.reservations[i] for i in range(count)]
+                )
+            case orders.LegFailed(leg):
+                raise Refusal(self.statuses[leg])
+            case orders.FailedBefore():
+                raise Refusal(errors.order_released(key))
+            case orders.OutcomeUnknown(legs):
+                why = "; ".join(self.statuses[i].message for i in legs if i in self.statuses)
+                raise Refusal(errors.order_outcome_unknown(key, legs, why or "not settled"))
+
+
+def _share(deadline: float | None) -> float | None:
+    """The part of the deadline one round of an order's calls may use: half of what is left,
+    so resolving unknown legs and compensating always keep time of their own."""
+    if deadline is None:
+        return None
+    now = time.monotonic()
+    return now + max(deadline - now, 0.0) * ORDER_ROUND_DEADLINE_SHARE
+
+
 class RouterService(CallsServicer):
-    """The router's gRPC surface over ``RouterCalls`` (which adds ReserveOrder)."""
+    """The router's gRPC surface over ``RouterCalls``, which also serves ReserveOrder."""
 
     def __init__(self, routes: Routes, read_view: ReadView | None = None) -> None:
-        self._router_calls = RouterCalls(routes, read_view)
-        super().__init__(self._router_calls)
-
-    async def ReserveOrder(
-        self, request: pb.ReserveOrderRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReserveOrderResponse:
-        return await unary(context, self._router_calls.reserve_order(request, deadline_of(context)))
+        super().__init__(RouterCalls(routes, read_view))
 
 
 def _reservation_partition(reservation_id: str) -> int:

@@ -40,14 +40,19 @@ from typing import Protocol, TypeVar
 
 import grpc
 import structlog
-from google.rpc import status_pb2
-from grpc_status import rpc_status
 from inventory.v1 import events_pb2, events_pb2_grpc
 from inventory.v1 import inventory_pb2 as pb
 
-from inventory_core import PARTITION_COUNT, CapacityExhausted, Invalid, limits, partition_of
+from inventory_core import (
+    PARTITION_COUNT,
+    CapacityExhausted,
+    Invalid,
+    partition_of,
+    validate_watch_filter,
+)
 
 from ..common import errors
+from ..common.calls import abort
 from ._watch_token import (
     ZERO,
     EntryId,
@@ -732,18 +737,17 @@ class Subscriber:
 def parse_request(
     request: events_pb2.WatchRequest, limits_: WatchLimits, partition_count: int
 ) -> tuple[WatchFilter, ResumeToken | None] | Invalid:
-    """The filter and token of a request, or what is wrong with it."""
-    identifier_max = limits.identifier_length_max
-    if not 0 < len(request.merchant_id) <= identifier_max:
-        return Invalid("merchant_id", f"1 to {identifier_max} characters")
-    for field, values, count_max in (
-        ("location_ids", request.location_ids, limits_.filter_location_ids_max),
-        ("sku_ids", request.sku_ids, limits_.filter_sku_ids_max),
-    ):
-        if len(values) > count_max:
-            return Invalid(field, f"at most {count_max}")
-        if any(not 0 < len(value) <= identifier_max for value in values):
-            return Invalid(field, f"each 1 to {identifier_max} characters")
+    """The filter and token of a request, or what is wrong with it (the core's id rules, so
+    a filter accepts exactly the ids Reserve accepts)."""
+    problem = validate_watch_filter(
+        request.merchant_id,
+        request.location_ids,
+        request.sku_ids,
+        location_ids_max=limits_.filter_location_ids_max,
+        sku_ids_max=limits_.filter_sku_ids_max,
+    )
+    if problem is not None:
+        return problem
     watch_filter = WatchFilter(
         request.merchant_id, frozenset(request.location_ids), frozenset(request.sku_ids)
     )
@@ -766,25 +770,19 @@ class AvailabilityStreamService(events_pb2_grpc.AvailabilityStreamServicer):
     ) -> AsyncIterator[events_pb2.WatchEvent]:
         parsed = parse_request(request, self._hub.limits, self._hub.partition_count)
         if isinstance(parsed, Invalid):
-            await _abort(context, errors.rejection_to_status(parsed))
-            return
+            await abort(context, errors.rejection_to_status(parsed))
         watch_filter, token = parsed
         subscriber = self._hub.subscribe(watch_filter)
         if isinstance(subscriber, CapacityExhausted):
-            await _abort(context, errors.rejection_to_status(subscriber))
-            return
+            await abort(context, errors.rejection_to_status(subscriber))
         try:
             async for event in subscriber.stream(token):
                 yield event
         except SnapshotRefused as refused:
             exhausted = CapacityExhausted("snapshot_keys_max", refused.limit)
-            await _abort(context, errors.rejection_to_status(exhausted))
+            await abort(context, errors.rejection_to_status(exhausted))
         except HubClosed:
             message = "router stopping: resume elsewhere with the last token"
-            await _abort(context, errors.status(grpc.StatusCode.UNAVAILABLE, message))
+            await abort(context, errors.server_stopping(message))
         finally:
             self._hub.unsubscribe(subscriber)
-
-
-async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
-    await context.abort_with_status(rpc_status.to_status(status))

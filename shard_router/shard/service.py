@@ -13,14 +13,12 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-import grpc
 from inventory.v1 import inventory_pb2 as pb
 
 from inventory_core import (
     ClientCommand,
     Committed,
     Extended,
-    Invalid,
     InventoryKey,
     Outcome,
     Released,
@@ -28,14 +26,14 @@ from inventory_core import (
     Reserved,
     StockChanged,
     is_accepted,
-    limits,
     partition_of,
     partition_of_reservation,
     validate,
+    validate_read,
 )
 
 from ..common import convert, errors
-from ..common.calls import Refusal, validate_key
+from ..common.calls import Refusal, check
 from ..common.servicer import CallsServicer
 from .owner import DeadlineExpired, FlushFailed, NotOwner, Overloaded, Owner
 
@@ -52,13 +50,9 @@ class Calls:
         self, request: pb.GetAvailabilityRequest, deadline: float | None
     ) -> pb.GetAvailabilityResponse:
         keys = [convert.key_from_proto(k) for k in request.keys]
-        if not keys or len(keys) > limits.availability_keys_max:
-            raise Refusal.of(Invalid("keys", f"1 to {limits.availability_keys_max} keys"))
+        check(validate_read(keys))
         by_partition: dict[int, list[int]] = {}
         for index, key in enumerate(keys):
-            problem = validate_key(f"keys[{index}]", key)
-            if problem:
-                raise Refusal.of(problem)
             partition = partition_of(key.merchant_id, key.location_id)
             by_partition.setdefault(partition, []).append(index)
         levels: list[pb.StockLevel] = [pb.StockLevel()] * len(keys)
@@ -137,10 +131,7 @@ class Calls:
     async def adjust_stock(
         self, request: pb.AdjustStockRequest, deadline: float | None
     ) -> pb.AdjustStockResponse:
-        command = convert.adjust_stock(request)
-        if isinstance(command, str):
-            raise Refusal.of(Invalid("reason", command))
-        level, over_commit = await self._stock_change(command, deadline)
+        level, over_commit = await self._stock_change(convert.adjust_stock(request), deadline)
         return pb.AdjustStockResponse(level=level, over_commit=over_commit)
 
     async def set_stock(
@@ -170,9 +161,7 @@ class Calls:
     async def _mutate(
         self, command: ClientCommand, partition: int | None, deadline: float | None
     ) -> Outcome:
-        invalid = validate(command)
-        if invalid is not None:
-            raise Refusal.of(invalid)
+        check(validate(command))
         if partition is None:  # a reservation id that is not one of ours
             raise Refusal.of(ReservationNotFound(getattr(command, "reservation_id", "")))
         outcome = await _guard(self._owner.mutate(partition, command, deadline))
@@ -189,15 +178,20 @@ class InventoryService(CallsServicer):
 
 
 async def _guard(call: Awaitable[T]) -> T:
-    """Await the owner, turning its refusals into statuses."""
+    """Await the owner, turning its refusals into the error table's statuses."""
     try:
         return await call
     except NotOwner as error:
-        raise Refusal(errors.not_owner_status(error.partition, str(error))) from None
-    except Overloaded as error:
-        raise Refusal(errors.status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))) from None
-    except DeadlineExpired:
-        message = "deadline passed; nothing applied"
-        raise Refusal(errors.status(grpc.StatusCode.DEADLINE_EXCEEDED, message)) from None
-    except FlushFailed as error:
-        raise Refusal(errors.status(grpc.StatusCode.UNAVAILABLE, str(error))) from None
+        if error.recovering:
+            status = errors.partition_recovering(error.partition, str(error))
+        else:
+            status = errors.not_owner(error.partition, str(error))
+        raise Refusal(status) from None
+    except Overloaded as error:  # refused before it was queued
+        raise Refusal(errors.overloaded(str(error))) from None
+    except DeadlineExpired:  # the owner checked the deadline before applying the work
+        message = "deadline passed before the owner applied the work; nothing applied"
+        raise Refusal(errors.deadline_not_applied(message)) from None
+    except FlushFailed as error:  # the batch may or may not be durable
+        message = f"{error}; outcome unknown, retry with the same idempotency key"
+        raise Refusal(errors.flush_failed(message)) from None

@@ -16,6 +16,7 @@ from inventory.v1 import inventory_pb2 as pb
 import inventory_core as core
 import shard_router.client as client_package
 from shard_router.client import (
+    AnswerClass,
     CapacityExhausted,
     DeadlineExceeded,
     IdempotencyKeyReused,
@@ -23,6 +24,8 @@ from shard_router.client import (
     InvalidArgument,
     InventoryClient,
     InventoryError,
+    NotApplied,
+    OutcomeUnknown,
     Overloaded,
     ReservationNotActive,
     ReservationNotFound,
@@ -69,6 +72,7 @@ def run_with(fake: FakeInventory, scenario: Callable[[str], Awaitable[None]]) ->
 
 def test_public_surface_is_exactly_the_documented_names() -> None:
     assert sorted(client_package.__all__) == [
+        "AnswerClass",
         "BatcherStats",
         "CapacityExhausted",
         "DeadlineExceeded",
@@ -77,6 +81,8 @@ def test_public_surface_is_exactly_the_documented_names() -> None:
         "InvalidArgument",
         "InventoryClient",
         "InventoryError",
+        "NotApplied",
+        "OutcomeUnknown",
         "Overloaded",
         "ReservationNotActive",
         "ReservationNotFound",
@@ -133,30 +139,57 @@ def test_not_owner_redirect_is_retried(batching: bool) -> None:
 
 @BATCHING
 @pytest.mark.parametrize(
-    ("code", "raised"),
+    "code",
     [
-        (grpc.StatusCode.INTERNAL, InventoryError),
-        (grpc.StatusCode.FAILED_PRECONDITION, InventoryError),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, Overloaded),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded),
-        (grpc.StatusCode.ABORTED, InventoryError),
-        (grpc.StatusCode.CANCELLED, InventoryError),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.PERMISSION_DENIED,
     ],
 )
-def test_other_codes_are_never_retried(
-    batching: bool, code: grpc.StatusCode, raised: type[InventoryError]
+def test_a_status_without_answer_class_of_a_final_code_is_final_and_not_retried(
+    batching: bool, code: grpc.StatusCode
 ) -> None:
     fake = fake_inventory(script=deque(statuses(code)))
 
     async def scenario(address: str) -> None:
         async with fast_client(address, batching=batching) as c:
-            with pytest.raises(raised) as caught:
+            with pytest.raises(InventoryError) as caught:
                 await c.reserve([reserve_line()], idempotency_key="order-1")
-        assert type(caught.value) is raised
+        assert type(caught.value) is InventoryError
         assert caught.value.code == code
+        assert caught.value.answer_class is AnswerClass.FINAL
 
     run_with(fake, scenario)
     assert fake.keys_seen == ["order-1"]
+
+
+@BATCHING
+@pytest.mark.parametrize(
+    "code",
+    [
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.DATA_LOSS,
+    ],
+)
+def test_a_status_without_answer_class_of_an_unknown_code_is_resent_with_the_same_key(
+    batching: bool, code: grpc.StatusCode
+) -> None:
+    """Such a status may be gRPC's own (a deadline, a transport): it may have been applied."""
+    fake = fake_inventory(script=deque(statuses(code)))
+
+    async def scenario(address: str) -> None:
+        async with fast_client(address, batching=batching) as c:
+            answer = await c.reserve([reserve_line()], idempotency_key="order-1")
+        assert answer.reservation.reservation_id == "r-order-1"
+
+    run_with(fake, scenario)
+    assert fake.keys_seen == ["order-1"] * 2
+    assert fake.applied["order-1"] == 1
 
 
 @BATCHING
@@ -168,6 +201,7 @@ def test_retries_stop_at_retry_attempts_max_with_unavailable(batching: bool) -> 
             with pytest.raises(Unavailable) as caught:
                 await c.reserve([reserve_line()], idempotency_key="order-1")
         assert caught.value.attempts == 3
+        assert isinstance(caught.value, OutcomeUnknown)  # a bare UNAVAILABLE may be applied
 
     run_with(fake, scenario)
     assert fake.keys_seen == ["order-1"] * 3
@@ -187,9 +221,11 @@ def test_retries_stop_at_the_calls_deadline(batching: bool) -> None:
             seed=1,
         ) as c:
             started = time.monotonic()
-            with pytest.raises(DeadlineExceeded):
+            with pytest.raises(DeadlineExceeded) as caught:
                 await c.reserve([reserve_line()], idempotency_key="order-1", timeout_s=0.3)
             assert time.monotonic() - started < 0.3 + 0.1
+        assert caught.value.answer_class is AnswerClass.OUTCOME_UNKNOWN
+        assert "an attempt's outcome was unknown" in str(caught.value)
 
     run_with(fake, scenario)
     assert 2 <= fake.count("order-1") < 1000
@@ -295,9 +331,11 @@ def test_each_item_keeps_its_own_deadline_on_a_shared_stream() -> None:
             started = time.monotonic()
 
             async def slow() -> float:
-                with pytest.raises(DeadlineExceeded) as caught:
+                # The server's own answer, within the batcher's grace: known not applied.
+                with pytest.raises(NotApplied) as caught:
                     await c.reserve([reserve_line("slow-1")], idempotency_key="slow", timeout_s=0.3)
-                assert "nothing applied" in caught.value.status.message  # the server's answer
+                assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "nothing applied" in caught.value.status.message
                 return time.monotonic() - started
 
             async def fast() -> float:

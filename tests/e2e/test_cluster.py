@@ -14,10 +14,12 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from grpc_status import rpc_status
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from inventory_core import partition_of
+from shard_router.common import errors
 from tests.conftest import Cluster, start_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg]
@@ -272,6 +274,9 @@ def test_order_whose_last_leg_is_short_leaves_no_stock_held_anywhere(cluster3: C
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await stub.ReserveOrder(order, timeout=CALL_TIMEOUT_S)
                 assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                status = rpc_status.from_call(caught.value)
+                assert errors.reason_of(status) == "INSUFFICIENT_STOCK"  # like the short leg
+                assert errors.answer_class_of(status) is errors.AnswerClass.FINAL
             answer = await stub.GetAvailability(
                 pb.GetAvailabilityRequest(keys=[key("rice", loc) for loc in locations])
             )

@@ -9,9 +9,12 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_status import rpc_status
 from inventory.v1 import events_pb2
 from inventory.v1 import inventory_pb2 as pb
 
+from inventory_core import validate_identifier
+from shard_router.common import errors
 from shard_router.router._watch_token import decode
 from shard_router.router.watch import SnapshotRefused, WatchLimits
 
@@ -200,6 +203,29 @@ def test_invalid_requests_are_refused() -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as error:
                     await next_event(served.stub.Watch(bad))
                 assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    run(scenario)
+
+
+def test_a_filter_refuses_exactly_the_ids_reserve_refuses() -> None:
+    """The core's identifier rule (inventory_core.validate_watch_filter), not a length check:
+    an id Reserve would refuse is refused here too, with the field that holds it."""
+    bad_id = "store 7"  # a space: fits the length, refused by Reserve
+    assert validate_identifier("location_id", bad_id) is not None
+
+    async def scenario() -> None:
+        async with serve(FakeEventSource(), FAST) as served:
+            for bad, field in (
+                (request(location_ids=["l1", bad_id]), "location_ids[1]"),
+                (request(sku_ids=["sku/1"]), "sku_ids[0]"),
+                (events_pb2.WatchRequest(merchant_id="m\n1"), "merchant_id"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await next_event(served.stub.Watch(bad))
+                status = rpc_status.from_call(error.value)
+                rejection = errors.rejection_from_status(status)
+                assert rejection is not None and getattr(rejection, "field", None) == field
+                assert errors.answer_class_of(status) is errors.AnswerClass.FINAL
 
     run(scenario)
 

@@ -14,17 +14,57 @@ Every mutating request carries an idempotency_key, scoped by merchant and kept a
 24 h: a retry with the same key and the same payload gets the original answer; the same key
 with another payload is refused with ALREADY_EXISTS.
 
-Errors are gRPC statuses with google.rpc.Status details (see errors.proto):
-  INVALID_ARGUMENT     malformed input; google.rpc.BadRequest names the field and the reason
-  FAILED_PRECONDITION  insufficient stock (InsufficientStock lists requested and available
-                       per line) or a reservation that is no longer active
-                       (ReservationNotActive says its state and when it changed)
-  NOT_FOUND            unknown reservation (for this merchant)
-  ABORTED              expected_version did not match (VersionMismatch has the current one)
-  ALREADY_EXISTS       idempotency key reused with another payload
-  RESOURCE_EXHAUSTED   a bound was reached (CapacityExhausted names it) or load is shed
-  UNAVAILABLE          the owner is recovering or handing off: retry with the same key
-  DEADLINE_EXCEEDED    the deadline passed before the work was applied: nothing was applied
+Errors are gRPC statuses with google.rpc.Status details (see errors.proto). Every status
+the service makes carries a google.rpc.ErrorInfo (domain "inventory.v1") whose reason names
+the answer and whose metadata["answer_class"] says what the caller may conclude:
+  final            the caller has its answer (a refusal: nothing was applied)
+  retryable        nothing was applied, and the server knows it: try again, maybe elsewhere
+  outcome_unknown  it may have been applied: retry with the same idempotency key (and the
+                   same payload), which gets the original answer or applies it once
+A status without that ErrorInfo was not made by the service: gRPC itself answers
+DEADLINE_EXCEEDED when the caller's deadline fires and UNAVAILABLE when a connection
+drops, while the call may still be applied. Treat DEADLINE_EXCEEDED and UNAVAILABLE (and
+CANCELLED, UNKNOWN, INTERNAL, DATA_LOSS, and ABORTED without VersionMismatch) as
+outcome_unknown unless the ErrorInfo says retryable. A read applies nothing: its failures
+are never outcome_unknown.
+
+  code                 reason                  class            when (detail)
+  INVALID_ARGUMENT     INVALID_ARGUMENT        final            malformed input
+                                                                (google.rpc.BadRequest: field, reason)
+  FAILED_PRECONDITION  INSUFFICIENT_STOCK      final            not enough available
+                                                                (InsufficientStock per line)
+                       RESERVATION_NOT_ACTIVE  final            committed, released or expired
+                                                                (ReservationNotActive: state, since)
+                       ORDER_RELEASED          final            a retried ReserveOrder that failed
+                                                                before: order again with a new key
+  NOT_FOUND            RESERVATION_NOT_FOUND   final            unknown reservation (ResourceInfo)
+  ABORTED              VERSION_MISMATCH        final            expected_version did not match
+                                                                (VersionMismatch: current version)
+  ALREADY_EXISTS       IDEMPOTENCY_KEY_REUSED  final            the key was used for another payload
+  RESOURCE_EXHAUSTED   CAPACITY_EXHAUSTED      final            a stated bound (CapacityExhausted)
+                       OVERLOADED              retryable        load shed before it was queued
+  UNIMPLEMENTED        UNIMPLEMENTED           final            not served here (ReserveOrder on a shard)
+  UNAVAILABLE          NOT_OWNER               retryable        partition owned elsewhere (a redirect)
+                       PARTITION_RECOVERING    retryable        partition reloading; retry shortly
+                       FENCED                  retryable        the owner lost the partition; its
+                                                                flush rolled back
+                       FLUSH_FAILED            outcome_unknown  the ledger flush failed or its
+                                                                outcome is unknown
+                       OWNERS_UNAVAILABLE      retryable or     no owner answered in time: unknown
+                                               outcome_unknown  if any attempt may have applied it
+                       STREAM_BROKEN           outcome_unknown  a Batch stream broke with the item
+                                               or retryable     sent (retryable if never sent)
+                       ORDER_OUTCOME_UNKNOWN   outcome_unknown  a ReserveOrder leg stayed unknown
+                       SERVER_STOPPING         retryable        Watch: resume elsewhere
+  DEADLINE_EXCEEDED    DEADLINE_NOT_APPLIED    retryable        the deadline passed before the work
+                                                                was applied: nothing was applied
+                       DEADLINE_PASSED         outcome_unknown  the deadline passed while waiting
+                                                                for an answer (may have applied)
+  INTERNAL             INTERNAL                outcome_unknown  a bug in the service
+
+What to do: on final, act on the answer; on retryable, send the call again (after a
+backoff); on outcome_unknown, send the same request again with the same idempotency key
+until a final answer says what happened.
 """
 
 from collections import abc as _abc
@@ -789,8 +829,12 @@ Global___SetSafetyStockResponse: _TypeAlias = SetSafetyStockResponse  # noqa: Y0
 @_typing.final
 class ReserveOrderRequest(_message.Message):
     """An order split over several locations: one leg per location, reserved as a saga. Each leg
-    is atomic on its owner; if any leg fails, the legs already taken are released and the
-    call fails with the failing leg's status. Served by the router.
+    is atomic on its owner. A leg whose outcome is unknown is retried with its own key before
+    anything else; if any leg fails, the legs already taken are released and the call fails
+    with the failing leg's status. If a leg's outcome stays unknown, the call answers
+    ORDER_OUTCOME_UNKNOWN (UNAVAILABLE): retry the order with the same idempotency key, which
+    settles every leg. A retry of an order that failed before answers ORDER_RELEASED: place it
+    again with a new key. Served by the router.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -885,7 +929,7 @@ class BatchItem(_message.Message):
     id: _builtins.int
     """Chosen by the sender, unique among its items in flight on the stream; echoed back."""
     timeout_ms: _builtins.int
-    """Time the item may take from when the server receives it; 0 = the server default (10 s)."""
+    """Time the item may take from when the server reads it; 0 = the server default (10 s)."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller metadata carried to the owner for logs and traces: x-request-id, traceparent,
@@ -1001,7 +1045,9 @@ Global___BatchItemResult: _TypeAlias = BatchItemResult  # noqa: Y015
 
 @_typing.final
 class BatchRequest(_message.Message):
-    """1 to 1000 items."""
+    """1 to 1000 items. A stream holds at most 4,000 items (running, or answered and not yet
+    written); past that it stops reading requests until the caller reads its results.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

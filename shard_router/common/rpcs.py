@@ -1,0 +1,108 @@
+"""The calls of ``inventory.v1.Inventory``, written once.
+
+One row per call: the unary RPC's name (``Reserve``), the name shared by the ``BatchItem``
+oneof field, the ``BatchItemResult`` field and the calls object's method (``reserve``), the
+request and response types, and whether the call mutates (carries an idempotency key; its
+failure may leave its outcome unknown) or only reads (applies nothing, whatever happens).
+
+    CALLS           the calls a Batch stream carries, in BatchItem oneof order
+    RESERVE_ORDER   the router-only saga (a unary RPC, not a Batch item)
+    UNARY           every unary RPC: CALLS plus RESERVE_ORDER
+    BY_FIELD, BY_METHOD
+
+The servicer generates its unary methods from ``UNARY``, the Batch dispatch and the batchers
+look calls up by field, and the client maps a field to its stub method; a test checks the
+table against the proto's service and BatchItem descriptors (tests/test_errors.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from google.protobuf.message import Message
+from inventory.v1 import inventory_pb2 as pb
+
+RequestT = TypeVar("RequestT", bound=Message)
+ResponseT = TypeVar("ResponseT", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Rpc(Generic[RequestT, ResponseT]):
+    # The unary RPC of the Inventory service, e.g. "Reserve".
+    method: str
+    # The BatchItem / BatchItemResult oneof field and the calls object's method, "reserve".
+    field: str
+    request_type: type[RequestT]
+    response_type: type[ResponseT]
+    # True for a call that can change state: if it fails without a definite answer, it may
+    # have been applied (retry with the same idempotency key). A read applies nothing.
+    mutating: bool
+
+
+GET_AVAILABILITY = Rpc(
+    "GetAvailability",
+    "get_availability",
+    pb.GetAvailabilityRequest,
+    pb.GetAvailabilityResponse,
+    mutating=False,
+)
+RESERVE = Rpc("Reserve", "reserve", pb.ReserveRequest, pb.ReserveResponse, mutating=True)
+COMMIT = Rpc("Commit", "commit", pb.CommitRequest, pb.CommitResponse, mutating=True)
+RELEASE = Rpc("Release", "release", pb.ReleaseRequest, pb.ReleaseResponse, mutating=True)
+EXTEND_RESERVATION = Rpc(
+    "ExtendReservation",
+    "extend_reservation",
+    pb.ExtendReservationRequest,
+    pb.ExtendReservationResponse,
+    mutating=True,
+)
+GET_RESERVATION = Rpc(
+    "GetReservation",
+    "get_reservation",
+    pb.GetReservationRequest,
+    pb.GetReservationResponse,
+    mutating=False,
+)
+ADJUST_STOCK = Rpc(
+    "AdjustStock", "adjust_stock", pb.AdjustStockRequest, pb.AdjustStockResponse, mutating=True
+)
+SET_STOCK = Rpc("SetStock", "set_stock", pb.SetStockRequest, pb.SetStockResponse, mutating=True)
+SET_SAFETY_STOCK = Rpc(
+    "SetSafetyStock",
+    "set_safety_stock",
+    pb.SetSafetyStockRequest,
+    pb.SetSafetyStockResponse,
+    mutating=True,
+)
+# Orders across locations span owners: only the router serves it (a shard's calls object
+# has no ``reserve_order``, so the servicer answers UNIMPLEMENTED there).
+RESERVE_ORDER = Rpc(
+    "ReserveOrder",
+    "reserve_order",
+    pb.ReserveOrderRequest,
+    pb.ReserveOrderResponse,
+    mutating=True,
+)
+
+CALLS: tuple[Rpc[Any, Any], ...] = (
+    GET_AVAILABILITY,
+    RESERVE,
+    COMMIT,
+    RELEASE,
+    EXTEND_RESERVATION,
+    GET_RESERVATION,
+    ADJUST_STOCK,
+    SET_STOCK,
+    SET_SAFETY_STOCK,
+)
+UNARY: tuple[Rpc[Any, Any], ...] = (*CALLS, RESERVE_ORDER)
+BY_FIELD: Mapping[str, Rpc[Any, Any]] = {rpc.field: rpc for rpc in UNARY}
+BY_METHOD: Mapping[str, Rpc[Any, Any]] = {rpc.method: rpc for rpc in UNARY}
+
+
+def is_mutating(field: str) -> bool:
+    """Whether the call named by ``field`` may change state (unknown fields count as such)."""
+    rpc = BY_FIELD.get(field)
+    return True if rpc is None else rpc.mutating
