@@ -43,6 +43,7 @@ async def serve(config: ShardConfig) -> None:
     started = time.monotonic()
     pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX)
     publisher: EventPublisher | None = None
+    owner: Owner | None = None
     try:
         async with pool.acquire() as connection:
             await migrate(connection)
@@ -97,6 +98,8 @@ async def serve(config: ShardConfig) -> None:
         await _cancel(background[1:])
         log.info("shard_stopped", shard_id=config.shard_id)
     finally:
+        if owner is not None:  # idempotent: background tasks are awaited on every exit
+            await owner.close()
         if publisher is not None:
             await publisher.close()
         await pool.close()
@@ -167,6 +170,8 @@ async def _log_stats(owner: Owner, ownership: Ownership, publisher: EventPublish
             flush_ms_mean=round(1000 * seconds / flushes, 2) if flushes else 0,
             flush_ms_max=round(1000 * now.flush_seconds_max, 2),
             flush_failures=now.flush_failures,
+            core_failures=now.core_failures,
+            fenced=now.fenced,
             checkpoints=now.checkpoints,
             shed=now.shed,
             ring=ownership.ring_version,

@@ -585,8 +585,10 @@ class Owner:
             "queue_depth": self._queue.qsize(),
             "partitions_owned": len(cores),
             "partitions_recovering": len(self._recovering),
-            "keys": sum(core.key_count for core in cores),
-            "live_reservations": sum(core.live_reservation_count for core in cores),
+            # The process totals, counted as they change (against limits.process_*).
+            "keys": self.usage.keys,
+            "live_reservations": self.usage.reservations_live,
+            "idempotency_entries": self.usage.idempotency_entries,
             "over_committed_keys": sum(len(core.over_committed()) for core in cores),
         }
 
