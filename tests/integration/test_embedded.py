@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import asyncpg
 import pytest
 import redis
 
+from persistence import embedded
 from persistence.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 
 
@@ -93,3 +95,40 @@ def test_embedded_redis_refuses_a_second_server_on_the_same_files(tmp_path: Path
         first.start(tmp_path / "redis")
         with pytest.raises(EmbeddedServerError, match="already running"):
             second.start(tmp_path / "redis")
+
+
+class _CrashingInitdbOnce:
+    """pgserver whose first initdb dies by SIGSEGV after leaving a partial data dir."""
+
+    def __init__(self, real: object, crashes: int) -> None:
+        self.real, self.crashes, self.calls = real, crashes, 0
+
+    def get_server(self, data_dir: Path, cleanup_mode: str) -> object:
+        self.calls += 1
+        if self.crashes:
+            self.crashes -= 1
+            data_dir.mkdir(parents=True, exist_ok=True)
+            (data_dir / "half-written").write_text("x")
+            raise subprocess.CalledProcessError(-11, ["/x/bin/initdb", "-D", str(data_dir)])
+        return self.real.get_server(data_dir, cleanup_mode=cleanup_mode)  # type: ignore[attr-defined]
+
+
+def test_an_initdb_killed_by_a_signal_on_a_new_cluster_is_retried_once(
+    server_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _CrashingInitdbOnce(embedded._import_pgserver(), crashes=1)
+    monkeypatch.setattr(embedded, "_import_pgserver", lambda: fake)
+    with EmbeddedPostgres() as postgres:
+        assert postgres.start(server_dir / "postgres")
+    assert fake.calls == 2
+    assert not (server_dir / "postgres" / "half-written").exists()
+
+
+def test_an_initdb_that_keeps_crashing_is_reported_not_retried_forever(
+    server_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _CrashingInitdbOnce(embedded._import_pgserver(), crashes=5)
+    monkeypatch.setattr(embedded, "_import_pgserver", lambda: fake)
+    with pytest.raises(EmbeddedServerError, match="failed to start"):
+        EmbeddedPostgres().start(server_dir / "postgres")
+    assert fake.calls == embedded.POSTGRES_INITDB_ATTEMPTS_MAX
