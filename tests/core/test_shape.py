@@ -160,12 +160,12 @@ def test_replay_is_never_refused_by_process_bounds() -> None:
 
 
 def test_process_bounds_fit_in_a_machine() -> None:
-    # The figures behind _limits.py's comment: ~0.4 KiB a key, ~1.4 KiB a live reservation,
-    # ~0.5 KiB an entry (tracemalloc over 20,000 of each); the total stays under 8 GiB.
+    # The figures behind _limits.py's comment: ~0.26 KiB a key, ~1.3 KiB a live reservation,
+    # ~0.45 KiB an entry (tracemalloc over 20,000 of each); the total stays under 8 GiB.
     total_kib = (
-        0.4 * limits.process_keys_max
-        + 1.4 * limits.process_reservations_live_max
-        + 0.5 * limits.process_idempotency_entries_max
+        0.26 * limits.process_keys_max
+        + 1.3 * limits.process_reservations_live_max
+        + 0.45 * limits.process_idempotency_entries_max
     )
     assert total_kib < 8 * 1024 * 1024
     assert limits.process_keys_max >= limits.partition_keys_max
