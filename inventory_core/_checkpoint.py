@@ -9,7 +9,7 @@ here, in the store or in a migration.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ._state import PartitionState
@@ -30,6 +30,32 @@ class CheckpointDelta:
     def row_count(self) -> int:
         """Rows this delta writes: what bounds one checkpoint transaction."""
         return sum(len(t.upserts) + len(t.removals) for t in self.tables.values())
+
+    def pieces(self, rows_max: int) -> list[CheckpointDelta]:
+        """The same rows in order, at most ``rows_max`` per piece (one piece if empty).
+
+        A checkpoint's rows are written in bounded transactions and made visible together
+        afterwards (persistence/store.py), so a delta may be cut anywhere, even inside one
+        table of one partition.
+        """
+        if rows_max <= 0:
+            raise ValueError("rows_max must be positive")
+        pieces: list[CheckpointDelta] = []
+        current: dict[str, TableDelta[Any, Any]] = {}
+        room = rows_max
+        for name, table in self.tables.items():
+            upserts, removals = table.upserts, table.removals
+            while upserts or removals:
+                if room == 0:
+                    pieces.append(replace(self, tables=current))
+                    current, room = {}, rows_max
+                taken_upserts, upserts = upserts[:room], upserts[room:]
+                room -= len(taken_upserts)
+                taken_removals, removals = removals[:room], removals[room:]
+                room -= len(taken_removals)
+                current[name] = TableDelta(taken_upserts, taken_removals)
+        pieces.append(replace(self, tables=current))
+        return pieces
 
 
 def take(state: PartitionState, lsn: int, full: bool) -> CheckpointDelta:

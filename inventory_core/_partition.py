@@ -193,6 +193,11 @@ class Partition:
         """When the earliest live reservation expires."""
         return self._state.expiry.next_due_ms()
 
+    @property
+    def over_committed_count(self) -> int:
+        """How many keys are over-committed now (kept as they change: O(1))."""
+        return self._state.over_committed_keys
+
     def over_committed(self) -> dict[InventoryKey, int]:
         """Exposure (-available) of every over-committed key."""
         return {k: -row.available for k, row in self._state.stock.items() if row.available < 0}

@@ -93,6 +93,7 @@ class PartitionState:
         "holds",
         "idempotency",
         "live_apply",
+        "over_committed_keys",
         "partition",
         "reservations",
         "stock",
@@ -112,6 +113,9 @@ class PartitionState:
         self.attached = False
         # False while replaying: per-process bounds refuse only live commands.
         self.live_apply = True
+        # Keys whose available is below zero (sold offline, adjusted down): counted as they
+        # change, so that watching it costs nothing per key.
+        self.over_committed_keys = 0
 
     @property
     def tables(self) -> dict[str, Table[Any, Any]]:
@@ -167,6 +171,7 @@ class PartitionState:
         if after.reserved < 0:
             raise AssertionError(f"reserved of {key} would go negative: {after}")
         self.stock.put(key, after)
+        self.over_committed_keys += (after.available < 0) - (before.available < 0)
         at.events.append(
             AvailabilityChanged(key, self.partition, at.lsn, reason, before, after, at.now_ms)
         )
@@ -268,6 +273,7 @@ class PartitionState:
             self.expiry.set(reservation.reservation_id, reservation.expires_at_ms)
             self.hold(reservation)
         self.usage = ProcessUsage(len(self.stock), len(live), len(self.idempotency))
+        self.over_committed_keys = sum(row.available < 0 for row in self.stock.values())
 
     # ---------------------------------------------------------------------- invariants
 
@@ -300,6 +306,7 @@ class PartitionState:
         assert len(self.stock) <= limits.partition_keys_max
         assert len(self.idempotency) <= limits.idempotency_keys_max
         assert len(self.finished) <= limits.reservations_finished_max + 1
+        assert self.over_committed_keys == sum(row.available < 0 for row in self.stock.values())
         if not self.attached:  # a private usage counts exactly this partition
             own = (len(self.stock), live, len(self.idempotency))
             assert (

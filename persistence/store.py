@@ -13,10 +13,11 @@ Flush (DESIGN section 5). One transaction per batch, whatever partitions it span
 Any error other than ``FencedOut`` leaves the outcome unknown: the caller must fail-stop.
 
 Checkpoints (DESIGN section 7): every table of a partition's state is rows of
-``partition_rows`` (partition, table name, row key, body), encoded by the table's own schema
-(``inventory_core.TABLES``), so this module has no code per table. Recovery: the last
-checkpoint at the partition's ``checkpoint_lsn``, then the ledger tail replayed through the
-core.
+``partition_rows`` (partition, table name, row key, version lsn, body), encoded by the
+table's own schema (``inventory_core.TABLES``), so this module has no code per table. Rows
+are written as new versions in bounded transactions and become visible together when the
+partition's ``checkpoint_lsn`` moves (``write_checkpoint``; migration 0004). Recovery: the
+newest visible version of each row, then the ledger tail replayed through the core.
 """
 
 from __future__ import annotations
@@ -52,9 +53,21 @@ Connection: TypeAlias = (
 # Every statement that changes partition rows first locks them in partition order, so a
 # takeover and a flush over overlapping partitions queue behind each other instead of
 # deadlocking. MATERIALIZED keeps the locking query from being folded into the UPDATE.
-LOCK_IN_ORDER = """WITH locked AS MATERIALIZED (
+# The flush and the checkpoint's commit take FOR NO KEY UPDATE; a takeover takes FOR UPDATE,
+# the one lock that also waits for a checkpoint's row writes (FOR KEY SHARE, _EPOCH_HELD).
+_LOCK_ROWS = """WITH locked AS MATERIALIZED (
         SELECT partition FROM partitions WHERE partition = ANY($1::integer[])
-         ORDER BY partition FOR UPDATE)"""
+         ORDER BY partition FOR {})"""
+LOCK_IN_ORDER = _LOCK_ROWS.format("NO KEY UPDATE")
+TAKE_IN_ORDER = _LOCK_ROWS.format("UPDATE")
+
+# The partitions ($1) whose epoch is still the writer's ($2), held against a takeover for
+# the rest of the statement: the checkpoint's row writes and deletions run only if all are.
+_EPOCH_HELD = """WITH held AS MATERIALIZED (
+        SELECT p.partition FROM partitions p
+          JOIN unnest($1::integer[], $2::bigint[]) AS e(partition, epoch)
+            ON p.partition = e.partition AND p.epoch = e.epoch
+         ORDER BY p.partition FOR KEY SHARE OF p)"""
 
 
 class FencedOut(Exception):
@@ -90,7 +103,7 @@ class PartitionStore:
     async def acquire(self, partitions: Sequence[int], owner: str) -> list[Owned]:
         """Take partitions: bump their epochs, fencing whoever held them."""
         rows = await self._pool.fetch(
-            f"""{LOCK_IN_ORDER}
+            f"""{TAKE_IN_ORDER}
                UPDATE partitions AS p
                   SET epoch = epoch + 1, owner = $2, owned_since = now()
                  FROM locked WHERE p.partition = locked.partition
@@ -183,35 +196,149 @@ class PartitionStore:
     # ---------------------------------------------------------------------- checkpoints
 
     async def write_checkpoint(
-        self, deltas: Sequence[CheckpointDelta], epochs: Mapping[int, int]
+        self,
+        deltas: Sequence[CheckpointDelta],
+        epochs: Mapping[int, int],
+        rows_per_transaction: int,
     ) -> None:
-        """Upsert what changed since the previous checkpoint, epoch-checked, in one transaction."""
+        """Write a checkpoint of several partitions without ever stalling their flushes.
+
+        1. The rows, in transactions of at most ``rows_per_transaction`` rows, each row a
+           new version at its delta's lsn (a removed row: a NULL body). They stay invisible:
+           recovery reads versions up to the partition's ``checkpoint_lsn`` only. Each
+           statement checks the epoch under FOR KEY SHARE, which a flush's lock does not
+           conflict with and a takeover's does: once a takeover holds the row, no row of
+           the deposed owner's can land.
+        2. One short transaction moves every partition's ``checkpoint_lsn`` (and, for a
+           full delta, ``checkpoint_base_lsn``: every older version is hidden at once).
+        3. The versions this checkpoint superseded are deleted, in bounded statements.
+        Raises FencedOut if another owner took a partition (nothing became visible).
+        A failure in step 1 or 2 leaves the previous checkpoint in force; one in step 3
+        leaves superseded versions behind, which are invisible and deleted later.
+        """
         if not deltas:
             return
-        by_partition = {d.partition: d for d in deltas}
-        partitions = sorted(by_partition)
+        pieces = [piece for d in deltas for piece in d.pieces(rows_per_transaction)]
+        groups = [g for g in _groups(pieces, rows_per_transaction) if any(p.row_count for p in g)]
+        for group in groups:
+            await self._write_rows(group, epochs)
+        await self._commit_checkpoint(deltas, epochs)
+        for group in groups:
+            await self._prune_superseded(group, epochs)
+        for delta in deltas:
+            if delta.full:
+                await self._prune_below_base(delta.partition, rows_per_transaction)
+
+    async def _write_rows(
+        self, pieces: Sequence[CheckpointDelta], epochs: Mapping[int, int]
+    ) -> None:
+        rows: list[tuple[object, ...]] = []
+        for piece in pieces:
+            for name, changes in piece.tables.items():
+                schema = TABLES[name]
+                at = (piece.partition, name)
+                for key, row in changes.upserts:
+                    body = _json(schema.row_to_data(row))
+                    rows.append((*at, _json(schema.key_to_data(key)), body, piece.lsn))
+                for key in changes.removals:
+                    rows.append((*at, _json(schema.key_to_data(key)), None, piece.lsn))
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        partitions = sorted({piece.partition for piece in pieces})
         async with self._pool.acquire() as connection, connection.transaction():
-            advanced = await connection.fetch(
-                f"""{LOCK_IN_ORDER}
-                   UPDATE partitions AS p SET checkpoint_lsn = v.lsn
-                     FROM locked, unnest($1::integer[], $2::bigint[], $3::bigint[])
-                          AS v(partition, epoch, lsn)
-                    WHERE p.partition = locked.partition AND p.partition = v.partition
-                      AND p.epoch = v.epoch
-                RETURNING p.partition""",
+            # The rows are invisible until step 2, whose commit waits for WAL up to itself
+            # (this transaction's included): no fsync of their own is needed.
+            await connection.execute("SET LOCAL synchronous_commit = off")
+            kept = await connection.fetchval(
+                f"""{_EPOCH_HELD}
+                   , written AS (
+                       INSERT INTO partition_rows
+                              (partition, table_name, row_key, body, checkpoint_lsn)
+                       SELECT v.partition, v.table_name, v.row_key::jsonb, v.body::jsonb, v.lsn
+                         FROM unnest($3::integer[], $4::text[], $5::text[], $6::text[],
+                                     $7::bigint[]) AS v(partition, table_name, row_key, body, lsn)
+                        WHERE (SELECT count(*) FROM held) = cardinality($1::integer[])
+                       ON CONFLICT (partition, table_name, row_key, checkpoint_lsn)
+                       DO UPDATE SET body = EXCLUDED.body)
+                   SELECT count(*) FROM held""",
                 partitions,
                 [epochs[p] for p in partitions],
-                [by_partition[p].lsn for p in partitions],
+                *columns,
             )
-            if len(advanced) != len(partitions):
-                raise FencedOut(sorted(set(partitions) - {r["partition"] for r in advanced}))
-            full = [d.partition for d in deltas if d.full]
-            if full:
-                await connection.execute(
-                    "DELETE FROM partition_rows WHERE partition = ANY($1::integer[])", full
-                )
-            await _upsert_rows(connection, deltas)
-            await _delete_rows(connection, deltas)
+            if kept != len(partitions):
+                raise FencedOut(await self._lost(partitions, epochs))
+
+    async def _commit_checkpoint(
+        self, deltas: Sequence[CheckpointDelta], epochs: Mapping[int, int]
+    ) -> None:
+        by_partition = {d.partition: d for d in deltas}
+        partitions = sorted(by_partition)
+        advanced = await self._pool.fetch(
+            f"""{LOCK_IN_ORDER}
+               UPDATE partitions AS p
+                  SET checkpoint_lsn = v.lsn,
+                      checkpoint_base_lsn = CASE WHEN v.is_full THEN v.lsn
+                                                 ELSE p.checkpoint_base_lsn END
+                 FROM locked, unnest($2::bigint[], $3::bigint[], $4::boolean[], $1::integer[])
+                      AS v(epoch, lsn, is_full, partition)
+                WHERE p.partition = locked.partition AND p.partition = v.partition
+                  AND p.epoch = v.epoch AND v.lsn >= p.checkpoint_lsn
+            RETURNING p.partition""",
+            partitions,
+            [epochs[p] for p in partitions],
+            [by_partition[p].lsn for p in partitions],
+            [by_partition[p].full for p in partitions],
+        )
+        if len(advanced) != len(partitions):
+            raise FencedOut(sorted(set(partitions) - {r["partition"] for r in advanced}))
+
+    async def _prune_superseded(
+        self, pieces: Sequence[CheckpointDelta], epochs: Mapping[int, int]
+    ) -> None:
+        """Delete the older versions of the rows the pieces wrote, and their removals
+        (a removed row with no older version left is nothing at all)."""
+        keys: list[tuple[object, ...]] = []
+        for piece in pieces:
+            for name, changes in piece.tables.items():
+                schema = TABLES[name]
+                for key in (*(k for k, _ in changes.upserts), *changes.removals):
+                    keys.append((piece.partition, name, _json(schema.key_to_data(key)), piece.lsn))
+        columns = [list(column) for column in zip(*keys, strict=True)]
+        if not keys:
+            return
+        partitions = sorted({piece.partition for piece in pieces})
+        await self._pool.execute(
+            f"""{_EPOCH_HELD}
+               DELETE FROM partition_rows AS r
+                USING unnest($3::integer[], $4::text[], $5::text[], $6::bigint[])
+                      AS v(partition, table_name, row_key, lsn)
+                WHERE (SELECT count(*) FROM held) = cardinality($1::integer[])
+                  AND r.partition = v.partition AND r.table_name = v.table_name
+                  AND r.row_key = v.row_key::jsonb
+                  AND (r.checkpoint_lsn < v.lsn
+                       OR (r.checkpoint_lsn = v.lsn AND r.body IS NULL))""",
+            partitions,
+            [epochs[p] for p in partitions],
+            *columns,
+        )
+
+    async def _prune_below_base(self, partition: int, rows_max: int) -> None:
+        """After a full checkpoint: delete every version below the base, a bounded
+        statement at a time (they are invisible already; an owner's base only grows)."""
+        while True:
+            status = await self._pool.execute(
+                """DELETE FROM partition_rows WHERE ctid = ANY(ARRAY(
+                       SELECT r.ctid FROM partition_rows r JOIN partitions p USING (partition)
+                        WHERE r.partition = $1 AND r.checkpoint_lsn < p.checkpoint_base_lsn
+                        LIMIT $2))""",
+                partition,
+                rows_max,
+            )
+            if int(status.rsplit(" ", 1)[1]) < rows_max:
+                return
+
+    async def _lost(self, partitions: Sequence[int], epochs: Mapping[int, int]) -> list[int]:
+        current = await self.epochs(partitions)
+        return sorted(p for p in partitions if current.get(p) != epochs[p])
 
     # ------------------------------------------------------------------------- recovery
 
@@ -230,9 +357,14 @@ class PartitionStore:
                     wanted,
                 )
             }
+            # Every visible version; the newest of each row wins below (GC keeps about one
+            # per row, so this costs less than sorting them in the database).
             rows = await connection.fetch(
-                """SELECT partition, table_name, row_key::text AS row_key, body::text AS body
-                     FROM partition_rows WHERE partition = ANY($1::integer[])""",
+                """SELECT r.partition, r.table_name, r.row_key::text AS row_key,
+                          r.body::text AS body, r.checkpoint_lsn
+                     FROM partition_rows r JOIN partitions p ON p.partition = r.partition
+                    WHERE r.partition = ANY($1::integer[])
+                      AND r.checkpoint_lsn BETWEEN p.checkpoint_base_lsn AND p.checkpoint_lsn""",
                 wanted,
             )
             tail = await connection.fetch(
@@ -242,14 +374,22 @@ class PartitionStore:
                     ORDER BY l.partition, l.lsn""",
                 wanted,
             )
-        tables_by: dict[int, dict[str, list[tuple[object, object]]]] = defaultdict(dict)
+        newest: dict[tuple[int, str, str], asyncpg.Record] = {}
         for r in rows:
-            schema = TABLES[r["table_name"]]
+            at = (r["partition"], r["table_name"], r["row_key"])
+            seen = newest.get(at)
+            if seen is None or seen["checkpoint_lsn"] < r["checkpoint_lsn"]:
+                newest[at] = r
+        tables_by: dict[int, dict[str, list[tuple[object, object]]]] = defaultdict(dict)
+        for (partition, name, row_key), r in newest.items():
+            if r["body"] is None:  # removed at that checkpoint
+                continue
+            schema = TABLES[name]
             row = (
-                schema.key_from_data(json.loads(r["row_key"])),
+                schema.key_from_data(json.loads(row_key)),
                 schema.row_from_data(json.loads(r["body"])),
             )
-            tables_by[r["partition"]].setdefault(r["table_name"], []).append(row)
+            tables_by[partition].setdefault(name, []).append(row)
         tail_by = defaultdict(list)
         for r in tail:
             tail_by[r["partition"]].append(_ledger_row(r))
@@ -310,51 +450,15 @@ def _json(data: object) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-async def _upsert_rows(connection: Connection, deltas: Sequence[CheckpointDelta]) -> None:
-    """Every table's upserts, by the table's schema, in one statement."""
-    columns: list[list[object]] = [[], [], [], [], []]
-    for delta in deltas:
-        for name, changes in delta.tables.items():
-            schema = TABLES[name]
-            for key, row in changes.upserts:
-                values = (
-                    delta.partition,
-                    name,
-                    _json(schema.key_to_data(key)),
-                    _json(schema.row_to_data(row)),
-                    delta.lsn,
-                )
-                for column, value in zip(columns, values, strict=True):
-                    column.append(value)
-    if columns[0]:
-        await connection.execute(
-            """INSERT INTO partition_rows (partition, table_name, row_key, body, checkpoint_lsn)
-               SELECT partition, table_name, row_key::jsonb, body::jsonb, lsn
-                 FROM unnest($1::integer[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-                      AS v(partition, table_name, row_key, body, lsn)
-               ON CONFLICT (partition, table_name, row_key) DO UPDATE
-                  SET body = EXCLUDED.body, checkpoint_lsn = EXCLUDED.checkpoint_lsn""",
-            *columns,
-        )
-
-
-async def _delete_rows(connection: Connection, deltas: Sequence[CheckpointDelta]) -> None:
-    """Every table's removals (a key created and forgotten between checkpoints: a no-op)."""
-    columns: list[list[object]] = [[], [], []]
-    for delta in deltas:
-        for name, changes in delta.tables.items():
-            schema = TABLES[name]
-            for key in changes.removals:
-                for column, value in zip(
-                    columns, (delta.partition, name, _json(schema.key_to_data(key))), strict=True
-                ):
-                    column.append(value)
-    if columns[0]:
-        await connection.execute(
-            """DELETE FROM partition_rows AS r
-                USING unnest($1::integer[], $2::text[], $3::text[])
-                      AS v(partition, table_name, row_key)
-                WHERE r.partition = v.partition AND r.table_name = v.table_name
-                  AND r.row_key = v.row_key::jsonb""",
-            *columns,
-        )
+def _groups(pieces: Sequence[CheckpointDelta], rows_max: int) -> list[list[CheckpointDelta]]:
+    """Consecutive pieces (each within rows_max rows) gathered up to rows_max rows a group."""
+    groups: list[list[CheckpointDelta]] = []
+    rows = rows_max
+    for piece in pieces:
+        size = piece.row_count
+        if not groups or rows + size > rows_max:
+            groups.append([])
+            rows = 0
+        groups[-1].append(piece)
+        rows += size
+    return groups

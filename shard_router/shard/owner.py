@@ -2,29 +2,42 @@
 
     submit() -> bounded queue -> [reads] -> core.apply -> flush -> replies -> events
 
-Ordering rules of ``_pump`` (one screen, on purpose):
-  1. Reads of a batch are answered first, while memory equals what is durable: a read never
-     shows state that a failed flush could lose.
+The flush is pipelined (DESIGN section 5.6): while batch N's flush is in flight, the loop
+applies batch N+1; then it waits for N, and starts N+1's flush. Ordering rules (one screen,
+on purpose):
+  1. Reads of a batch are served before its writes are applied. A read of a partition that
+     the flush in flight touches is held until that flush commits (and refused, retryably,
+     if it fails): a read never shows state that a failed flush could lose, and waits at
+     most for the flush in flight.
   2. Work whose deadline passed is refused (``DeadlineExpired``) and not applied.
   3. Every mutation of the batch is applied to the core; the records of all of them are
      flushed in one transaction (group commit: the next batch is whatever queued meanwhile).
-  4. Replies leave only after the flush commits; events are handed on after that.
-  5. If the flush fails, its outcome is unknown: every partition it touched is dropped from
+     Batches commit in order: N+1's flush starts only after N's has ended.
+  4. Replies leave only after their own batch's flush commits; events are handed on after
+     that.
+  5. If a flush fails, its outcome is unknown: every partition it touched is dropped from
      memory and recovered from PostgreSQL in the background (fail-stop), and the waiting
      callers get ``FlushFailed``. They retry with the same idempotency key, which finds the
-     durable answer or runs afresh.
-  6. An exception out of the core is a bug or corruption in that partition alone: it is
+     durable answer or runs afresh. Batch N+1 was applied on top of N's memory, so its items
+     in those partitions are refused too (``NotOwner(recovering)``: never sent, so not
+     applied); its other partitions flush as usual.
+  6. A partition fenced by another owner is dropped alone and the rest of its batch is
+     flushed again without it. A partition the owner lost while a batch waited (dropped by a
+     rebalance, or re-adopted) is refused for that batch: the callers are redirected.
+  7. An exception out of the core is a bug or corruption in that partition alone: it is
      logged, the partition is fail-stopped (its memory may be half-changed), and every item
      of it in the batch, applied before the failure or not, gets ``NotOwner(recovering)``:
-     none of its records is flushed, so nothing of them was applied. The rest of the batch
-     is flushed and answered as usual.
-Checkpoints are taken between batches (memory == durable) and written in the background.
+     none of its records is flushed, so nothing of them was applied.
+Checkpoints are taken when memory equals what is durable (the loop waits for the flush in
+flight first: one pipeline bubble per checkpoint) and written in the background, in bounded
+transactions that the flush never waits for (persistence/store.py).
 
-Every task the owner starts has an owner: the expiry timer lives in ``run``'s task group;
-checkpoint writers and recoveries live in ``_Background``, which ``close`` cancels and
-awaits. Shutdown, in order: stop taking RPCs, ``drain`` (what is queued is answered),
-cancel ``run``, ``checkpoint_now`` (the last checkpoint), ``close`` (refuse anything still
-queued, finish the checkpoint in flight, cancel and await recoveries).
+Every task the owner starts has an owner: the expiry timer lives in ``run``'s task group,
+and so does the flush in flight; checkpoint writers and recoveries live in ``_Background``,
+which ``close`` cancels and awaits. Shutdown, in order: stop taking RPCs, ``drain`` (what is
+queued is answered), cancel ``run``, ``checkpoint_now`` (the last checkpoint), ``close``
+(refuse anything still queued, finish the checkpoint in flight, cancel and await
+recoveries).
 
 What each refusal tells the caller (the service maps them to statuses):
   NotOwner, Overloaded, DeadlineExpired   not applied: retry (elsewhere, later, afresh)
@@ -106,8 +119,14 @@ class Store(Protocol):
         ...
 
     async def write_checkpoint(
-        self, deltas: Sequence[CheckpointDelta], epochs: dict[int, int]
-    ) -> None: ...
+        self,
+        deltas: Sequence[CheckpointDelta],
+        epochs: dict[int, int],
+        rows_per_transaction: int,
+    ) -> None:
+        """Write the deltas in transactions of at most ``rows_per_transaction`` rows that
+        hold no lock the flush needs; they become visible together at the end."""
+        ...
 
     async def load(self, partitions: Sequence[int]) -> dict[int, Partition]: ...
 
@@ -139,9 +158,10 @@ class OwnerLimits:
     # bounds the ledger tail replayed at recovery.
     checkpoint_records_max: int = 50_000
     checkpoint_interval_s: float = 5.0
-    # Rows (keys, reservations, idempotency entries) per checkpoint transaction: a few
-    # milliseconds of encoding, so the loop keeps replying while a big checkpoint is written.
-    checkpoint_transaction_rows_max: int = 5_000
+    # Rows (keys, reservations, idempotency entries) per checkpoint transaction. They are
+    # encoded on the loop at about 5 µs each: 1,000 rows hold it for a few milliseconds,
+    # so the loop keeps replying while a big checkpoint is written.
+    checkpoint_transaction_rows_max: int = 1_000
     # Recovery retries a failing database with exponential backoff up to this period.
     recovery_backoff_s_max: float = 5.0
 
@@ -196,8 +216,58 @@ class _ReadReservation(_Work[Reservation | None]):
 
 
 _Item = _Mutate | _ExpireTick | _ReadLevels | _ReadReservation
+_Write = _Mutate | _ExpireTick
+_Read = _ReadLevels | _ReadReservation
 # What a batch applied, per partition: each write with its step, in order.
-_Applied = dict[int, list[tuple[_Mutate | _ExpireTick, Step]]]
+_Writes = dict[int, list[tuple[_Write, Step]]]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One batch of the loop: its writes on their way to durability, and the answers
+    computed on state that the flush before it had not yet committed."""
+
+    size: int  # queue items taken: all are answered when the batch is
+    writes: _Writes = field(default_factory=dict)
+    # The owned entry each partition's writes were applied to.
+    owners: dict[int, _Owned] = field(default_factory=dict)
+    # Reads of partitions the flush in flight touches: answered after it commits.
+    held: list[tuple[_Read, Any]] = field(default_factory=list)
+    # Partitions this batch's flush dropped (failed or fenced): the next batch's are refused.
+    lost: set[int] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def touched(self) -> set[int]:
+        return set(self.writes)
+
+    @property
+    def settled(self) -> bool:
+        return self.task is None or self.task.done()
+
+    def serve(self, owned: _Owned, work: _Item, now_ms: int, held: bool) -> None:
+        """One item against the core: a read is answered now (or held), a write joins."""
+        core = owned.core
+        match work:
+            case _ReadLevels():
+                self._answer(work, core.levels(work.keys, now_ms), held)
+            case _ReadReservation():
+                found = core.reservation(work.merchant_id, work.reservation_id, now_ms)
+                self._answer(work, found, held)
+            case _Mutate():
+                self._join(owned, work, core.apply(replace(work.command, now_ms=now_ms)))
+            case _ExpireTick():
+                self._join(owned, work, core.expire_due(now_ms))
+
+    def _answer(self, work: _Read, value: Any, held: bool) -> None:
+        if held:
+            self.held.append((work, value))
+        else:
+            _reply(work, value)
+
+    def _join(self, owned: _Owned, work: _Write, step: Step) -> None:
+        self.writes.setdefault(work.partition, []).append((work, step))
+        self.owners[work.partition] = owned
 
 
 class WallClock:
@@ -261,6 +331,10 @@ class Owner:
         self._recovering: dict[int, int] = {}
         self._background = _Background()
         self._checkpointing: asyncio.Task[None] | None = None
+        # The batch whose flush is in flight (or ended and not yet settled by the loop), and
+        # the one applied after it, waiting for it to end.
+        self._in_flight: _Batch | None = None
+        self._holding: _Batch | None = None
         self._records_since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._dirty: set[int] = set()
@@ -335,17 +409,25 @@ class Owner:
     # -------------------------------------------------------------------------- running
 
     async def run(self) -> None:
-        """The loop and its expiry timer; runs until cancelled. ``close()`` follows it."""
+        """The loop, its flush in flight and its expiry timer; runs until cancelled.
+        ``close()`` follows it."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self._expiry_timer())
             while True:
-                batch = await self._take_batch()
+                if self._checkpoint_due():
+                    await self._settle()  # memory == durable: the checkpoint's moment
+                    self._start_checkpoint()
+                items = await self._take_batch()
+                if not items:
+                    continue  # a checkpoint fell due while idle
+                self._holding = self._apply(items)
                 try:
-                    await self._pump(batch)
-                finally:
-                    for _ in batch:
-                        self._queue.task_done()
-                self._maybe_checkpoint()
+                    lost = await self._settle()  # batch N commits (or fails) before N+1
+                except asyncio.CancelledError:
+                    self._abandon(self._holding)
+                    raise
+                batch, self._holding = self._holding, None
+                self._start_flush(batch, lost, group)
 
     async def close(self) -> None:
         """Stop, after ``run`` ended: refuse what is still queued (it was not applied),
@@ -372,19 +454,31 @@ class Owner:
             raise Overloaded(f"request queue full ({self.limits.request_queue_max})") from None
 
     async def _take_batch(self) -> list[_Item]:
-        batch = [await self._queue.get()]
+        """What is queued (at least one item), or nothing once a checkpoint is due."""
+        may_fall_due = self._dirty or self._in_flight is not None
+        if may_fall_due and self._checkpointing is None and self._queue.empty():
+            due_in = self._last_checkpoint + self.limits.checkpoint_interval_s - time.monotonic()
+            try:
+                batch = [await asyncio.wait_for(self._queue.get(), max(due_in, 0.0))]
+            except TimeoutError:
+                return []
+        else:
+            batch = [await self._queue.get()]
         while len(batch) < self.limits.flush_batch_requests_max and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         return batch
 
-    async def _pump(self, batch: list[_Item]) -> None:
+    def _apply(self, items: list[_Item]) -> _Batch:
+        """Rules 1, 2 and 7: serve every item against the core; writes join the batch."""
         now_ms, now = self._now_ms(), time.monotonic()
-        applied: _Applied = {}
+        batch = _Batch(len(items))
         lease_lapsed = now > self.lease_valid_until
-        for work in batch:
+        in_flight = self._in_flight
+        unsettled = in_flight.touched if in_flight and not in_flight.settled else set()
+        for work in items:
             if isinstance(work, _ExpireTick):
                 self._ticks_queued.discard(work.partition)
-        for work in sorted(batch, key=_reads_first):
+        for work in sorted(items, key=_reads_first):
             owned = None if lease_lapsed else self._owned.get(work.partition)
             if owned is None:
                 _refuse(work, NotOwner(work.partition, work.partition in self._recovering))
@@ -392,72 +486,123 @@ class Owner:
                 _refuse(work, DeadlineExpired())
             else:
                 try:
-                    _serve(owned.core, work, now_ms, applied)
+                    batch.serve(owned, work, now_ms, held=work.partition in unsettled)
                 except Exception:  # a bug or corruption: this partition stops, alone
-                    self._core_failed(work, applied.pop(work.partition, []))
-        if any(step.records for writes in applied.values() for _, step in writes):
-            await self._flush(applied)
-        else:
-            _reply_all(applied)
+                    self._core_failed(work, batch.writes.pop(work.partition, []))
+        return batch
 
-    async def _flush(self, applied: _Applied) -> None:
+    async def _settle(self) -> set[int]:
+        """Wait for the flush in flight to end; the partitions it lost (failed, fenced)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return set()
+        if in_flight.task is not None:
+            await in_flight.task
+        return in_flight.lost
+
+    def _start_flush(self, batch: _Batch, lost: set[int], group: asyncio.TaskGroup) -> None:
+        """Rules 1, 5 and 6 for what waited on the previous flush, then this batch's flush."""
+        for read, value in batch.held:
+            if read.partition in lost:
+                _refuse(read, NotOwner(read.partition, recovering=True))
+            else:
+                _reply(read, value)
+        for partition in list(batch.writes):
+            if self._owned.get(partition) is not batch.owners[partition]:
+                # Lost by the previous flush (its memory is gone, with this batch's changes)
+                # or dropped by a rebalance meanwhile: nothing of it was sent.
+                refusal = NotOwner(partition, partition in self._recovering or partition in lost)
+                for work, _ in batch.writes.pop(partition):
+                    _refuse(work, refusal)
+            elif not any(step.records for _, step in batch.writes[partition]):
+                for work, step in batch.writes.pop(partition):  # the previous flush committed
+                    _reply(work, step.outcome)
+        if not batch.writes:
+            self._answered(batch)
+            return
+        self._in_flight = batch
+        batch.task = group.create_task(self._flush(batch), name="flush")
+
+    async def _flush(self, batch: _Batch) -> None:
         """Flush the batch's records, then reply. A partition fenced by another owner is
         dropped alone (its callers are redirected: nothing was written) and the rest of the
         batch is flushed again without it (DESIGN section 5.5)."""
         flushed_events: list[AvailabilityChanged] = []
-        while True:
-            touched = sorted(applied)
-            steps = [step for writes in applied.values() for _, step in writes]
-            records = [record for step in steps for record in step.records]
-            if not records:
-                break
-            events = [event for step in steps for event in step.events]
-            epochs = {p: self._owned[p].epoch for p in touched}
-            flushed_heads = {p: self._owned[p].flushed_lsn for p in touched}
-            started = time.monotonic()
-            try:
-                fenced = await self._store.flush(records, epochs, flushed_heads, events)
-            except asyncio.CancelledError:  # stopping mid-flush: memory may be ahead, drop it
-                self.drop(touched)
-                _refuse_all(applied, FlushFailed("the owner stopped during the flush"))
-                raise
-            except Exception as error:  # unknown outcome: fail-stop these partitions
-                log.error(
-                    "flush_failed", partitions=touched, records=len(records), error=repr(error)
-                )
-                self.stats.flush_failures += 1
-                self._fail_stop(touched)
-                _refuse_all(applied, FlushFailed(f"flush failed: {error!r}"))
-                return
-            if not fenced:
-                self.stats.observe_flush(len(records), time.monotonic() - started)
-                self._flushed(touched, len(records))
-                flushed_events = events
-                break
-            log.warning("flush_fenced", partitions=sorted(fenced))
-            self.stats.fenced += len(fenced)
-            # Recovery checks the epoch: another owner's partition is given up, one whose
-            # head moved under the same epoch is reloaded.
-            self._fail_stop(sorted(fenced))
-            for partition in fenced:
-                for work, _ in applied.pop(partition, []):
-                    _refuse(work, NotOwner(partition, recovering=True))
-        _reply_all(applied)
-        if flushed_events:  # after the replies (rule 4)
-            self._events.publish(flushed_events, self._now_ms())
+        writes = batch.writes
+        try:
+            while writes:
+                touched = sorted(writes)
+                steps = [
+                    step for partition_writes in writes.values() for _, step in partition_writes
+                ]
+                records = [record for step in steps for record in step.records]
+                events = [event for step in steps for event in step.events]
+                epochs = {p: batch.owners[p].epoch for p in touched}
+                flushed_heads = {p: batch.owners[p].flushed_lsn for p in touched}
+                started = time.monotonic()
+                try:
+                    fenced = await self._store.flush(records, epochs, flushed_heads, events)
+                except asyncio.CancelledError:  # stopping mid-flush: memory is ahead, drop it
+                    self.drop(touched)
+                    batch.lost.update(touched)
+                    _refuse_all(writes, FlushFailed("the owner stopped during the flush"))
+                    raise
+                except Exception as error:  # unknown outcome: fail-stop these partitions
+                    log.error(
+                        "flush_failed", partitions=touched, records=len(records), error=repr(error)
+                    )
+                    self.stats.flush_failures += 1
+                    self._fail_stop(touched)
+                    batch.lost.update(touched)
+                    _refuse_all(writes, FlushFailed(f"flush failed: {error!r}"))
+                    return
+                if not fenced:
+                    self.stats.observe_flush(len(records), time.monotonic() - started)
+                    self._flushed(batch, records)
+                    flushed_events = events
+                    break
+                log.warning("flush_fenced", partitions=sorted(fenced))
+                self.stats.fenced += len(fenced)
+                # Recovery checks the epoch: another owner's partition is given up, one whose
+                # head moved under the same epoch is reloaded.
+                self._fail_stop(sorted(fenced))
+                batch.lost.update(fenced)
+                for partition in fenced:
+                    for work, _ in writes.pop(partition, []):
+                        _refuse(work, NotOwner(partition, recovering=True))
+            _reply_all(writes)
+            if flushed_events:  # after the replies (rule 4)
+                self._events.publish(flushed_events, self._now_ms())
+            if self._holding is None and self._checkpoint_due():
+                self._start_checkpoint()  # the loop is idle: memory == durable now
+        finally:
+            self._answered(batch)
 
-    def _flushed(self, touched: list[int], records: int) -> None:
-        for partition in touched:
-            owned = self._owned.get(partition)  # absent if dropped during the flush
-            if owned is not None:
-                owned.flushed_lsn = owned.core.head_lsn
+    def _flushed(self, batch: _Batch, records: list[Record]) -> None:
+        for record in records:  # the last lsn flushed per partition (the core may be ahead)
+            batch.owners[record.partition].flushed_lsn = record.lsn
+        for partition, owned in batch.owners.items():
+            if self._owned.get(partition) is owned:  # not dropped during the flush
                 self._dirty.add(partition)
-        self._records_since_checkpoint += records
+        self._records_since_checkpoint += len(records)
 
-    def _core_failed(
-        self, work: _Item, applied_before: list[tuple[_Mutate | _ExpireTick, Step]]
-    ) -> None:
-        """Rule 6: the partition's earlier items in the batch are dropped with its memory."""
+    def _abandon(self, batch: _Batch) -> None:
+        """The loop stopped with a batch applied but never sent: its memory is dropped and
+        its callers refused (not applied)."""
+        for read, _ in batch.held:
+            _refuse(read, NotOwner(read.partition, recovering=False))
+        self.drop(sorted(batch.writes))
+        for partition, partition_writes in batch.writes.items():
+            for work, _ in partition_writes:
+                _refuse(work, NotOwner(partition, recovering=False))
+        self._answered(batch)
+
+    def _answered(self, batch: _Batch) -> None:
+        for _ in range(batch.size):
+            self._queue.task_done()
+
+    def _core_failed(self, work: _Item, applied_before: list[tuple[_Write, Step]]) -> None:
+        """Rule 7: the partition's earlier items in the batch are dropped with its memory."""
         log.error("core_failed", partition=work.partition, kind=_kind(work), exc_info=True)
         self.stats.core_failures += 1
         self._fail_stop([work.partition])
@@ -517,15 +662,22 @@ class Owner:
 
     # ----------------------------------------------------------------------- checkpoints
 
-    def _maybe_checkpoint(self) -> None:
+    def _checkpoint_due(self) -> bool:
         due = (
             self._records_since_checkpoint >= self.limits.checkpoint_records_max
             or time.monotonic() - self._last_checkpoint >= self.limits.checkpoint_interval_s
         )
-        if not due or not self._dirty or self._checkpointing is not None:
-            return
-        if self._background.closed:  # after close() nothing starts
-            return
+        # After close() nothing starts.
+        return (
+            due
+            and bool(self._dirty)
+            and self._checkpointing is None
+            and not self._background.closed
+        )
+
+    def _start_checkpoint(self) -> None:
+        """Take the deltas now (memory == durable: no flush in flight, nothing unflushed) and
+        write them in the background."""
         deltas = [self._owned[p].core.take_checkpoint() for p in sorted(self._dirty)]
         epochs = {d.partition: self._owned[d.partition].epoch for d in deltas}
         self._dirty.clear()
@@ -538,27 +690,20 @@ class Owner:
     async def _write_checkpoint(
         self, deltas: list[CheckpointDelta], epochs: dict[int, int]
     ) -> None:
-        """Write the deltas in transactions of bounded size, one after the other.
-
-        A partition's delta is never split (it must land at one lsn), but a checkpoint after
-        a bulk load spans a million rows: encoding that in one go would hold the event loop
-        (and every reply) for seconds, so groups of partitions go one transaction each.
-        Whatever was not written (a failure, or cancellation at close) makes the next
-        checkpoint of its partition full: a lost delta must never be skipped over.
-        """
-        remaining = list(deltas)
+        """Write the deltas; the store cuts them into transactions of bounded rows, so the
+        encoding of a million-row checkpoint never holds the loop (and every reply) for long.
+        A checkpoint not written (a failure, or cancellation at close) makes the next one of
+        its partitions full: a lost delta must never be skipped over."""
         try:
-            while remaining:
-                group = _take_rows(remaining, self.limits.checkpoint_transaction_rows_max)
-                await self._store.write_checkpoint(
-                    group, {d.partition: epochs[d.partition] for d in group}
-                )
-                remaining = remaining[len(group) :]
+            await self._store.write_checkpoint(
+                deltas, epochs, self.limits.checkpoint_transaction_rows_max
+            )
             self.stats.checkpoints += 1
+            deltas = []
         except Exception as error:
-            log.warning("checkpoint_failed", partitions=len(remaining), error=repr(error))
+            log.warning("checkpoint_failed", partitions=len(deltas), error=repr(error))
         finally:
-            for delta in remaining:
+            for delta in deltas:
                 owned = self._owned.get(delta.partition)
                 if owned is not None:
                     owned.core.checkpoint_failed()
@@ -566,16 +711,18 @@ class Owner:
             self._checkpointing = None
 
     async def checkpoint_now(self) -> None:
-        """Write a checkpoint of everything dirty (at shutdown, and for tests)."""
+        """Write a checkpoint of everything dirty (at shutdown, after ``run``, and for tests:
+        no flush is in flight then)."""
         if self._checkpointing is not None:
             await asyncio.wait([self._checkpointing])
         self._records_since_checkpoint = self.limits.checkpoint_records_max
-        self._maybe_checkpoint()
+        if self._checkpoint_due():
+            self._start_checkpoint()
         if self._checkpointing is not None:
             await asyncio.wait([self._checkpointing])
 
     async def drain(self) -> None:
-        """Wait until every queued request has been answered."""
+        """Wait until every queued request has been answered (its flush included)."""
         await self._queue.join()
 
     def gauges(self) -> dict[str, int]:
@@ -589,7 +736,7 @@ class Owner:
             "keys": self.usage.keys,
             "live_reservations": self.usage.reservations_live,
             "idempotency_entries": self.usage.idempotency_entries,
-            "over_committed_keys": sum(len(core.over_committed()) for core in cores),
+            "over_committed_keys": sum(core.over_committed_count for core in cores),
         }
 
     def queue_depth(self) -> int:
@@ -619,33 +766,6 @@ class OwnerStats:
         self.flush_seconds_max = max(self.flush_seconds_max, seconds)
 
 
-def _serve(core: Partition, work: _Item, now_ms: int, applied: _Applied) -> None:
-    """One item against the core: a read is answered now, a write joins the batch."""
-    match work:
-        case _ReadLevels():
-            _reply(work, core.levels(work.keys, now_ms))
-        case _ReadReservation():
-            _reply(work, core.reservation(work.merchant_id, work.reservation_id, now_ms))
-        case _Mutate():
-            step = core.apply(replace(work.command, now_ms=now_ms))
-            applied.setdefault(work.partition, []).append((work, step))
-        case _ExpireTick():
-            applied.setdefault(work.partition, []).append((work, core.expire_due(now_ms)))
-
-
-def _take_rows(deltas: list[CheckpointDelta], rows_max: int) -> list[CheckpointDelta]:
-    """The longest prefix of deltas within rows_max rows (at least one delta)."""
-    group: list[CheckpointDelta] = []
-    rows = 0
-    for delta in deltas:
-        size = delta.row_count
-        if group and rows + size > rows_max:
-            break
-        group.append(delta)
-        rows += size
-    return group
-
-
 def _kind(work: _Item) -> str:
     match work:
         case _Mutate():
@@ -672,13 +792,13 @@ def _refuse(work: _Item, error: Exception) -> None:
         work.future.set_exception(error)
 
 
-def _reply_all(applied: _Applied) -> None:
-    for writes in applied.values():
-        for work, step in writes:
+def _reply_all(writes: _Writes) -> None:
+    for partition_writes in writes.values():
+        for work, step in partition_writes:
             _reply(work, step.outcome)
 
 
-def _refuse_all(applied: _Applied, error: Exception) -> None:
-    for writes in applied.values():
-        for work, _ in writes:
+def _refuse_all(writes: _Writes, error: Exception) -> None:
+    for partition_writes in writes.values():
+        for work, _ in partition_writes:
             _refuse(work, error)

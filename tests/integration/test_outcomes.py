@@ -158,7 +158,15 @@ def test_deadline_passed_in_the_queue_says_not_applied_and_the_retry_applies_it_
                 )
             )
             await until(lambda: len(s.store.flush_calls) == 2, "the blocking flush")
-            # A Batch item with its own short deadline queues behind the blocked flush; the
+            # The next batch is applied while that flush is in flight, and waits for it...
+            restocking = asyncio.ensure_future(
+                s.stub.SetStock(
+                    pb.SetStockRequest(key=APPLE, on_hand=12, idempotency_key="stock-3"),
+                    timeout=CALL_TIMEOUT_S,
+                )
+            )
+            await until(lambda: s.owner._holding is not None, "the next batch to be applied")
+            # ...so a Batch item with its own short deadline queues behind both; the
             # stream's own deadline is long, so the answer is the server's, not gRPC's.
             stream = s.stub.Batch(timeout=CALL_TIMEOUT_S)
             item = pb.BatchItem(id=7, timeout_ms=int(ITEM_TIMEOUT_S * 1000), reserve=RESERVE)
@@ -167,6 +175,7 @@ def test_deadline_passed_in_the_queue_says_not_applied_and_the_retry_applies_it_
             await asyncio.sleep(ITEM_TIMEOUT_S * 2)
             s.store.flush_gate.set()
             await stocking
+            await restocking
             response = await stream.read()
             assert isinstance(response, pb.BatchResponse)
             (result,) = response.results
@@ -176,10 +185,10 @@ def test_deadline_passed_in_the_queue_says_not_applied_and_the_retry_applies_it_
             assert errors.reason_of(status) == "DEADLINE_NOT_APPLIED", status
             assert answer_class_of(status) is AnswerClass.RETRYABLE, status
             await stream.done_writing()
-            assert s.commands() == [SetStock, SetStock]  # the reservation was not applied
+            assert s.commands() == [SetStock] * 3  # the reservation was not applied
 
             again = await s.retry()
-            assert s.commands() == [SetStock, SetStock, Reserve]  # applied afresh, once
+            assert s.commands() == [SetStock] * 3 + [Reserve]  # applied afresh, once
             assert reservations_held(s) == [again.reservation.reservation_id]
             assert again.levels[0].reserved == 2
 

@@ -71,6 +71,7 @@ class FakeStore:
     load_gate: asyncio.Event | None = None
     checkpoint_gate: asyncio.Event | None = None
     checkpoint_calls: int = 0
+    rows_per_transaction: list[int] = field(default_factory=list)
     fail_flushes: int = 0
     # Flushes that commit (the records are kept) and then raise: the reply was lost.
     fail_flushes_after_commit: int = 0
@@ -112,9 +113,10 @@ class FakeStore:
         return ()
 
     async def write_checkpoint(
-        self, deltas: Sequence[CheckpointDelta], epochs: dict[int, int]
+        self, deltas: Sequence[CheckpointDelta], epochs: dict[int, int], rows_per_transaction: int
     ) -> None:
         self.checkpoint_calls += 1
+        self.rows_per_transaction.append(rows_per_transaction)
         if self.checkpoint_gate is not None:
             await self.checkpoint_gate.wait()
         if self.fail_checkpoints:
@@ -624,7 +626,7 @@ def test_checkpoint_is_written_when_checkpoint_records_max_is_reached() -> None:
     run(body)
 
 
-def test_checkpoint_transactions_hold_at_most_checkpoint_transaction_rows_max_rows() -> None:
+def test_checkpoint_of_every_dirty_partition_is_one_write_bounded_per_transaction() -> None:
     async def body() -> None:
         limits = OwnerLimits(
             expiry_tick_s=3600,
@@ -637,31 +639,26 @@ def test_checkpoint_transactions_hold_at_most_checkpoint_transaction_rows_max_ro
                 for i, fruit in enumerate(fruits):
                     await r.owner.mutate(partition, set_stock(fruit, 1, f"s{partition}{i}"), None)
             await r.owner.checkpoint_now()
-            groups = [sorted(d.partition for d in group) for group in r.store.checkpoints]
-            rows = [sum(d.row_count for d in group) for group in r.store.checkpoints]
-            # Each partition's delta holds 2 keys + 2 idempotency entries (4 rows) or 2 rows:
-            # one partition per transaction at the bound of 4, never a partition split.
-            assert sorted(p for g in groups for p in g) == [3, 5, 7]
-            assert all(n <= 4 for n in rows), rows
-            assert len(groups) == 3
+            # The store cuts it into transactions (tests/integration/test_checkpoint_store.py).
+            (deltas,) = r.store.checkpoints
+            assert [d.partition for d in deltas] == [3, 5, 7]
+            assert r.store.rows_per_transaction == [4]
             assert r.owner.stats.checkpoints == 1
 
     run(body)
 
 
-def test_checkpoint_is_written_when_checkpoint_interval_passes() -> None:
+def test_checkpoint_is_written_when_checkpoint_interval_passes_even_when_idle() -> None:
     async def body() -> None:
         limits = OwnerLimits(
-            expiry_tick_s=3600, checkpoint_records_max=1_000_000, checkpoint_interval_s=0.05
+            expiry_tick_s=3600, checkpoint_records_max=1_000_000, checkpoint_interval_s=0.2
         )
         async with rig(limits) as r:
             await r.owner.mutate(3, set_stock(APPLE, 1, "s1"), None)
-            await settle()
-            assert r.store.checkpoints == []
-            await asyncio.sleep(0.06)
-            await r.owner.mutate(3, set_stock(APPLE, 2, "s2"), None)
             await until(lambda: len(r.store.checkpoints) == 1, "the checkpoint")
-            assert r.store.checkpoints[0][0].lsn == 2
+            assert r.store.checkpoints[0][0].lsn == 1
+            await asyncio.sleep(0.3)  # nothing dirty since: no other checkpoint
+            assert len(r.store.checkpoints) == 1
 
     run(body)
 

@@ -40,6 +40,8 @@ from persistence.store import FencedOut, PartitionStore
 pytestmark = pytest.mark.pg
 
 PARTITIONS = 8
+# Rows per checkpoint transaction: small, so that every checkpoint here spans several.
+ROWS = 3
 MERCHANT = "m1"
 T0_MS = 1_700_000_000_000
 HOUR_MS = 60 * 60 * 1000
@@ -411,7 +413,7 @@ def test_checkpoint_then_ledger_tail_loads_equal_to_live(database_url: str) -> N
         # First checkpoint: loaded from the store, so a delta since lsn 0, at the head.
         first = live.take_checkpoint()
         assert first.lsn == live.head_lsn
-        await store.write_checkpoint([first], a.epochs)
+        await store.write_checkpoint([first], a.epochs, ROWS)
         await assert_loads_equal(store, live)
 
         # More work after the checkpoint: the tail, including an expiry by time.
@@ -434,7 +436,7 @@ def test_checkpoint_then_ledger_tail_loads_equal_to_live(database_url: str) -> N
         # An incremental checkpoint of that tail.
         second = live.take_checkpoint()
         assert not second.full and second.lsn == live.head_lsn
-        await store.write_checkpoint([second], a.epochs)
+        await store.write_checkpoint([second], a.epochs, ROWS)
         await assert_loads_equal(store, live)
 
         # Past the 24 h retention: old idempotency keys and finished reservations are
@@ -444,7 +446,7 @@ def test_checkpoint_then_ledger_tail_loads_equal_to_live(database_url: str) -> N
         third = live.take_checkpoint()
         assert not third.full
         assert third.tables["idempotency"].removals and third.tables["reservations"].removals
-        await store.write_checkpoint([third], a.epochs)
+        await store.write_checkpoint([third], a.epochs, ROWS)
         loaded = await assert_loads_equal(store, live)
         assert await pool.fetchval("SELECT count(*) FROM idempotency WHERE partition = 3") == len(
             live.snapshot().idempotency
@@ -469,7 +471,7 @@ def test_full_checkpoint_after_a_lost_delta_loads_equal_to_live(database_url: st
         await a.run(4, set_stock(melon, 10, "s1", t))
         gone = await reserve_and_flush(a, 4, reserve(melon, 2, "r1", t + 1, ttl_s=30))
         await a.run(4, Release(MERCHANT, "rel1", gone.reservation_id, t + 2))
-        await store.write_checkpoint([live.take_checkpoint()], a.epochs)
+        await store.write_checkpoint([live.take_checkpoint()], a.epochs, ROWS)
 
         # The next delta (holding removals past retention) is lost...
         t += limits.idempotency_retention_ms + HOUR_MS
@@ -481,7 +483,7 @@ def test_full_checkpoint_after_a_lost_delta_loads_equal_to_live(database_url: st
         await a.run(4, set_stock(melon, 12, "s2", t + 1))
         full = live.take_checkpoint()
         assert full.full and full.lsn == live.head_lsn
-        await store.write_checkpoint([full], a.epochs)
+        await store.write_checkpoint([full], a.epochs, ROWS)
         await assert_loads_equal(store, live)
         rows = await pool.fetch("SELECT reservation_id FROM reservations WHERE partition = 4")
         assert {r["reservation_id"] for r in rows} == set(live.snapshot().reservations)
@@ -497,7 +499,7 @@ def test_checkpoint_of_two_partitions_loads_each_equal(database_url: str) -> Non
             await reserve_and_flush(
                 a, partition, reserve(key(partition, "egg"), 2, f"r{partition}", T0_MS)
             )
-        await store.write_checkpoint([a.cores[p].take_checkpoint() for p in (1, 6)], a.epochs)
+        await store.write_checkpoint([a.cores[p].take_checkpoint() for p in (1, 6)], a.epochs, ROWS)
         loaded = await store.load([1, 6])
         assert {p: c.snapshot() for p, c in loaded.items()} == {
             p: a.cores[p].snapshot() for p in (1, 6)
@@ -511,7 +513,7 @@ def test_deposed_owner_checkpoint_is_fenced_and_changes_nothing(database_url: st
         a = await Writer.acquire(store, [2, 3], "a")
         for partition in (2, 3):
             await a.run(partition, set_stock(key(partition, "rice"), 5, f"s{partition}"))
-        await store.write_checkpoint([a.cores[p].take_checkpoint() for p in (2, 3)], a.epochs)
+        await store.write_checkpoint([a.cores[p].take_checkpoint() for p in (2, 3)], a.epochs, ROWS)
         for partition in (2, 3):
             await reserve_and_flush(
                 a, partition, reserve(key(partition, "rice"), 1, f"r{partition}", T0_MS + 1)
@@ -521,7 +523,7 @@ def test_deposed_owner_checkpoint_is_fenced_and_changes_nothing(database_url: st
 
         deltas = [a.cores[p].take_checkpoint() for p in (2, 3)]
         with pytest.raises(FencedOut) as fenced:
-            await store.write_checkpoint(deltas, a.epochs)
+            await store.write_checkpoint(deltas, a.epochs, ROWS)
         assert fenced.value.partitions == (3,)
         assert {p: await checkpoint_rows(pool, p) for p in (2, 3)} == before
 
@@ -531,7 +533,7 @@ def test_deposed_owner_checkpoint_is_fenced_and_changes_nothing(database_url: st
         full = [a.cores[p].take_checkpoint() for p in (2, 3)]
         assert all(d.full for d in full)
         with pytest.raises(FencedOut):
-            await store.write_checkpoint(full, a.epochs)
+            await store.write_checkpoint(full, a.epochs, ROWS)
         assert {p: await checkpoint_rows(pool, p) for p in (2, 3)} == before
 
     run_with_store(database_url, body)
@@ -555,7 +557,7 @@ def test_loaded_partition_forgets_the_same_finished_reservations_as_live(
             a.apply(3, Release(MERCHANT, "rel-newer", newer.reservation_id, t + 1))
             + a.apply(3, Release(MERCHANT, "rel-older", older.reservation_id, t + 1))
         )
-        await store.write_checkpoint([live.take_checkpoint()], a.epochs)
+        await store.write_checkpoint([live.take_checkpoint()], a.epochs, ROWS)
         loaded = await assert_loads_equal(store, live)
 
         # A third finished reservation goes past the cap: each evicts its oldest finished one.
