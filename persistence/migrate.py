@@ -50,6 +50,10 @@ async def migrate(connection: Connection) -> list[int]:
     """Apply every migration not yet applied; returns the versions applied now."""
     applied_now = []
     async with connection.transaction():
+        # A migration may rewrite a large table, and a process starting meanwhile waits for
+        # it on the lock: neither is bounded by the service's session timeouts.
+        await connection.execute("SET LOCAL statement_timeout = 0")
+        await connection.execute("SET LOCAL lock_timeout = 0")
         await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
         await connection.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -41,7 +41,9 @@ SHUTDOWN_GRACE_S = 5.0
 
 async def serve(config: ShardConfig) -> None:
     started = time.monotonic()
-    pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX)
+    pool = await create_pool(
+        config.database_url, DATABASE_POOL_SIZE_MAX, f"inventory-{config.shard_id}"
+    )
     publisher: EventPublisher | None = None
     owner: Owner | None = None
     try:

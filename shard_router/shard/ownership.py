@@ -1,10 +1,17 @@
 """Which partitions this shard owns: the ring over live members, enforced by epochs.
 
-Every ``poll_s`` the shard heartbeats, reads the live members, computes the ring, and
-  - drops the partitions the ring gives to someone else (their new owner bumps the epoch,
-    so anything this process still tries to flush for them is refused);
-  - takes the partitions the ring gives to it: epoch bump (fencing the previous owner),
-    then recovery from checkpoint + ledger, then serving.
+Two loops, so that neither waits behind the other:
+  - heartbeats, every ``poll_s``: refresh our membership row, drop the partitions whose
+    epoch moved on (another owner took them while we were away), and extend the lease the
+    owner trusts itself for;
+  - rebalances, every ``poll_s``: read the live members, compute the ring (rebuilt only when
+    the members change), and
+      - drop the partitions the ring gives to someone else (their new owner bumps the
+        epoch, so anything this process still tries to flush for them is refused);
+      - take the partitions the ring gives to it: epoch bump (fencing the previous owner),
+        then recovery from checkpoint + ledger, then serving.
+A takeover may wait on the database (a paused previous owner's locks, a long recovery):
+our heartbeats go on meanwhile, so others never count us dead for it.
 A shard whose heartbeat lapsed (it was paused, or cut off from the database) is not in the
 live set: it owns nothing until its next heartbeat puts it back on the ring.
 """
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,32 +95,50 @@ class Ownership:
         self.limits = limits or OwnershipLimits()
         self.ring_version = ""
         self.rebalances = 0
+        self._ring: Ring | None = None
+        self._ring_members: tuple[str, ...] = ()
 
     async def run(self, first_pass_done: asyncio.Event | None = None) -> None:
-        while True:
-            try:
-                await self.rebalance()
-            except Exception as error:  # the database is away: keep what we have, retry
-                log.warning("ownership_poll_failed", error=repr(error))
-            if first_pass_done is not None:
-                first_pass_done.set()
-            await asyncio.sleep(self.limits.poll_s)
+        """A heartbeat and a rebalance first (then ``first_pass_done`` is set), then both
+        loops until cancelled. A database that is away is retried at the next poll."""
+        await self._survive(self.heartbeat, "heartbeat")
+        await self._survive(self.rebalance, "ownership_poll")
+        if first_pass_done is not None:
+            first_pass_done.set()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._every_poll(self.heartbeat, "heartbeat"))
+            group.create_task(self._every_poll(self.rebalance, "ownership_poll"))
 
-    async def rebalance(self) -> None:
+    async def _every_poll(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        while True:
+            await asyncio.sleep(self.limits.poll_s)
+            await self._survive(step, name)
+
+    @staticmethod
+    async def _survive(step: Callable[[], Awaitable[None]], name: str) -> None:
+        try:
+            await step()
+        except Exception as error:  # the database is away: keep what we have, retry
+            log.warning(f"{name}_failed", error=repr(error))
+
+    async def heartbeat(self) -> None:
+        """Stay alive, give up what others took, and trust ourselves for a while longer."""
         sent_at = time.monotonic()
         await self._membership.heartbeat(self.shard_id, self._address)
         await self._drop_fenced()
         self._owner.lease_valid_until = sent_at + self._lease_s * self.limits.lease_trust_fraction
-        members = sorted(m.shard_id for m in await self._membership.alive())
+
+    async def rebalance(self) -> None:
+        members = tuple(sorted(m.shard_id for m in await self._membership.alive()))
         if self.shard_id not in members:
-            members = []  # our lease lapsed: own nothing until we are back
-        ring = Ring(members, partition_count=self._partition_count) if members else None
+            members = ()  # our lease lapsed: own nothing until we are back
+        ring = self._ring_of(members)
         wanted = set(ring.partitions_of(self.shard_id)) if ring else set()
         owned = set(self._owner.owned_partitions)
         drop = sorted(owned - wanted)
         take = sorted(wanted - owned - set(self._owner.recovering_partitions))
         if ring is not None and ring.version != self.ring_version:
-            log.info("ring_changed", version=ring.version, members=members)
+            log.info("ring_changed", version=ring.version, members=list(members))
             self.ring_version = ring.version
         if drop:
             self._owner.drop(drop)
@@ -130,6 +155,15 @@ class Ownership:
             log.info(
                 "partitions_taken", count=len(take), recovery_s=round(time.monotonic() - started, 3)
             )
+
+    def _ring_of(self, members: tuple[str, ...]) -> Ring | None:
+        """The ring over these members, reused while they stay the same."""
+        if not members:
+            return None
+        if self._ring is None or self._ring_members != members:
+            self._ring = Ring(members, partition_count=self._partition_count)
+            self._ring_members = members
+        return self._ring
 
     async def _drop_fenced(self) -> None:
         """Partitions whose epoch moved on were taken by another owner while we were away."""

@@ -20,7 +20,7 @@ from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from inventory_core import partition_of
 from shard_router.common import errors
-from tests.conftest import Cluster, start_cluster
+from tests.conftest import Cluster, ServiceProcess, start_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg]
 
@@ -294,3 +294,112 @@ def test_order_whose_last_leg_is_short_leaves_no_stock_held_anywhere(cluster3: C
             assert [lv.reserved for lv in answer.levels] == [3, 5, 0]
 
     asyncio.run(run())
+
+
+def test_owner_paused_inside_a_flush_transaction_is_taken_over_within_its_lease(
+    database_url: str, tmp_path: Path
+) -> None:
+    """SIGSTOP while the shard's connection is inside a flush transaction (holding the
+    partition rows' locks), for 4x its lease: the server ends that session after its idle
+    timeout, so the takeover does not wait for the zombie to wake; when it wakes, its writes
+    are refused."""
+    lease_s = 2.0
+    paused_s = 4 * lease_s
+    cluster = start_cluster(database_url, tmp_path, shards=2, lease_s=lease_s)
+    zombie = cluster.shards[0]
+    try:
+        asyncio.run(_paused_inside_a_transaction(cluster, zombie, database_url, paused_s))
+    finally:
+        cluster.stop()
+    log = zombie.log_text()
+    assert "flush_failed" in log or "partitions_fenced" in log or "FencedOut" in log, log[-3000:]
+
+
+async def _holding_partition_rows(connection: asyncpg.Connection, application_name: str) -> bool:
+    """A session of the process idle inside a transaction that has updated ``partitions``
+    (a flush past its head update): it holds row locks a takeover must wait for."""
+    found = await connection.fetchval(
+        """SELECT count(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid
+            WHERE a.application_name = $1 AND a.state = 'idle in transaction'
+              AND l.relation = 'partitions'::regclass AND l.mode = 'RowExclusiveLock'""",
+        application_name,
+    )
+    return bool(found)
+
+
+async def _paused_inside_a_transaction(
+    cluster: Cluster, zombie: ServiceProcess, database_url: str, paused_s: float
+) -> None:
+    by_owner = await owners(database_url)
+    locations = [
+        loc
+        for loc in (f"store-{i}" for i in range(2000))
+        if by_owner[partition_of(MERCHANT, loc)][0] == zombie.shard_id
+    ][:20]
+    keys = [key("milk", loc) for loc in locations]
+    watcher = await asyncpg.connect(database_url)
+    async with grpc.aio.insecure_channel(cluster.router.address) as channel:
+        router = pb_grpc.InventoryStub(channel)
+        for index, k in enumerate(keys):
+            await router.SetStock(
+                pb.SetStockRequest(key=k, on_hand=1_000_000, idempotency_key=f"seed-{index}"),
+                timeout=CALL_TIMEOUT_S,
+            )
+        stop_writing = asyncio.Event()
+
+        async def writer(worker: int) -> None:  # keeps the zombie's flushes going
+            for n in range(100_000):
+                if stop_writing.is_set():
+                    return
+                k = keys[(worker + n) % len(keys)]
+                request = pb.ReserveRequest(lines=[line(k, 1)], idempotency_key=f"w{worker}-{n}")
+                try:
+                    await router.Reserve(request, timeout=2.0)
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.05)
+
+        writers = [asyncio.create_task(writer(worker)) for worker in range(8)]
+        try:
+            caught = False
+            for _ in range(300):  # until the pause lands inside a transaction
+                await asyncio.sleep(random.uniform(0.0, 0.02))
+                zombie.signal(signal.SIGSTOP)
+                await asyncio.sleep(0.05)
+                if await _holding_partition_rows(watcher, f"inventory-{zombie.shard_id}"):
+                    caught = True
+                    break
+                zombie.signal(signal.SIGCONT)
+            assert caught, "never paused inside a transaction"
+            paused_at = time.monotonic()
+            stop_writing.set()
+            probe_key = keys[0]
+            served_after_s = None
+            while time.monotonic() - paused_at < paused_s:
+                try:
+                    await router.Reserve(
+                        pb.ReserveRequest(
+                            lines=[line(probe_key, 1)], idempotency_key=f"probe-{time.time_ns()}"
+                        ),
+                        timeout=1.0,
+                    )
+                    served_after_s = time.monotonic() - paused_at
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+            print(f"served by the new owner {served_after_s} s after the pause")
+            assert served_after_s is not None, f"not served within {paused_s} s of the pause"
+            new_owner = (await owners(database_url))[partition_of(MERCHANT, probe_key.location_id)]
+            assert new_owner[0] != zombie.shard_id
+            remaining = paused_s - (time.monotonic() - paused_at)
+            await asyncio.sleep(max(remaining, 0.0))
+        finally:
+            zombie.signal(signal.SIGCONT)
+            stop_writing.set()
+            await asyncio.gather(*writers, return_exceptions=True)
+            await watcher.close()
+        await asyncio.sleep(2 * 0.5)  # the zombie wakes, fails its flush, is fenced
+        level = await router.GetAvailability(
+            pb.GetAvailabilityRequest(keys=[probe_key]), timeout=CALL_TIMEOUT_S
+        )
+        assert level.levels[0].available >= 0
+    await ledger_is_fenced_and_contiguous(database_url)
