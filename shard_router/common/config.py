@@ -32,6 +32,8 @@ class ShardConfig:
     membership_lease_s: float = 3.0
     # Where availability changes are published (streams + read view); none: not published.
     redis_url: str = ""
+    # The period of the structured stats line (throughput, flushes, loop stalls, gauges).
+    stats_interval_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ class RouterConfig:
     membership_lease_s: float = 3.0
     # The read view and event streams (EVENTUAL reads, Watch); none: STRONG reads only.
     redis_url: str = ""
+    stats_interval_s: float = 10.0
 
 
 # A help text that already names its default: "(default: x)", "Default: x", "; default x",
@@ -106,6 +109,7 @@ def router_config(options: argparse.Namespace) -> RouterConfig:
         log_level=options.log_level,
         membership_lease_s=options.membership_lease_s,
         redis_url=options.redis_url,
+        stats_interval_s=options.stats_interval_s,
     )
 
 
@@ -119,6 +123,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add_redis_argument(parser)
     add_lease_argument(parser)
     add_log_level_argument(parser)
+    add_stats_interval_argument(parser)
 
 
 def add_redis_argument(parser: argparse.ArgumentParser, embedded: bool = False) -> None:
@@ -153,6 +158,23 @@ def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_stats_interval_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stats-interval-s",
+        type=_positive_float,
+        default=env("STATS_INTERVAL_S", "10.0"),
+        help="period of the JSON stats line (throughput, flushes, worst loop stall) "
+        "[INVENTORY_STATS_INTERVAL_S]",
+    )
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def env(name: str, default: str) -> str:
     return os.environ.get(ENVIRONMENT_PREFIX + name, default)
 
@@ -178,6 +200,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add_database_argument(parser)
     add_redis_argument(parser)
     add_log_level_argument(parser)
+    add_stats_interval_argument(parser)
 
 
 def add_database_argument(
@@ -209,4 +232,5 @@ def shard_config(options: argparse.Namespace) -> ShardConfig:
         advertise=options.advertise,
         membership_lease_s=options.membership_lease_s,
         redis_url=options.redis_url,
+        stats_interval_s=options.stats_interval_s,
     )

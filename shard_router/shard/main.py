@@ -24,6 +24,7 @@ from persistence.migrate import ensure_partitions, migrate
 from persistence.store import PartitionStore
 
 from ..common.config import ShardConfig
+from ..common.loop_monitor import LoopMonitor
 from ..common.server import create_server, run_server, set_serving
 from ..common.telemetry import configure_logging
 from .owner import Owner
@@ -74,7 +75,13 @@ async def serve(config: ShardConfig) -> None:
         gc.freeze()
         owner_task = asyncio.create_task(owner.run())
         background.append(asyncio.create_task(_freeze_long_lived_objects()))
-        background.append(asyncio.create_task(_log_stats(owner, ownership, publisher)))
+        loop = LoopMonitor()
+        background.append(asyncio.create_task(loop.run()))
+        background.append(
+            asyncio.create_task(
+                _log_stats(owner, ownership, publisher, loop, config.stats_interval_s)
+            )
+        )
         if publisher is not None:
             background.append(asyncio.create_task(publisher.run()))
         await server.start()
@@ -151,22 +158,28 @@ async def _freeze_long_lived_objects() -> None:
         gc.freeze()
 
 
-# One structured stats line per period: enough to see throughput, batch size, flush latency,
-# backlog and over-commitment in the logs without a metrics stack.
-STATS_LOG_INTERVAL_S = 10.0
+# One structured stats line per period (ShardConfig.stats_interval_s): enough to see
+# throughput, batch size, flush latency, the worst loop stall, backlog and over-commitment in
+# the logs without a metrics stack.
 
 
-async def _log_stats(owner: Owner, ownership: Ownership, publisher: EventPublisher | None) -> None:
+async def _log_stats(
+    owner: Owner,
+    ownership: Ownership,
+    publisher: EventPublisher | None,
+    loop: LoopMonitor,
+    interval_s: float,
+) -> None:
     previous = dataclasses.replace(owner.stats)
     while True:
-        await asyncio.sleep(STATS_LOG_INTERVAL_S)
+        await asyncio.sleep(interval_s)
         now = dataclasses.replace(owner.stats)
         flushes = now.flushes - previous.flushes
         records = now.records_flushed - previous.records_flushed
         seconds = now.flush_seconds_total - previous.flush_seconds_total
         log.info(
             "shard_stats",
-            records_per_s=round(records / STATS_LOG_INTERVAL_S, 1),
+            records_per_s=round(records / interval_s, 1),
             flushes=flushes,
             batch_records_mean=round(records / flushes, 1) if flushes else 0,
             flush_ms_mean=round(1000 * seconds / flushes, 2) if flushes else 0,
@@ -177,6 +190,7 @@ async def _log_stats(owner: Owner, ownership: Ownership, publisher: EventPublish
             checkpoints=now.checkpoints,
             shed=now.shed,
             ring=ownership.ring_version,
+            **loop.take_fields(),
             **owner.gauges(),
             gc_frozen_objects=gc.get_freeze_count(),
             **(_publisher_figures(publisher) if publisher else {}),
