@@ -10,7 +10,7 @@ from typing import Any
 
 from . import require_extra
 from .suites import SUITE_DEFAULT, SUITES, TARGETS
-from .workloads import WORKLOADS
+from .workloads import HOT_RESERVATIONS_PER_S_MAX, WORKLOADS, hot_stock_lasting
 
 DESCRIPTION = """\
 Drive the inventory service (through the router with unary calls, through the Python client
@@ -19,7 +19,15 @@ with automatic batching, over the raw Batch stream, one shard directly) and its 
 same seeded workloads, audit every target's state afterwards, and write results.json,
 report.md and PNG plots to --output-dir. The harness starts everything itself on loopback:
 an embedded PostgreSQL (unless --database-url), a fresh database per stateful target, the
-router and shard processes, Redis and the echo server; all are stopped at the end.
+router and shard processes with a Redis for their events (as `inventory up` runs them;
+--service-events off for an A/B), Redis and the echo server; all are stopped at the end.
+Every phase reports reservations admitted and refused separately, CPU microseconds per
+operation of every process (router, each shard, PostgreSQL with its backends, Redis, the
+echo server, each generator process, the whole machine), each service process's worst
+event-loop stall (from its JSON log, kept in OUTPUT_DIR/logs) and the load generator's own
+garbage-collection pauses. One generator process saturates at about 0.85 core: give the
+echo ceiling and other fast targets --generator-processes 2 or more so that they measure the
+server (the report marks phases where a generator process was the bottleneck).
 Suites: 'default' (every workload x every target, ratio table; issue 4) and 'paths'
 (cart-1 reservations through router-unary, shard-unary and router-client at 1, 64 and 256
 callers, side by side; issue 3). Each phase is bounded by --duration-s and --count-max."""
@@ -28,7 +36,6 @@ callers, side by side; issue 3). Each phase is bounded by --duration-s and --cou
 SMOKE = {
     "keys": 2_000,
     "stock_per_key": 50,
-    "hot_stock": 20,
     "concurrency": [4],
     "rate": [100.0],
     "rate_workloads": ["uniform"],
@@ -141,19 +148,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"catalogue key rows to load ({_suite_default('keys')})",
     )
     add("--stock-per-key", type=int, default=1_000, help="on_hand of every catalogue key")
-    add("--hot-stock", type=int, default=1_000, help="on_hand of the hot key (per phase)")
+    add(
+        "--hot-stock",
+        type=int,
+        default=None,
+        help="on_hand of the hot key, a fresh one per phase (default: enough for the phase: "
+        f"warm-up + duration times {HOT_RESERVATIONS_PER_S_MAX:,} reservations/s, so every "
+        "target keeps admitting; a small number makes the key sell out and the phase "
+        "measure refusals)",
+    )
     add("--zipf-s", type=float, default=1.1, help="Zipf exponent of the zipf workload")
     add(
+        "--generator-processes",
         "--client-processes",
+        dest="generator_processes",
+        metavar="N",
         type=int,
         default=1,
-        help="load generator processes; histograms are merged (default 1: in this process)",
+        help="load generator processes, each with its share of the callers or the rate, all "
+        "starting each phase at the same moment; histograms, counts and ledgers are merged "
+        "(default 1: in this process). One process tops out near 0.85 core, so use 2+ to "
+        "measure the echo ceiling (and any target faster than the generator)",
     )
     add(
         "--pool-size",
         type=int,
         default=16,
-        help="connections per client process for the postgres baseline",
+        help="connections per generator process for the postgres baseline",
+    )
+    add(
+        "--service-events",
+        choices=("on", "off"),
+        default="on",
+        help="the started router and shards publish availability events to a Redis of "
+        "their own (appendfsync everysec), as `inventory up` runs them; off: no Redis, "
+        "for an A/B of what events cost (default: on; not for --service-address)",
+    )
+    add(
+        "--service-stats-interval-s",
+        type=float,
+        default=2.0,
+        help="stats period asked of the started router and shards (INVENTORY_STATS_INTERVAL_S),"
+        " whose stats lines give each phase's worst event-loop stall: short enough to place a "
+        "stall in a phase, not shorter, since a shard's stats line scans every key it holds; "
+        "a service that does not read it logs at its own period, shown in the report",
     )
     add("--batch-items-max", type=int, default=1000, help="items per BatchRequest, max")
     add(
@@ -185,8 +223,13 @@ def options_from(parsed: argparse.Namespace) -> argparse.Namespace:
             setattr(parsed, name, value)
     if parsed.seed is None:
         parsed.seed = random.SystemRandom().randrange(2**31)
-    if parsed.client_processes < 1:
-        raise SystemExit("--client-processes must be >= 1")
+    if parsed.generator_processes < 1:
+        raise SystemExit("--generator-processes must be >= 1")
+    if parsed.hot_stock is None:
+        seconds = parsed.warmup_s + parsed.duration_s
+        parsed.hot_stock = hot_stock_lasting(
+            seconds, max([HOT_RESERVATIONS_PER_S_MAX, *parsed.rate])
+        )
     if parsed.shards < 1:
         raise SystemExit("--shards must be >= 1")
     if parsed.service_address and not parsed.service_address.startswith("127.0.0.1:"):

@@ -1,7 +1,12 @@
 """The real system as child processes: shards and a router on free loopback ports.
 
 ``python -m shard_router shard ...`` and ``python -m shard_router router ...`` are black boxes
-here: a process, an address, a log file. A process is ready when the standard gRPC health
+here: a process, an address, a log file. Each process writes its JSON log (structlog, one
+object a line) to ``<log_dir>/<name>.log``; the harness keeps these files (the stats lines'
+``loop_stall_max_ms`` goes into the report, see ``benchmarks.service_logs``) and asks for a
+stats line every ``stats_interval_s`` through ``INVENTORY_STATS_INTERVAL_S`` (a setting's
+environment fallback, by the service's convention; a service that does not read it logs at
+its own period, which the report shows). A process is ready when the standard gRPC health
 service answers SERVING (called by its method path with raw bytes, so that the harness needs
 no health stubs); a router is ready once a call routed through it is answered, i.e. it has
 read the membership and opened its streams to the shards.
@@ -14,6 +19,7 @@ the router, each bounded by ``PROCESS_READY_TIMEOUT_S``; ``stop`` stops them in 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -35,6 +41,8 @@ SETTLE_S = 1.5
 HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 # HealthCheckResponse{status: SERVING}: field 1, varint 1.
 HEALTH_SERVING = b"\x08\x01"
+# The environment variable of the service's stats period (see the module docstring).
+STATS_INTERVAL_ENVIRONMENT = "INVENTORY_STATS_INTERVAL_S"
 
 
 class ServiceProcess:
@@ -49,6 +57,7 @@ class ServiceProcess:
         lease_s: float,
         *,
         redis_url: str = "",
+        stats_interval_s: float | None = None,
     ) -> None:
         self.role = role
         self.name = name
@@ -57,7 +66,12 @@ class ServiceProcess:
         self._redis_url = redis_url  # events and the read view; none: not published
         self._log_path = log_dir / f"{name}.log"
         self._lease_s = lease_s
+        self._stats_interval_s = stats_interval_s  # None: the service's own period
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self._log_path
 
     @property
     def pid(self) -> int:
@@ -77,12 +91,16 @@ class ServiceProcess:
 
     def start(self) -> None:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        environment = dict(os.environ)
+        if self._stats_interval_s is not None:
+            environment[STATS_INTERVAL_ENVIRONMENT] = f"{self._stats_interval_s:g}"
         with self._log_path.open("wb") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "shard_router", *self.arguments()],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=environment,
             )
 
     def wait_ready(self) -> None:
@@ -144,18 +162,25 @@ class Cluster:
         router: bool,
         lease_s: float,
         name: str = "bench",
+        redis_url: str = "",
+        stats_interval_s: float | None = None,
     ) -> None:
         if shards < 1:
             raise ValueError("a cluster needs at least one shard")
-        self.shards = [
-            ServiceProcess("shard", f"{name}-shard-{i}", database_url, log_dir, lease_s)
-            for i in range(shards)
-        ]
-        self.router = (
-            ServiceProcess("router", f"{name}-router", database_url, log_dir, lease_s)
-            if router
-            else None
-        )
+
+        def process(role: str, process_name: str) -> ServiceProcess:
+            return ServiceProcess(
+                role,
+                process_name,
+                database_url,
+                log_dir,
+                lease_s,
+                redis_url=redis_url,
+                stats_interval_s=stats_interval_s,
+            )
+
+        self.shards = [process("shard", f"{name}-shard-{i}") for i in range(shards)]
+        self.router = process("router", f"{name}-router") if router else None
 
     @property
     def address(self) -> str:
@@ -165,6 +190,12 @@ class Cluster:
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes]
+
+    @property
+    def labelled(self) -> dict[str, ServiceProcess]:
+        """Each process by the label the report shows: ``router``, ``shard-0``, ..."""
+        labels = {"router": self.router} if self.router is not None else {}
+        return {**labels, **{f"shard-{i}": shard for i, shard in enumerate(self.shards)}}
 
     @property
     def processes(self) -> list[ServiceProcess]:

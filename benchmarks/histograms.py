@@ -1,4 +1,4 @@
-"""HDR latency histograms per call kind, mergeable across client processes.
+"""HDR latency histograms per call kind, mergeable across generator processes.
 
 Latencies are recorded in microseconds from 1 us to ``LATENCY_US_MAX`` with 3 significant
 digits (0.1 % error). A ``Recorder`` keeps one histogram and one status-code tally per call

@@ -1,8 +1,10 @@
 """The run's results as JSON, a Markdown report and PNG plots in the output directory.
 
-``results.json`` holds everything (options, seed, per-phase figures per call kind, CPU split,
+``results.json`` holds everything (options, seed, per-phase figures per call kind,
+reservations admitted and refused, CPU per process, loop stalls, the generator's GC pauses,
 audits); ``report.md`` the tables a reader wants first: each phase, this service as ratios
-to each baseline and to the echo ceiling, the CPU split and the audits;
+to each baseline and to the echo ceiling, CPU microseconds per operation of every process,
+each service process's worst event-loop stall, the generator's GC pauses and the audits;
 ``throughput_vs_concurrency.png`` and ``latency_cdf.png`` the plots.
 """
 
@@ -35,6 +37,9 @@ HEADLINE_TARGETS = (
 # Ratios of the headline: the batching client (how order services call) to each reference.
 HEADLINE_SUBJECT = "router-client"
 HEADLINE_REFERENCES = ("router-unary", *BASELINES, "echo-batch")
+# A generator process busier than this (cores) over a measured window may be the phase's
+# bottleneck rather than the target: one process measured 0.80-0.86 core at its ceiling.
+GENERATOR_SATURATED_CORES = 0.8
 # The three paths of issue 3, in this column order, with router-unary as the reference.
 PATHS = ("router-unary", "shard-unary", "router-client", "service-batch")
 
@@ -201,7 +206,9 @@ def headline_table(results: dict[str, Any]) -> list[str]:
         level = max(levels)
         got = {t: closed.get((workload, t, level)) for t in targets}
         cells = [
-            f"{_fmt(p['throughput_ops_s'], 0)} ({_fmt(p['all']['p99_ms'], 1)})" if p else "-"
+            f"{_fmt(p['throughput_ops_s'], 0)} ({_fmt(p['all']['p99_ms'], 1)}){_marks(p)}"
+            if p
+            else "-"
             for p in got.values()
         ]
         if subject:
@@ -218,6 +225,21 @@ def headline_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _marks(phase: dict[str, Any]) -> str:
+    """† the generator may have been the bottleneck; ‡ most reserve calls were refused."""
+    reservations = phase.get("reservations") or {}
+    refused = reservations.get("refused", 0) > reservations.get("admitted", 0)
+    saturated = (phase.get("cpu") or {}).get("generator_saturated")
+    return (" †" if saturated else "") + (" ‡" if refused else "")
+
+
+MARKS_NOTE = (
+    "† a generator process was busy {cores:g} core or more: the figure may be the load "
+    "generator's ceiling rather than the target's (try more --generator-processes). "
+    "‡ most reserve calls were refused (insufficient stock): the figure measures refusals."
+)
+
+
 def _describe(results: dict[str, Any]) -> list[str]:
     options, machine = results["options"], results["machine"]
     cpu = f", {machine['cpu_model']}" if machine.get("cpu_model") else ""
@@ -229,6 +251,8 @@ def _describe(results: dict[str, Any]) -> list[str]:
         f"{options.get('warmup_s')} s warm-up + {options.get('duration_s')} s measured "
         f"(at most {options.get('count_max'):,} operations)"
     )
+    generators = options.get("generator_processes", options.get("client_processes"))
+    events = options.get("service_events")
     return [
         f"- Command: `{results.get('command') or '(not recorded)'}`",
         f"- Suite: {results.get('suite') or '-'}; seed {results['seed']} (replay with "
@@ -237,10 +261,206 @@ def _describe(results: dict[str, Any]) -> list[str]:
         f"- Each phase: {phase}; closed loop at {options.get('concurrency')} callers"
         + (f", open loop at {options.get('rate')}/s" if options.get("rate") else ""),
         f"- Catalogue: {results['catalogue']['rows']:,} key rows loaded into every stateful "
-        f"target, {options.get('stock_per_key'):,} units each",
+        f"target, {options.get('stock_per_key'):,} units each; the hot key (a fresh one per "
+        f"phase) {results['catalogue'].get('hot_stock', 0):,} units",
         f"- PostgreSQL: {results.get('postgres_server') or 'not used'}",
-        f"- Load generator: {options.get('client_processes')} client process(es), sharing the "
-        f"{machine['cores']} cores with the servers (see the CPU columns)",
+        *(
+            [
+                f"- Router and shards started here: events {events} (--service-events); "
+                "their JSON logs are kept in the output directory's `logs/`"
+            ]
+            if results.get("service_logs")
+            else []
+        ),
+        f"- Load generator: {generators} process(es), sharing the {machine['cores']} cores with "
+        "the servers; each collects and freezes its heap before a phase and writes its "
+        "ledger to a file (its GC pauses are below)",
+    ]
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _phase_label(phase: dict[str, Any]) -> str:
+    return f"{phase['workload']} {phase['load']}"
+
+
+def phases_table(results: dict[str, Any]) -> list[str]:
+    """Every phase: throughput, reservations admitted and refused, latency, errors."""
+    lines = [
+        "| target | workload | load | ops/s | admitted/s | admitted | refused | unknown fate "
+        "| p50 ms | p95 ms | p99 ms | p99.9 ms | errors | cores generator / server / other |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- "
+        "| --- |",
+    ]
+    for phase in results["phases"]:
+        overall, cpu = phase["all"], phase["cpu"]
+        reservations = phase.get("reservations") or {}
+        errors = ", ".join(f"{code} {n}" for code, n in sorted(phase["errors"].items())) or "0"
+        lines.append(
+            f"| {phase['target']} | {phase['workload']} | {phase['load']} | "
+            f"{_fmt(phase['throughput_ops_s'])}{_marks(phase)} | "
+            f"{_fmt(phase.get('reservations_ok_s'))} | "
+            f"{_count(reservations.get('admitted'))} | {_count(reservations.get('refused'))} | "
+            f"{_count(reservations.get('unknown_fate'))} | "
+            f"{_fmt(overall['p50_ms'], 2)} | {_fmt(overall['p95_ms'], 2)} | "
+            f"{_fmt(overall['p99_ms'], 2)} | {_fmt(overall['p99_9_ms'], 2)} | {errors} | "
+            f"{_fmt(cpu['client_cores'], 2)} / {_fmt(cpu['server_cores'], 2)} / "
+            f"{_fmt(cpu['other_cores'], 2)} |"
+        )
+    lines += [
+        "",
+        "admitted = reserve calls answered OK, refused = answered insufficient stock "
+        "(FAILED_PRECONDITION), unknown fate = timed out or lost (the audit accepts both "
+        "fates), all counted in the measured window. "
+        + MARKS_NOTE.format(cores=GENERATOR_SATURATED_CORES),
+        "",
+    ]
+    return lines
+
+
+def _process_labels(phases: list[dict[str, Any]]) -> list[str]:
+    """The processes of these phases in report order: servers as started, then generators."""
+    labels: dict[str, str] = {}
+    for phase in phases:
+        for label, figures in phase["cpu"].get("processes", {}).items():
+            labels.setdefault(label, figures.get("role", "server"))
+    ordered = [label for label, role in labels.items() if role == "server"]
+    ordered += sorted(label for label, role in labels.items() if role == "generator")
+    return ordered + [label for label, role in labels.items() if role == "harness"]
+
+
+def cpu_tables(results: dict[str, Any]) -> list[str]:
+    """Per target: CPU microseconds per operation of each process and of the machine."""
+    lines: list[str] = []
+    for target in dict.fromkeys(p["target"] for p in results["phases"]):
+        phases = [p for p in results["phases"] if p["target"] == target]
+        labels = _process_labels(phases)
+        if not labels:
+            continue
+        lines += [
+            f"### {target}",
+            "",
+            "| phase | operations | " + " | ".join(labels) + " | machine busy |",
+            "| --- | ---: |" + " ---: |" * (len(labels) + 1),
+        ]
+        for phase in phases:
+            cpu = phase["cpu"]
+            processes = cpu.get("processes", {})
+            cells = [_us(processes[label]) if label in processes else "-" for label in labels]
+            lines.append(
+                f"| {_phase_label(phase)} | {_count(cpu.get('operations'))} | "
+                + " | ".join(cells)
+                + f" | {_us(cpu.get('machine') or {})} |"
+            )
+        lines.append("")
+    if lines:
+        lines += [
+            "Each cell: CPU microseconds per operation (cores busy). CPU is sampled at the "
+            "start and the end of the measured window with psutil and divided by the "
+            "operations counted in ops/s (reserve and read calls answered in that window), so "
+            "the processes add up to about the machine's figure, the rest being other "
+            "programs. postgresql = the postmaster and all its backends; a generator "
+            "process run in the harness's own process (--generator-processes 1) includes "
+            "the harness's progress display, which is a column of its own (harness) when "
+            "the generator runs in processes of its own.",
+            "",
+        ]
+    return lines
+
+
+def _us(figures: dict[str, Any]) -> str:
+    if not figures:
+        return "-"
+    per = figures.get("us_per_operation")
+    shown = _fmt(per, 0) if per is not None else "-"
+    return f"{shown} ({_fmt(figures.get('cores'), 2)})"
+
+
+def stall_tables(results: dict[str, Any]) -> list[str]:
+    """Per service target: each service process's worst event-loop stall per phase."""
+    lines: list[str] = []
+    logs = results.get("service_logs") or {}
+    for target in dict.fromkeys(p["target"] for p in results["phases"]):
+        phases = [p for p in results["phases"] if p["target"] == target]
+        labels = list(
+            dict.fromkeys(label for p in phases for label in p.get("loop_stall_max_ms") or {})
+        )
+        if not labels:
+            continue
+        periods = logs.get(phases[0].get("group"), {})
+        shown = ", ".join(_period(label, periods[label]) for label in labels if label in periods)
+        lines += [
+            f"### {target} (stats period: {shown or 'n/a'})",
+            "",
+            "| phase | " + " | ".join(labels) + " |",
+            "| --- |" + " ---: |" * len(labels),
+        ]
+        for phase in phases:
+            stalls = phase.get("loop_stall_max_ms") or {}
+            cells = [_stall(stalls.get(label)) for label in labels]
+            lines.append(f"| {_phase_label(phase)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if lines:
+        lines += [
+            "Each cell: the largest `loop_stall_max_ms` (the worst event-loop lag a process "
+            "logs in its stats line since its previous one) of the stats lines whose span "
+            "overlaps the measured window, and in brackets how many seconds those spans "
+            "cover together: a span much longer than the phase means the stall may lie "
+            "outside it. n/a: no stats line covers the window, or the lines have no "
+            "`loop_stall_max_ms`.",
+            "",
+        ]
+    return lines
+
+
+def _period(label: str, log: dict[str, Any]) -> str:
+    period = log.get("stats_period_s")
+    if period is not None:
+        return f"{label} {period:.1f} s"
+    lines = log.get("stats_lines", 0)
+    return f"{label} n/a ({lines} stats line{'' if lines == 1 else 's'})"
+
+
+def _stall(figures: dict[str, Any] | None) -> str:
+    if not figures or figures.get("ms") is None:
+        return "n/a"
+    return f"{_fmt(figures['ms'], 1)} ({_fmt(figures.get('span_s'), 1)} s)"
+
+
+def gc_table(results: dict[str, Any]) -> list[str]:
+    """The load generator's own GC pauses inside each measured window."""
+    lines = [
+        "| target | phase | generator | collections (gen 2) | pause max ms | pause total ms "
+        "| whole phase: pause max ms |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    rows = 0
+    for phase in results["phases"]:
+        for generator in phase.get("generators") or []:
+            gc = generator.get("gc") or {}
+            measured, whole = gc.get("measured") or {}, gc.get("phase") or {}
+            if not measured:
+                continue
+            oldest = (measured.get("by_generation") or {}).get("2") or {}
+            rows += 1
+            lines.append(
+                f"| {phase['target']} | {_phase_label(phase)} | {generator['worker']} | "
+                f"{measured.get('collections', 0)} ({oldest.get('collections', 0)}) | "
+                f"{_fmt(measured.get('pause_ms_max'), 2)} | "
+                f"{_fmt(measured.get('pause_ms_total'), 2)} | "
+                f"{_fmt(whole.get('pause_ms_max'), 2)} |"
+            )
+    if not rows:
+        return []
+    return [
+        *lines,
+        "",
+        "Collections of each generator process that ended inside the measured window "
+        "(gc.callbacks), after `gc.collect(); gc.freeze()` at the phase's start: a pause here "
+        "delays every call in flight by as much and shows in the tail as the target's.",
+        "",
     ]
 
 
@@ -257,27 +477,10 @@ def markdown(results: dict[str, Any]) -> str:
             *headline,
             "",
         ]
-    lines += [
-        "## Phases",
-        "",
-        "| target | workload | load | ops/s | reservations/s | p50 ms | p95 ms | p99 ms | "
-        "p99.9 ms | refused (stock) | errors | client cores | server cores | other cores |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: "
-        "| ---: |",
-    ]
-    for phase in results["phases"]:
-        overall, cpu = phase["all"], phase["cpu"]
-        errors = ", ".join(f"{code} {n}" for code, n in sorted(phase["errors"].items())) or "0"
-        lines.append(
-            f"| {phase['target']} | {phase['workload']} | {phase['load']} | "
-            f"{_fmt(phase['throughput_ops_s'])} | {_fmt(phase.get('reservations_ok_s'))} | "
-            f"{_fmt(overall['p50_ms'], 2)} | "
-            f"{_fmt(overall['p95_ms'], 2)} | {_fmt(overall['p99_ms'], 2)} | "
-            f"{_fmt(overall['p99_9_ms'], 2)} | {phase['refused']} | {errors} | "
-            f"{_fmt(cpu['client_cores'], 2)} | {_fmt(cpu['server_cores'], 2)} | "
-            f"{_fmt(cpu['other_cores'], 2)} |"
-        )
-    lines += ["", "## This service as ratios (throughput x; p99 x, lower is better)", ""]
+        if any(_marks(p) for p in results["phases"]):
+            lines += [MARKS_NOTE.format(cores=GENERATOR_SATURATED_CORES), ""]
+    lines += ["## Phases", "", *phases_table(results)]
+    lines += ["## This service as ratios (throughput x; p99 x, lower is better)", ""]
     others = [*BASELINES, "echo"]
     lines.append(
         "| target | workload | load | "
@@ -301,10 +504,18 @@ def markdown(results: dict[str, Any]) -> str:
         "echo = the bare gRPC ceiling with the same call style: echo-unary for router-unary "
         "and shard-unary, echo-batch for router-client and service-batch."
     )
-    lines += ["", "## Targets and audits", ""]
+    lines += ["", "## CPU per operation, by process (µs per operation, cores busy)", ""]
+    lines += cpu_tables(results)
+    stalls = stall_tables(results)
+    if stalls:
+        lines += ["## Worst event-loop stall of each service process (ms)", "", *stalls]
+    pauses = gc_table(results)
+    if pauses:
+        lines += ["## The load generator's GC pauses in the measured windows", "", *pauses]
+    lines += ["## Targets and audits", ""]
     lines.append(
-        "| target | server | status | start s | load s | mean cores client / server / other "
-        "| audit | details |"
+        "| target | server | status | start s | load s | mean cores generator / server / "
+        "other | audit | details |"
     )
     lines.append("| --- | --- | --- | ---: | ---: | --- | --- | --- |")
     for name, target in results["targets"].items():
@@ -339,11 +550,11 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "CPU: cores busy over each phase (cpu seconds / wall seconds), measured with psutil: "
-        "client = the load generator's processes, server = the target's processes and their "
-        "children (for the service: the router and shard processes and PostgreSQL, whose "
-        "backends are the postmaster's children), other = the rest of the machine. "
-        f"The machine has {results['machine']['cores']} cores shared by client and server.",
+        "Cores busy over each measured window (cpu seconds / wall seconds), measured with "
+        "psutil: generator = the load generator's processes, server = the target's processes "
+        "(for the service: the router and shard processes, PostgreSQL with its backends and "
+        "the events' Redis), other = the rest of the machine. "
+        f"The machine has {results['machine']['cores']} cores shared by generator and server.",
         "",
     ]
     return "\n".join(lines)

@@ -5,20 +5,23 @@ can rebuild it from a few integers. A workload turns a ``random.Random`` into op
 
 - ``uniform``     1-line carts, keys uniform over the whole catalogue;
 - ``zipf``        1-line carts, location and sku drawn from Zipf(s) (a few keys get most calls);
-- ``hot``         1-unit reservations of one key whose stock runs out during the phase;
+- ``hot``         1-unit reservations of one key (the hot row); by default its stock lasts
+                  the whole phase (``hot_stock_lasting``), so the phase measures admitted
+                  reservations; a small ``--hot-stock`` makes it sell out and measure refusals;
 - ``read-heavy``  90 % availability reads of one key, 10 % 1-line reservations;
 - ``cart-1`` / ``cart-5`` / ``cart-20``  carts of that many distinct lines at one location;
 - ``lifecycle``   5-line carts then commit (50 %), release (30 %) or leave to expire (20 %).
 
 Every reservation of one cart is at one merchant and one location, as the API requires.
-Hot keys live outside the catalogue (``hot-<phase>``), one fresh key per phase, so that each
-phase contends for the last unit afresh.
+Hot keys live outside the catalogue (``hot-<phase>``), one fresh key per phase, loaded with
+``Catalogue.hot_stock`` units, so that no phase inherits another's leftovers.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 from dataclasses import dataclass
 from enum import Enum
@@ -35,6 +38,13 @@ LIFECYCLE_RELEASE_SHARE = 0.3
 RESERVATION_TTL_S_MIN = 30
 # Carts of reservations that are not left to expire keep this TTL (the API default).
 RESERVATION_TTL_S_DEFAULT = 900
+# An upper bound on reservations per second of one key on any target the harness drives,
+# with room to spare: the fastest (the echo ceiling, which keeps no stock) measured 13-21k/s
+# on 2 cores, Redis 5-11k/s, the service and PostgreSQL 1-5k/s. The default hot stock is
+# this rate times the phase's length, so that the hot row never runs out by default.
+HOT_RESERVATIONS_PER_S_MAX = 100_000
+# The API's bound on a key's on_hand (SetStock rejects more).
+STOCK_QUANTITY_MAX = 1_000_000_000
 
 
 class Kind(Enum):
@@ -110,6 +120,12 @@ class Catalogue:
         return self.hot_stock if key.sku_id.startswith("hot-") else self.stock_per_key
 
 
+def hot_stock_lasting(seconds: float, rate_per_s_max: float = HOT_RESERVATIONS_PER_S_MAX) -> int:
+    """Units of the hot key that ``seconds`` of 1-unit reservations at ``rate_per_s_max``
+    cannot exhaust (at most the API's ``STOCK_QUANTITY_MAX``)."""
+    return min(STOCK_QUANTITY_MAX, math.ceil(max(seconds, 0.0) * rate_per_s_max) + 1)
+
+
 class Zipf:
     """Zipf(s) over ranks 0..n-1 by inverse CDF (bisect); rank r is hotter than r + 1."""
 
@@ -126,7 +142,7 @@ CART_LINES = {"cart-1": 1, "cart-5": 5, "cart-20": 20, "lifecycle": 5}
 
 
 class Generator:
-    """The operations of one workload for one client process: ``next()`` forever."""
+    """The operations of one workload for one generator process: ``next()`` forever."""
 
     def __init__(
         self, workload: str, catalogue: Catalogue, seed: int, phase: int, zipf_s: float

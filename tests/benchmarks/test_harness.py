@@ -12,7 +12,7 @@ from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from benchmarks.audit import audit
-from benchmarks.runner import LedgerEntry
+from benchmarks.ledger import LedgerEntry
 from benchmarks.targets import Level, ReservationRef, TargetSpec
 from benchmarks.targets.batch import BatchDriver, result_code
 from benchmarks.targets.service import ServiceTarget, probe_batch

@@ -7,8 +7,13 @@ passed (or the target said why it is unavailable, e.g. a service without the Bat
    PostgreSQL): the service's unary and Batch paths, every baseline and both echo targets,
    every workload closed loop and uniform open loop.
 2. Nothing given: the harness starts an embedded PostgreSQL, a router and two shards in a
-   fresh database itself, and drives them through the Python client with automatic batching
-   (reservations, the hot key, the commit / release lifecycle); everything is stopped after.
+   fresh database, with a Redis for their events, itself, and drives them through the Python
+   client with automatic batching (reservations, the hot key, the commit / release
+   lifecycle); everything is stopped after, the service logs are kept.
+
+Both check what every report must carry: reservations admitted and refused per phase, CPU
+per operation of every process, the generator's GC pauses and (2) each service process's
+loop stall, read from its kept log.
 """
 
 from __future__ import annotations
@@ -82,6 +87,21 @@ def test_smoke_run_writes_the_report_and_every_audit_passes(
     report = (output / "report.md").read_text()
     assert "## This service as ratios" in report
     assert "## Headline" in report
+    assert "## CPU per operation, by process" in report
+    servers = {
+        "router-unary": {"service", "postgresql"},
+        "postgres": {"postgresql"},
+        "redis": {"redis"},
+        "redis-durable": {"redis"},
+        "echo-unary": {"echo"},
+        "echo-batch": {"echo"},
+    }
+    for phase in phases:
+        assert set(phase["reservations"]) >= {"admitted", "refused", "unknown_fate"}, phase
+        processes = set(phase["cpu"]["processes"])
+        expected = servers.get(phase["target"], {"service"}) | {"generator-0"}
+        assert expected <= processes, (phase["target"], processes)
+        assert phase["generators"][0]["gc"]["measured"]["collections"] >= 0
 
 
 def test_smoke_run_starts_the_cluster_itself_and_drives_the_batching_client(
@@ -107,6 +127,21 @@ def test_smoke_run_starts_the_cluster_itself_and_drives_the_batching_client(
     assert isinstance(phases, list)
     assert {p["workload"] for p in phases} == {"cart-1", "hot", "lifecycle"}
     assert all(p["target"] == "router-client" for p in phases)
+    assert "events on" in target["server"], target
+    for phase in phases:
+        processes = set(phase["cpu"]["processes"])
+        assert {"router", "shard-0", "shard-1", "postgresql", "redis", "generator-0"} <= processes
+        assert set(phase["loop_stall_max_ms"]) == {"router", "shard-0", "shard-1"}
+    (hot,) = [p for p in phases if p["workload"] == "hot"]
+    assert hot["reservations"]["admitted"] > 0, hot["reservations"]  # the default stock lasts
+    assert hot["reservations"]["refused"] == 0, hot["reservations"]
+    logs = output / "logs" / "cluster"
+    kept = sorted(p.name for p in logs.glob("*.log"))
+    assert kept == ["cluster-router.log", "cluster-shard-0.log", "cluster-shard-1.log"], kept
+    assert "shard_serving" in (logs / "cluster-shard-0.log").read_text()
+    report = (output / "report.md").read_text()
+    assert "| phase | operations | router | shard-0 | shard-1 | postgresql | redis |" in report
+    assert "## Worst event-loop stall of each service process (ms)" in report
     # The router and the shards (their command lines name the run's database) are stopped.
     run_tag = str(results["run_tag"])
     left = [
