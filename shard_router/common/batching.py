@@ -1,17 +1,26 @@
-"""Serving the ``Inventory.Batch`` stream over a set of calls (shard and router alike).
+"""Serving the ``Inventory.Batch`` stream (shard and router alike).
 
-Every item read from the stream runs as its own task, so the items of a request reach the
-owner together and are applied in one pump batch; results are written back as they become
-ready, several per ``BatchResponse``, matched to items by id. Every item has its own
-deadline (``timeout_ms`` from when its request was read, else ``ITEM_TIMEOUT_S_DEFAULT``)
-and its own answer: a refusal is that item's ``error`` status, exactly what the unary call
-would return, and a bug is answered INTERNAL from the error table.
+Each request read from the stream is handed, in chunks of at most ``BATCH_ITEMS_MAX``
+items, to an ``ItemHandler``, which must answer every item exactly once through the
+``answer`` callback it is given: at once, from a callback of its own, or from a task it
+starts in the stream's task group. Results are written back as they become ready, several
+per ``BatchResponse``, matched to items by id. Two handlers exist:
+  - ``tasks_per_item`` (``serve_stream``, the shard's): every item runs as its own task
+    through the calls object, so the items of a request reach the owner together and are
+    applied in one pump batch;
+  - the router's (shard_router.router.service), which forwards items to their owners by
+    callback, with no task per item, and uses ``tasks_per_item`` for the rest.
+Every item has its own deadline (``timeout_ms`` from when its request was read, else
+``ITEM_TIMEOUT_S_DEFAULT``) and its own answer: a refusal is that item's ``error`` status,
+exactly what the unary call would return, and a bug is answered INTERNAL from the error
+table.
 
 Back-pressure, not growth: an item is held from the moment its request is read until its
 result has been written to the stream. At most ``STREAM_ITEMS_HELD_MAX`` items are held per
 stream; when that many are, the stream stops reading requests until results are written.
 A caller that stops reading its responses therefore stops being read itself (HTTP/2 flow
-control pushes back on its writes); it never grows this process past the bound.
+control pushes back on its writes); it never grows this process past the bound. The stream
+ends when the caller has closed its side and every item read has been answered and written.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -34,7 +44,7 @@ log = structlog.get_logger(__name__)
 
 # The oneof fields of BatchItem; the calls object has a method of the same name for each.
 CALL_FIELDS = tuple(rpc.field for rpc in rpcs.CALLS)
-# Items per BatchRequest: bounds one message and one task's fan-out.
+# Items per BatchRequest: bounds one message and one handler call's fan-out.
 BATCH_ITEMS_MAX = 1000
 # Items held per stream: running, or answered and waiting to be written. Past it the stream
 # reads no more requests until results are written. Measured (upb protobuf): a one-line
@@ -47,6 +57,9 @@ STREAM_ITEMS_HELD_MAX = 4_000
 ITEM_TIMEOUT_S_DEFAULT = calls.CALL_TIMEOUT_S_DEFAULT
 
 Call = Callable[[Any, float | None], Awaitable[Any]]
+Answer = Callable[[pb.BatchItemResult], None]
+# handler(items, received_at, answer, group): see the module docstring.
+ItemHandler = Callable[[Sequence[pb.BatchItem], float, Answer, asyncio.TaskGroup], None]
 
 
 def dispatch_table(calls_object: object) -> dict[str, Call]:
@@ -61,6 +74,12 @@ def _unimplemented(name: str) -> Call:
     return refuse
 
 
+def item_deadline(item: pb.BatchItem, received_at: float) -> float:
+    """When the item's time is up (``time.monotonic()``), counted from its request's read."""
+    timeout_s = item.timeout_ms / 1000 if item.timeout_ms else ITEM_TIMEOUT_S_DEFAULT
+    return received_at + timeout_s
+
+
 async def run_item(
     item: pb.BatchItem,
     dispatch: dict[str, Call],
@@ -71,11 +90,11 @@ async def run_item(
     if name is None:
         invalid = Invalid("items[].call", "one call must be set")
         return pb.BatchItemResult(id=item.id, error=errors.rejection_to_status(invalid))
-    timeout_s = item.timeout_ms / 1000 if item.timeout_ms else ITEM_TIMEOUT_S_DEFAULT
     started = time.monotonic() if received_at is None else received_at
-    call = dispatch[name](getattr(item, name), started + timeout_s)
+    call = dispatch[name](getattr(item, name), item_deadline(item, started))
+    metadata = calls.propagated(item.metadata.items()) if item.metadata else {}
     try:
-        response = await calls.with_metadata(calls.propagated(item.metadata.items()), call)
+        response = await calls.with_metadata(metadata, call)
     except Exception as error:
         status = refusal_status(error)
         if status is None:
@@ -88,70 +107,130 @@ async def run_item(
     return result
 
 
-async def serve_stream(
+def tasks_per_item(
+    dispatch: dict[str, Call],
+    refusal_status: Callable[[Exception], status_pb2.Status | None],
+) -> ItemHandler:
+    """The handler that runs every item as its own task through ``dispatch``."""
+
+    async def run(item: pb.BatchItem, received_at: float, answer: Answer) -> None:
+        answer(await run_item(item, dispatch, refusal_status, received_at))
+
+    def handle(
+        items: Sequence[pb.BatchItem],
+        received_at: float,
+        answer: Answer,
+        group: asyncio.TaskGroup,
+    ) -> None:
+        for item in items:
+            group.create_task(run(item, received_at, answer))
+
+    return handle
+
+
+def serve_stream(
     requests: AsyncIterator[pb.BatchRequest],
     dispatch: dict[str, Call],
     refusal_status: Callable[[Exception], status_pb2.Status | None],
     *,
     items_held_max: int = STREAM_ITEMS_HELD_MAX,
 ) -> AsyncIterator[pb.BatchResponse]:
-    """Answer every item of the stream; stops when the sender closes and all are answered.
+    """Answer every item of the stream with a task per item (``tasks_per_item``)."""
+    handler = tasks_per_item(dispatch, refusal_status)
+    return serve_items(requests, handler, items_held_max=items_held_max)
 
-    Results leave as soon as they are ready: whatever finished while the previous response
-    was being written goes out together, so one slow item never holds back the others. An
-    item stays held (counted against ``items_held_max``) until the response carrying its
-    result has been taken by gRPC, so results waiting to be written are bounded too.
+
+async def serve_items(
+    requests: AsyncIterator[pb.BatchRequest],
+    handler: ItemHandler,
+    *,
+    items_held_max: int = STREAM_ITEMS_HELD_MAX,
+) -> AsyncIterator[pb.BatchResponse]:
+    """Answer every item of the stream through ``handler``; stops when the sender closes
+    and all items are answered.
+
+    Results leave as soon as they are ready: whatever was answered while the previous
+    response was being written goes out together, so one slow item never holds back the
+    others. An item stays held (counted against ``items_held_max``) until the response
+    carrying its result has been taken by gRPC, so results waiting to be written are bounded
+    too. The task group lives until every item read has been answered, so a handler may
+    start a task for an item at any time before it answers it.
     """
     assert items_held_max >= BATCH_ITEMS_MAX, items_held_max
-    ready: asyncio.Queue[pb.BatchItemResult | None] = asyncio.Queue()
-    held = 0
-    room = asyncio.Event()
-
-    async def answer(item: pb.BatchItem, received_at: float) -> None:
-        ready.put_nowait(await run_item(item, dispatch, refusal_status, received_at))
-
-    async def hold(count: int) -> None:
-        nonlocal held
-        while held + count > items_held_max:
-            room.clear()
-            await room.wait()
-        held += count
-
-    async def read() -> None:
-        try:
-            async with asyncio.TaskGroup() as group:
-                async for request in requests:
-                    received_at = time.monotonic()
-                    items = list(request.items)
-                    for chunk in _chunks(items):
-                        await hold(len(chunk))
-                        if len(items) > BATCH_ITEMS_MAX:
-                            for result in _oversized(chunk, len(items)):
-                                ready.put_nowait(result)
-                            continue
-                        for item in chunk:
-                            group.create_task(answer(item, received_at))
-        finally:
-            ready.put_nowait(None)  # the task group waited for every item (or failed)
-
-    reader = asyncio.create_task(read())
+    served = _Served(handler, items_held_max)
+    reader = asyncio.create_task(served.read(requests))
     try:
-        while (first := await ready.get()) is not None:
-            results = [first]
-            while len(results) < BATCH_ITEMS_MAX and not ready.empty():
-                following = ready.get_nowait()
-                if following is None:
-                    ready.put_nowait(None)
-                    break
-                results.append(following)
-            yield pb.BatchResponse(results=results)
-            held -= len(results)  # gRPC took the response: these are no longer ours
-            room.set()
-        await reader
+        while True:
+            if served.ready:
+                results = served.take()
+                yield pb.BatchResponse(results=results)
+                served.written(len(results))  # gRPC took the response: no longer ours
+                continue
+            if reader.done():
+                break
+            served.readable.clear()
+            await served.readable.wait()
+        await reader  # its failure, if it failed
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
+
+
+class _Served:
+    """The items of one stream between being read and being written (``serve_items``)."""
+
+    def __init__(self, handler: ItemHandler, items_held_max: int) -> None:
+        self._handler = handler
+        self._items_held_max = items_held_max
+        self.ready: deque[pb.BatchItemResult] = deque()
+        self.readable = asyncio.Event()  # a result is ready, or the reader has finished
+        self._room = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._held = 0  # read and not yet written
+        self._unanswered = 0  # read and not yet answered
+
+    def answer(self, result: pb.BatchItemResult) -> None:
+        self._unanswered -= 1
+        assert self._unanswered >= 0, "an item was answered twice"
+        self.ready.append(result)
+        self.readable.set()
+        if self._unanswered == 0:
+            self._settled.set()
+
+    def take(self) -> list[pb.BatchItemResult]:
+        count = min(len(self.ready), BATCH_ITEMS_MAX)
+        return [self.ready.popleft() for _ in range(count)]
+
+    def written(self, count: int) -> None:
+        self._held -= count
+        self._room.set()
+
+    async def read(self, requests: AsyncIterator[pb.BatchRequest]) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                async for request in requests:
+                    received_at = time.monotonic()
+                    items = request.items
+                    for chunk in _chunks(items):
+                        await self._hold(len(chunk))
+                        if len(items) > BATCH_ITEMS_MAX:
+                            for result in _oversized(chunk, len(items)):
+                                self.answer(result)
+                            continue
+                        self._handler(chunk, received_at, self.answer, group)
+                while self._unanswered:
+                    await self._settled.wait()
+        finally:
+            self.readable.set()
+
+    async def _hold(self, count: int) -> None:
+        while self._held + count > self._items_held_max:
+            self._room.clear()
+            await self._room.wait()
+        self._held += count
+        self._unanswered += count
+        self._settled.clear()
 
 
 def _chunks(items: Sequence[pb.BatchItem]) -> list[Sequence[pb.BatchItem]]:

@@ -71,11 +71,26 @@ def propagated(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
     return {k: str(v) for k, v in pairs if k in PROPAGATED_METADATA}
 
 
-async def with_metadata(metadata: dict[str, str], call: Awaitable[T]) -> T:
-    """Run a call with its caller's metadata in context (forwarding and logs)."""
+def with_metadata(metadata: dict[str, str], call: Awaitable[T]) -> Awaitable[T]:
+    """``call``, to be run with its caller's metadata in context (forwarding and logs).
+
+    Most calls carry none: then, if the context holds none either, ``call`` itself is
+    returned, with nothing set and nothing bound (binding log fields costs ~11 us a call).
+    Otherwise the metadata replaces the context's for the call, so nothing of another
+    call's leaks into it, and its log fields are bound only if it has any.
+    """
+    if not metadata and not request_metadata.get():
+        return call
+    return _with_metadata(metadata, call)
+
+
+async def _with_metadata(metadata: dict[str, str], call: Awaitable[T]) -> T:
     token = request_metadata.set(metadata)
     try:
-        with structlog.contextvars.bound_contextvars(**_log_fields(metadata)):
+        fields = _log_fields(metadata)
+        if not fields:
+            return await call
+        with structlog.contextvars.bound_contextvars(**fields):
             return await call
     finally:
         request_metadata.reset(token)

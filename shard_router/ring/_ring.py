@@ -29,7 +29,9 @@ Bounds.
 
 The ring is immutable: ``with_member`` and ``without_member`` return new rings, and
 ``moved_partitions(old, new)`` lists what a membership change hands over. Owners are computed
-once, when the ring is built (O(N * V) hashes and a sort), so ``owner_of`` is a tuple index.
+once, when the ring is built (O(N * V) hashes and a sort), so ``owner_of`` is a tuple index;
+the owners of the last few memberships are kept (``_OWNERS_CACHED_MAX``), so building a ring
+again for an unchanged membership costs a lookup.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ _POSITION_DIGEST_BYTES = 8
 _VERSION_DIGEST_BYTES = 8
 # A process uses one partition count; tests use a few more.
 _PARTITION_POSITIONS_CACHED_MAX = 8
+# Memberships whose owners are kept, so a ring rebuilt for a membership seen lately (every
+# ownership poll of a shard, every refresh of a router, while nothing changes) costs a
+# lookup instead of N * V hashes and a sort. The current membership and the few before it
+# (a member leaving and coming back) are enough; each entry is one tuple of P references
+# (8 KiB at P = 1024). The cache only finds owners computed before, from the same key, so
+# the owners cannot depend on it (lookups hash the key with hash(); the owners never do).
+_OWNERS_CACHED_MAX = 4
 
 
 class NoMembers(LookupError):
@@ -211,6 +220,7 @@ def _partition_positions(partition_count: int) -> tuple[int, ...]:
     return tuple(_position(str(partition)) for partition in range(partition_count))
 
 
+@functools.lru_cache(maxsize=_OWNERS_CACHED_MAX)
 def _owners(
     members: tuple[str, ...], virtual_nodes_per_member: int, partition_count: int
 ) -> tuple[str, ...]:

@@ -2,11 +2,14 @@
 
 Every call is checked with the core's rules first (a malformed request never costs a hop),
 then forwarded as an item on the owner's ``Inventory.Batch`` stream with the caller's
-remaining deadline. UNAVAILABLE answers (a redirect from a shard that does not own the
-partition, a recovering partition, a failed flush, a broken stream) refresh the ring and
-retry with backoff until the deadline: the request is forwarded unchanged, so a mutation is
-retried only with its own idempotency key and can never apply twice. When the router gives
-up, its answer is RETRYABLE only if every attempt was known not applied, else
+remaining deadline (``ROUTES``: each call's check and the partition its request names). On
+the router's own Batch stream the items of a request are grouped by owner and forwarded as
+they were received, their first answer taken by callback: no task per item, and only an
+item that must be retried gets one. UNAVAILABLE answers (a redirect from a shard that does
+not own the partition, a recovering partition, a failed flush, a broken stream) refresh the
+ring and retry with backoff until the deadline: the request is forwarded unchanged, so a
+mutation is retried only with its own idempotency key and can never apply twice. When the
+router gives up, its answer is RETRYABLE only if every attempt was known not applied, else
 OUTCOME_UNKNOWN (shard_router.common.errors). Batch reads fan out per owner and are merged
 back in request order. ReserveOrder runs the core's order plan (inventory_core.orders).
 """
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -36,12 +40,19 @@ from inventory_core import (
     validate_read,
 )
 
-from ..client._errors import Overloaded
-from ..common import convert, errors, rpcs
-from ..common.calls import Refusal, check, remaining_s
+from ..common import batching, convert, errors, rpcs
+from ..common.calls import (
+    CALL_TIMEOUT_S_DEFAULT,
+    PROPAGATED_METADATA,
+    Refusal,
+    check,
+    refusal_status,
+    request_metadata,
+)
 from ..common.servicer import CallsServicer
-from .routing import Routes
+from .routing import Forwarded, Routes
 
+RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
 log = structlog.get_logger(__name__)
 
@@ -53,6 +64,7 @@ RETRY_BACKOFF_S_MAX = 0.5
 # One round of an order's calls (its legs, their resolution, their confirmation) may use
 # this share of what is left of the deadline, so compensation always has time left.
 ORDER_ROUND_DEADLINE_SHARE = 0.5
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 class ReadView(Protocol):
@@ -148,10 +160,10 @@ class RouterCalls:
     ) -> pb.GetAvailabilityResponse | status_pb2.Status:
         if address is None:
             return errors.owners_unavailable("no live shard", outcome_unknown=False)
-        part = pb.GetAvailabilityRequest(
-            keys=[request.keys[i] for i in indexes], consistency=request.consistency
-        )
-        result = await self._call(address, rpcs.GET_AVAILABILITY.field, part, deadline)
+        item = _item()
+        item.get_availability.keys.extend(request.keys[i] for i in indexes)
+        item.get_availability.consistency = request.consistency
+        result = await self._call(address, item, deadline, mutating=False)
         if result.WhichOneof("result") == "error":
             return result.error
         return result.get_availability
@@ -159,69 +171,48 @@ class RouterCalls:
     async def get_reservation(
         self, request: pb.GetReservationRequest, deadline: float | None
     ) -> pb.GetReservationResponse:
-        partition = partition_of_reservation(request.reservation_id)
-        if partition is None:
-            raise Refusal.of(ReservationNotFound(request.reservation_id))
-        return await self._forward(partition, rpcs.GET_RESERVATION, request, deadline)
+        return await self._routed(rpcs.GET_RESERVATION, request, deadline)
 
     # -------------------------------------------------------------------- mutations
 
     async def reserve(
         self, request: pb.ReserveRequest, deadline: float | None
     ) -> pb.ReserveResponse:
-        command = convert.reserve(request)
-        check(validate(command))
-        first = command.lines[0].key
-        return await self._forward(
-            partition_of(first.merchant_id, first.location_id), rpcs.RESERVE, request, deadline
-        )
+        return await self._routed(rpcs.RESERVE, request, deadline)
 
     async def commit(self, request: pb.CommitRequest, deadline: float | None) -> pb.CommitResponse:
-        check(validate(convert.commit(request)))
-        return await self._forward(
-            _reservation_partition(request.reservation_id), rpcs.COMMIT, request, deadline
-        )
+        return await self._routed(rpcs.COMMIT, request, deadline)
 
     async def release(
         self, request: pb.ReleaseRequest, deadline: float | None
     ) -> pb.ReleaseResponse:
-        check(validate(convert.release(request)))
-        return await self._forward(
-            _reservation_partition(request.reservation_id), rpcs.RELEASE, request, deadline
-        )
+        return await self._routed(rpcs.RELEASE, request, deadline)
 
     async def extend_reservation(
         self, request: pb.ExtendReservationRequest, deadline: float | None
     ) -> pb.ExtendReservationResponse:
-        check(validate(convert.extend(request)))
-        return await self._forward(
-            _reservation_partition(request.reservation_id),
-            rpcs.EXTEND_RESERVATION,
-            request,
-            deadline,
-        )
+        return await self._routed(rpcs.EXTEND_RESERVATION, request, deadline)
 
     async def adjust_stock(
         self, request: pb.AdjustStockRequest, deadline: float | None
     ) -> pb.AdjustStockResponse:
-        check(validate(convert.adjust_stock(request)))
-        return await self._forward(
-            _key_partition(request.key), rpcs.ADJUST_STOCK, request, deadline
-        )
+        return await self._routed(rpcs.ADJUST_STOCK, request, deadline)
 
     async def set_stock(
         self, request: pb.SetStockRequest, deadline: float | None
     ) -> pb.SetStockResponse:
-        check(validate(convert.set_stock(request)))
-        return await self._forward(_key_partition(request.key), rpcs.SET_STOCK, request, deadline)
+        return await self._routed(rpcs.SET_STOCK, request, deadline)
 
     async def set_safety_stock(
         self, request: pb.SetSafetyStockRequest, deadline: float | None
     ) -> pb.SetSafetyStockResponse:
-        check(validate(convert.set_safety_stock(request)))
-        return await self._forward(
-            _key_partition(request.key), rpcs.SET_SAFETY_STOCK, request, deadline
-        )
+        return await self._routed(rpcs.SET_SAFETY_STOCK, request, deadline)
+
+    async def _routed(
+        self, rpc: rpcs.Rpc[RequestT, ResponseT], request: RequestT, deadline: float | None
+    ) -> ResponseT:
+        partition = ROUTES[rpc.field].partition_of(request)  # checked first: Refusal
+        return await self._forward(partition, rpc, request, deadline)
 
     # ------------------------------------------------------------------------- saga
 
@@ -301,6 +292,54 @@ class RouterCalls:
 
     # -------------------------------------------------------------------- forwarding
 
+    def batch_handler(self, others: batching.ItemHandler) -> batching.ItemHandler:
+        """The router's Batch items: a routed call (``ROUTES``) is checked, then forwarded
+        with the other items of its request that have the same owner, as it was received;
+        its first answer comes back by callback, and only if that is UNAVAILABLE does a
+        task retry it (``_forward_item``). The rest (GetAvailability, which fans out, and
+        an item without a call) go to ``others``."""
+
+        def handle(
+            items: Sequence[pb.BatchItem],
+            received_at: float,
+            answer: batching.Answer,
+            group: asyncio.TaskGroup,
+        ) -> None:
+            by_owner: dict[str, list[Forwarded]] = {}
+            rest: list[pb.BatchItem] = []
+            for item in items:
+                name = item.WhichOneof("call")
+                route = None if name is None else ROUTES.get(name)
+                if name is None or route is None:
+                    rest.append(item)
+                    continue
+                partition = _checked_partition(item, name, route, answer)
+                if partition is None:
+                    continue  # answered: refused, or a bug
+                if item.metadata:
+                    _keep_propagated(item)
+                deadline = batching.item_deadline(item, received_at)
+                routed = _Routed(
+                    calls=self,
+                    route=route,
+                    partition=partition,
+                    item=item,
+                    deadline=deadline,
+                    answer=answer,
+                    group=group,
+                )
+                address = self._routes.address_of(partition)
+                if address is None:  # no live owner known yet: the retries wait for one
+                    group.create_task(routed.retry(None))
+                    continue
+                by_owner.setdefault(address, []).append(routed.forwarded())
+            for address, forwarded_items in by_owner.items():
+                self._routes.stream(address).forward(forwarded_items)
+            if rest:
+                others(rest, received_at, answer, group)
+
+        return handle
+
     async def _forward(
         self,
         partition: int,
@@ -308,37 +347,56 @@ class RouterCalls:
         request: Message,
         deadline: float | None,
     ) -> ResponseT:
-        """Send the call to the partition's owner, retrying UNAVAILABLE with backoff.
+        """A unary call (or an order's) forwarded as one item: ``_forward_item``."""
+        item = _item()
+        getattr(item, rpc.field).CopyFrom(request)
+        result = await self._forward_item(partition, rpc, item, deadline)
+        response: ResponseT = getattr(result, rpc.field)
+        return response
 
-        The request is forwarded unchanged, so a retry of a mutation whose outcome is
-        unknown carries the same idempotency key and finds its durable answer. The answer
-        after several attempts is honest about them (``errors.after_attempts``).
+    async def _forward_item(
+        self,
+        partition: int,
+        rpc: rpcs.Rpc[Any, Any],
+        item: pb.BatchItem,
+        deadline: float | None,
+        first: pb.BatchItemResult | None = None,
+    ) -> pb.BatchItemResult:
+        """Send the item to the partition's owner, retrying UNAVAILABLE with backoff; the
+        result if it is not an error, else ``Refusal``. ``first`` is the answer of an
+        attempt already made (the Batch path's, taken by callback).
+
+        The item is forwarded unchanged, so a retry of a mutation whose outcome is unknown
+        carries the same idempotency key and finds its durable answer. The answer after
+        several attempts is honest about them (``errors.after_attempts``).
         """
         earlier_unknown = False
+        result = first
         for attempt in range(FORWARD_ATTEMPTS_MAX):
-            address = self._routes.address_of(partition)
-            if address is not None:
-                result = await self._call(address, rpc.field, request, deadline)
+            if result is None:
+                address = self._routes.address_of(partition)
+                if address is not None:
+                    result = await self._call(address, item, deadline, mutating=rpc.mutating)
+            if result is not None:
                 if result.WhichOneof("result") != "error":
-                    response: ResponseT = getattr(result, rpc.field)
-                    return response
-                if result.error.code != grpc.StatusCode.UNAVAILABLE.value[0]:
+                    return result
+                if result.error.code != UNAVAILABLE:
                     raise Refusal(
                         errors.after_attempts(result.error, earlier_unknown=earlier_unknown)
                     )
                 unknown = errors.answer_class_of(result.error) is errors.AnswerClass.OUTCOME_UNKNOWN
                 earlier_unknown |= rpc.mutating and unknown
+                result = None
             await self._backoff(attempt, deadline, outcome_unknown=earlier_unknown)
         message = f"partition {partition} unavailable after {FORWARD_ATTEMPTS_MAX} attempts"
         raise Refusal(errors.owners_unavailable(message, outcome_unknown=earlier_unknown))
 
     async def _call(
-        self, address: str, field: str, request: Message, deadline: float | None
+        self, address: str, item: pb.BatchItem, deadline: float | None, *, mutating: bool
     ) -> pb.BatchItemResult:
-        try:
-            return await self._routes.batcher(address).call(field, request, remaining_s(deadline))
-        except Overloaded as shed:  # the router's own stream to that shard is full
-            return pb.BatchItemResult(error=errors.overloaded(f"router: {shed.status.message}"))
+        if deadline is None:
+            deadline = time.monotonic() + CALL_TIMEOUT_S_DEFAULT
+        return await self._routes.stream(address).call(item, deadline, mutating=mutating)
 
     async def _backoff(
         self, attempt: int, deadline: float | None, *, outcome_unknown: bool
@@ -402,11 +460,68 @@ def _share(deadline: float | None) -> float | None:
     return now + max(deadline - now, 0.0) * ORDER_ROUND_DEADLINE_SHARE
 
 
+@dataclass(eq=False, slots=True, kw_only=True)
+class _Routed:
+    """One routed Batch item until it is answered: its first answer comes to ``first`` (a
+    callback); if that is UNAVAILABLE, ``retry`` (a task of the stream's group) forwards it
+    again until its deadline. Either answers it exactly once, under the caller's id."""
+
+    calls: RouterCalls
+    route: Route
+    partition: int
+    item: pb.BatchItem
+    deadline: float
+    answer: batching.Answer
+    group: asyncio.TaskGroup
+    caller_id: int = 0
+
+    def __post_init__(self) -> None:
+        self.caller_id = self.item.id
+
+    def forwarded(self) -> Forwarded:
+        return Forwarded.of(self.item, self.deadline, self.route.rpc.mutating, self.first)
+
+    def first(self, result: pb.BatchItemResult) -> None:
+        if result.WhichOneof("result") == "error" and result.error.code == UNAVAILABLE:
+            retry = self.retry(result)
+            try:
+                self.group.create_task(retry)
+            except RuntimeError:  # the stream has ended (its caller left): nobody to answer
+                retry.close()
+            return
+        self.answer(result)  # the owner's answer as it gave it, under the caller's id
+
+    async def retry(self, first: pb.BatchItemResult | None) -> None:
+        rpc = self.route.rpc
+        try:
+            result = await self.calls._forward_item(
+                self.partition, rpc, self.item, self.deadline, first
+            )
+        except Refusal as refusal:
+            result = pb.BatchItemResult(error=refusal.status)
+        except Exception as error:  # a bug: the last-resort answer, as run_item gives it
+            log.exception("batch_item_failed", call=rpc.field)
+            status = errors.internal(f"internal error: {error!r}", mutating=rpc.mutating)
+            result = pb.BatchItemResult(error=status)
+        result.id = self.caller_id
+        self.answer(result)
+
+
 class RouterService(CallsServicer):
-    """The router's gRPC surface over ``RouterCalls``, which also serves ReserveOrder."""
+    """The router's gRPC surface over ``RouterCalls``, which also serves ReserveOrder; its
+    Batch stream forwards items by callback (``RouterCalls.batch_handler``)."""
 
     def __init__(self, routes: Routes, read_view: ReadView | None = None) -> None:
-        super().__init__(RouterCalls(routes, read_view))
+        calls = RouterCalls(routes, read_view)
+        super().__init__(calls)
+        others = batching.tasks_per_item(batching.dispatch_table(calls), refusal_status)
+        self._handler = calls.batch_handler(others)
+
+    async def Batch(
+        self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BatchResponse]:
+        async for response in batching.serve_items(requests, self._handler):
+            yield response
 
 
 def _reservation_partition(reservation_id: str) -> int:
@@ -418,3 +533,103 @@ def _reservation_partition(reservation_id: str) -> int:
 
 def _key_partition(key: pb.InventoryKey) -> int:
     return partition_of(key.merchant_id, key.location_id)
+
+
+def _item() -> pb.BatchItem:
+    """A BatchItem for a call the router makes itself, with its caller's metadata."""
+    item = pb.BatchItem()
+    metadata = request_metadata.get()
+    if metadata:
+        item.metadata.update(metadata)
+    return item
+
+
+def _keep_propagated(item: pb.BatchItem) -> None:
+    """Forward only the metadata that travels with a call (``PROPAGATED_METADATA``)."""
+    for key in [key for key in item.metadata if key not in PROPAGATED_METADATA]:
+        del item.metadata[key]
+
+
+def _checked_partition(
+    item: pb.BatchItem, name: str, route: Route, answer: batching.Answer
+) -> int | None:
+    """The partition the item's request names, once it passed the core's checks; None when
+    it did not (or the check failed: a bug), and then the item is answered here."""
+    try:
+        return route.partition_of(getattr(item, name))
+    except Refusal as refusal:
+        answer(pb.BatchItemResult(id=item.id, error=refusal.status))
+    except Exception as error:  # a bug: the last-resort answer, as run_item gives it
+        log.exception("batch_item_failed", call=name)
+        status = errors.internal(f"internal error: {error!r}", mutating=route.rpc.mutating)
+        answer(pb.BatchItemResult(id=item.id, error=status))
+    return None
+
+
+# ----------------------------------------------------------------- the routed calls
+
+
+def _reserve_partition(request: pb.ReserveRequest) -> int:
+    command = convert.reserve(request)
+    check(validate(command))
+    first = command.lines[0].key
+    return partition_of(first.merchant_id, first.location_id)
+
+
+def _commit_partition(request: pb.CommitRequest) -> int:
+    check(validate(convert.commit(request)))
+    return _reservation_partition(request.reservation_id)
+
+
+def _release_partition(request: pb.ReleaseRequest) -> int:
+    check(validate(convert.release(request)))
+    return _reservation_partition(request.reservation_id)
+
+
+def _extend_partition(request: pb.ExtendReservationRequest) -> int:
+    check(validate(convert.extend(request)))
+    return _reservation_partition(request.reservation_id)
+
+
+def _get_reservation_partition(request: pb.GetReservationRequest) -> int:
+    return _reservation_partition(request.reservation_id)
+
+
+def _adjust_stock_partition(request: pb.AdjustStockRequest) -> int:
+    check(validate(convert.adjust_stock(request)))
+    return _key_partition(request.key)
+
+
+def _set_stock_partition(request: pb.SetStockRequest) -> int:
+    check(validate(convert.set_stock(request)))
+    return _key_partition(request.key)
+
+
+def _set_safety_stock_partition(request: pb.SetSafetyStockRequest) -> int:
+    check(validate(convert.set_safety_stock(request)))
+    return _key_partition(request.key)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A call forwarded whole to one owner: ``partition_of(request)`` checks the request
+    with the core's rules (``Refusal`` if it is malformed) and names its partition."""
+
+    rpc: rpcs.Rpc[Any, Any]
+    partition_of: Callable[[Any], int]
+
+
+# Every call but GetAvailability (which fans out per owner) and ReserveOrder (a saga).
+ROUTES: Mapping[str, Route] = {
+    route.rpc.field: route
+    for route in (
+        Route(rpcs.RESERVE, _reserve_partition),
+        Route(rpcs.COMMIT, _commit_partition),
+        Route(rpcs.RELEASE, _release_partition),
+        Route(rpcs.EXTEND_RESERVATION, _extend_partition),
+        Route(rpcs.GET_RESERVATION, _get_reservation_partition),
+        Route(rpcs.ADJUST_STOCK, _adjust_stock_partition),
+        Route(rpcs.SET_STOCK, _set_stock_partition),
+        Route(rpcs.SET_SAFETY_STOCK, _set_safety_stock_partition),
+    )
+}

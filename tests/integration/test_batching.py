@@ -3,6 +3,7 @@
 1. ``serve_stream`` holds at most ``items_held_max`` items (running, or answered and not yet
    written): a caller that sends many items and never reads its responses stops being read,
    and the server's results never pile up past the bound. Driven directly and over gRPC.
+   ``serve_items`` ends only when every item read has been answered, however it was.
 2. A router in front of an in-process shard (the real shard calls and servicer over an owner
    seam that applies commands to pure partitions at once, with faults injected per
    idempotency key): a ReserveOrder whose leg's outcome is unknown at first resolves it
@@ -207,6 +208,52 @@ def test_a_bug_in_a_call_is_answered_internal_unknown_for_a_mutation_retryable_f
             result = await batching.run_item(item, dispatch, lambda _: None)
             assert result.error.code == grpc.StatusCode.INTERNAL.value[0]
             assert errors.answer_class_of(result.error) is expected
+
+    run(scenario)
+
+
+def test_a_handler_may_answer_by_callback_after_the_caller_closed_and_the_stream_waits() -> None:
+    """``serve_items``: items answered at once, later from a plain callback, or from a task
+    started after the request (the task group lives until every item is answered)."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        later: list[pb.BatchItem] = []
+
+        def handler(
+            items: Sequence[pb.BatchItem],
+            received_at: float,
+            answer: batching.Answer,
+            group: asyncio.TaskGroup,
+        ) -> None:
+            for item in items:
+                if item.id % 3 == 0:
+                    answer(pb.BatchItemResult(id=item.id))  # at once
+                else:
+                    later.append(item)
+
+            def answer_the_rest() -> None:
+                for item in later:
+                    if item.id % 3 == 1:
+                        answer(pb.BatchItemResult(id=item.id))  # by callback
+                    else:
+                        group.create_task(answer_after_a_while(item, answer))  # by a task
+
+            loop.call_later(0.05, answer_the_rest)
+
+        async def answer_after_a_while(item: pb.BatchItem, answer: batching.Answer) -> None:
+            await asyncio.sleep(0.05)
+            answer(pb.BatchItemResult(id=item.id))
+
+        async def requests() -> AsyncIterator[pb.BatchRequest]:
+            yield batch(0, 30)  # and the caller closes its side at once
+
+        answered = [
+            result.id
+            async for response in batching.serve_items(requests(), handler)
+            for result in response.results
+        ]
+        assert sorted(answered) == list(range(30))
 
     run(scenario)
 

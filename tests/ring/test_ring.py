@@ -284,3 +284,23 @@ def test_construction_rejects_misuse() -> None:
         Ring(["shard-0"], virtual_nodes_per_member=0)
     with pytest.raises(ValueError, match="partition_count"):
         Ring(["shard-0"], partition_count=0)
+
+
+# ---- owners kept for recent memberships ------------------------------------------------------
+
+
+def test_a_ring_rebuilt_for_an_unchanged_membership_reuses_its_owners() -> None:
+    first = Ring(["shard-1", "shard-0"])
+    again = Ring(["shard-0", "shard-1"])
+    assert again._owners is first._owners, "looked up, not computed again"
+    assert again == first and again.version == first.version
+
+
+def test_kept_owners_are_bounded_and_equal_to_freshly_computed_ones() -> None:
+    members = ("shard-0", "shard-1")
+    for count in range(_ring._OWNERS_CACHED_MAX + 2):  # pushes the first one out
+        Ring([f"other-{n}" for n in range(count + 1)])
+    assert _ring._owners.cache_info().currsize <= _ring._OWNERS_CACHED_MAX
+    fresh = _ring._owners.__wrapped__(members, VIRTUAL_NODES_PER_MEMBER, P)
+    assert Ring(members)._owners == fresh
+    assert Ring(members)._owners is Ring(list(members))._owners
