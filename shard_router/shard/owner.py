@@ -185,13 +185,19 @@ def _new_future() -> asyncio.Future[Any]:
     return asyncio.get_running_loop().create_future()
 
 
+# Called once with the answer or the refusal, on the loop, by the owner: it must not raise.
+Done = Callable[[T | Exception], None]
+
+
 @dataclass(slots=True, kw_only=True)
 class _Work(Generic[T]):
-    """One queued request; its future gets the answer of type T or the refusal."""
+    """One queued request. Its answer of type T (or the refusal) goes to its future, or to
+    its ``done`` callback (the Batch path: no future and no task per item)."""
 
     partition: int
     deadline: float | None  # time.monotonic() seconds
-    future: asyncio.Future[T] = field(default_factory=_new_future)
+    future: asyncio.Future[T] | None = None
+    done: Done[T] | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -354,28 +360,39 @@ class Owner:
     async def mutate(
         self, partition: int, command: ClientCommand, deadline: float | None
     ) -> Outcome:
-        work = _Mutate(partition=partition, deadline=deadline, command=command)
-        self._submit(work)
-        return await work.future
+        future: asyncio.Future[Outcome] = _new_future()
+        self._submit(
+            _Mutate(partition=partition, deadline=deadline, command=command, future=future)
+        )
+        return await future
+
+    def submit_mutation(
+        self, partition: int, command: ClientCommand, deadline: float | None, done: Done[Outcome]
+    ) -> None:
+        """``mutate`` by callback: ``done`` gets the outcome or the refusal (NotOwner,
+        DeadlineExpired, FlushFailed) once. Raises NotOwner or Overloaded at once instead."""
+        self._submit(_Mutate(partition=partition, deadline=deadline, command=command, done=done))
 
     async def levels(
         self, partition: int, keys: tuple[InventoryKey, ...], deadline: float | None
     ) -> tuple[StockLevel, ...]:
-        work = _ReadLevels(partition=partition, deadline=deadline, keys=keys)
-        self._submit(work)
-        return await work.future
+        future: asyncio.Future[tuple[StockLevel, ...]] = _new_future()
+        self._submit(_ReadLevels(partition=partition, deadline=deadline, keys=keys, future=future))
+        return await future
 
     async def reservation(
         self, partition: int, merchant_id: str, reservation_id: str, deadline: float | None
     ) -> Reservation | None:
+        future: asyncio.Future[Reservation | None] = _new_future()
         work = _ReadReservation(
             partition=partition,
             deadline=deadline,
             merchant_id=merchant_id,
             reservation_id=reservation_id,
+            future=future,
         )
         self._submit(work)
-        return await work.future
+        return await future
 
     def owns(self, partition: int) -> bool:
         return partition in self._owned
@@ -783,13 +800,26 @@ def _reads_first(work: _Item) -> int:
 
 
 def _reply(work: _Work[T], value: T) -> None:
-    if not work.future.done():  # the caller may have gone (cancelled)
-        work.future.set_result(value)
+    _deliver(work, value, None)
 
 
 def _refuse(work: _Item, error: Exception) -> None:
-    if not isinstance(work, _ExpireTick) and not work.future.done():
-        work.future.set_exception(error)
+    _deliver(work, None, error)
+
+
+def _deliver(work: _Work[Any], value: Any, error: Exception | None) -> None:
+    """The answer (or the refusal) to whoever waits for it, once; an expiry tick has none."""
+    done, work.done = work.done, None
+    if done is not None:
+        try:
+            done(value if error is None else error)
+        except Exception:  # the callback's bug must not stop the loop or the other answers
+            log.exception("answer_callback_failed", partition=work.partition)
+    elif work.future is not None and not work.future.done():  # the caller may have gone
+        if error is None:
+            work.future.set_result(value)
+        else:
+            work.future.set_exception(error)
 
 
 def _reply_all(writes: _Writes) -> None:

@@ -5,14 +5,21 @@ or queued), submit it to the owner of its partition with its deadline, and map t
 through the one error table. A refusal is a ``Refusal`` carrying the google.rpc.Status the
 unary call aborts with, or the Batch stream returns as that item's result. No stock rule
 lives here.
+
+Every mutating call is one row of ``MUTATIONS`` (request -> command and partition, outcome ->
+response), used by the unary path (await the owner) and by the Batch stream, which hands a
+request's mutations to the owner by callback: no task and no future per item.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
+import grpc
+import structlog
 from inventory.v1 import inventory_pb2 as pb
 
 from inventory_core import (
@@ -32,12 +39,15 @@ from inventory_core import (
     validate_read,
 )
 
-from ..common import convert, errors
-from ..common.calls import Refusal, check
+from ..common import batching, convert, errors
+from ..common.calls import Refusal, check, refusal_status
 from ..common.servicer import CallsServicer
 from .owner import DeadlineExpired, FlushFailed, NotOwner, Overloaded, Owner
 
+log = structlog.get_logger(__name__)
+
 T = TypeVar("T")
+R = TypeVar("R")  # a call's response message
 
 
 class Calls:
@@ -70,48 +80,20 @@ class Calls:
     async def reserve(
         self, request: pb.ReserveRequest, deadline: float | None
     ) -> pb.ReserveResponse:
-        command = convert.reserve(request)
-        lines = command.lines
-        partition = partition_of(lines[0].key.merchant_id, lines[0].key.location_id) if lines else 0
-        outcome = await self._mutate(command, partition, deadline)
-        assert isinstance(outcome, Reserved)
-        return pb.ReserveResponse(
-            reservation=convert.reservation_to_proto(outcome.reservation),
-            levels=[convert.level_to_proto(level) for level in outcome.levels],
-        )
+        return await self._call(RESERVE, request, deadline)
 
     async def commit(self, request: pb.CommitRequest, deadline: float | None) -> pb.CommitResponse:
-        command = convert.commit(request)
-        partition = partition_of_reservation(command.reservation_id)
-        outcome = await self._mutate(command, partition, deadline)
-        assert isinstance(outcome, Committed)
-        return pb.CommitResponse(
-            reservation=convert.reservation_to_proto(outcome.reservation),
-            levels=[convert.level_to_proto(level) for level in outcome.levels],
-        )
+        return await self._call(COMMIT, request, deadline)
 
     async def release(
         self, request: pb.ReleaseRequest, deadline: float | None
     ) -> pb.ReleaseResponse:
-        command = convert.release(request)
-        partition = partition_of_reservation(command.reservation_id)
-        outcome = await self._mutate(command, partition, deadline)
-        assert isinstance(outcome, Released)
-        return pb.ReleaseResponse(
-            reservation=convert.reservation_to_proto(outcome.reservation),
-            levels=[convert.level_to_proto(level) for level in outcome.levels],
-        )
+        return await self._call(RELEASE, request, deadline)
 
     async def extend_reservation(
         self, request: pb.ExtendReservationRequest, deadline: float | None
     ) -> pb.ExtendReservationResponse:
-        command = convert.extend(request)
-        partition = partition_of_reservation(command.reservation_id)
-        outcome = await self._mutate(command, partition, deadline)
-        assert isinstance(outcome, Extended)
-        return pb.ExtendReservationResponse(
-            reservation=convert.reservation_to_proto(outcome.reservation)
-        )
+        return await self._call(EXTEND, request, deadline)
 
     async def get_reservation(
         self, request: pb.GetReservationRequest, deadline: float | None
@@ -131,67 +113,228 @@ class Calls:
     async def adjust_stock(
         self, request: pb.AdjustStockRequest, deadline: float | None
     ) -> pb.AdjustStockResponse:
-        level, over_commit = await self._stock_change(convert.adjust_stock(request), deadline)
-        return pb.AdjustStockResponse(level=level, over_commit=over_commit)
+        return await self._call(ADJUST_STOCK, request, deadline)
 
     async def set_stock(
         self, request: pb.SetStockRequest, deadline: float | None
     ) -> pb.SetStockResponse:
-        level, over_commit = await self._stock_change(convert.set_stock(request), deadline)
-        return pb.SetStockResponse(level=level, over_commit=over_commit)
+        return await self._call(SET_STOCK, request, deadline)
 
     async def set_safety_stock(
         self, request: pb.SetSafetyStockRequest, deadline: float | None
     ) -> pb.SetSafetyStockResponse:
-        level, over_commit = await self._stock_change(convert.set_safety_stock(request), deadline)
-        return pb.SetSafetyStockResponse(level=level, over_commit=over_commit)
+        return await self._call(SET_SAFETY_STOCK, request, deadline)
 
-    async def _stock_change(
-        self, command: ClientCommand, deadline: float | None
-    ) -> tuple[pb.StockLevel, pb.OverCommit | None]:
-        key: InventoryKey = command.key  # type: ignore[union-attr]
-        outcome = await self._mutate(
-            command, partition_of(key.merchant_id, key.location_id), deadline
-        )
-        assert isinstance(outcome, StockChanged)
-        return convert.level_to_proto(outcome.level), convert.over_commit_to_proto(
-            outcome.over_commit
-        )
+    async def _call(self, mutation: _Mutation[R], request: Any, deadline: float | None) -> R:
+        command, partition = mutation.prepare(request)
+        outcome = await _guard(self._owner.mutate(partition, command, deadline))
+        return mutation.respond(outcome)
 
-    async def _mutate(
-        self, command: ClientCommand, partition: int | None, deadline: float | None
-    ) -> Outcome:
+    # --------------------------------------------------------------- the Batch stream
+
+    def batch_handler(self, others: batching.ItemHandler) -> batching.ItemHandler:
+        """Mutations without metadata go to the owner by callback (no task or future per
+        item); every other item (reads, metadata to bind for its logs) goes to ``others``."""
+
+        def handle(
+            items: Sequence[pb.BatchItem],
+            received_at: float,
+            answer: batching.Answer,
+            group: asyncio.TaskGroup,
+        ) -> None:
+            rest = []
+            for item in items:
+                name = item.WhichOneof("call")
+                mutation = MUTATIONS.get(name) if name is not None else None
+                if name is None or mutation is None or item.metadata:
+                    rest.append(item)
+                    continue
+                deadline = batching.item_deadline(item, received_at)
+                self._submit_item(item, name, mutation, deadline=deadline, answer=answer)
+            if rest:
+                others(rest, received_at, answer, group)
+
+        return handle
+
+    def _submit_item(
+        self,
+        item: pb.BatchItem,
+        name: str,
+        mutation: _Mutation[Any],
+        *,
+        deadline: float,
+        answer: batching.Answer,
+    ) -> None:
+        item_id = item.id
+
+        def done(outcome: Outcome | Exception) -> None:
+            answer(_item_result(item_id, name, mutation, outcome))
+
+        try:
+            command, partition = mutation.prepare(getattr(item, name))
+            self._owner.submit_mutation(partition, command, deadline, done)
+        except Exception as error:  # refused before it was queued
+            answer(_item_result(item_id, name, mutation, error))
+
+
+@dataclass(frozen=True, slots=True)
+class _Mutation(Generic[R]):
+    """One mutating call: request -> (checked command, its partition), outcome -> response."""
+
+    to_command: Callable[[Any], ClientCommand]
+    partition_of: Callable[[Any], int | None]
+    to_response: Callable[[Any], R]
+    accepted: type[Outcome]
+
+    def prepare(self, request: Any) -> tuple[ClientCommand, int]:
+        """Raises Refusal for a request that is malformed or names no partition of ours."""
+        command = self.to_command(request)
         check(validate(command))
+        partition = self.partition_of(command)
         if partition is None:  # a reservation id that is not one of ours
             raise Refusal.of(ReservationNotFound(getattr(command, "reservation_id", "")))
-        outcome = await _guard(self._owner.mutate(partition, command, deadline))
+        return command, partition
+
+    def respond(self, outcome: Outcome) -> R:
         if not is_accepted(outcome):
             raise Refusal.of(outcome)  # type: ignore[arg-type]
-        return outcome
+        assert isinstance(outcome, self.accepted), outcome
+        return self.to_response(outcome)
+
+
+def _cart_partition(command: Any) -> int:
+    lines = command.lines
+    return partition_of(lines[0].key.merchant_id, lines[0].key.location_id) if lines else 0
+
+
+def _key_partition(command: Any) -> int:
+    key: InventoryKey = command.key
+    return partition_of(key.merchant_id, key.location_id)
+
+
+def _reservation_partition(command: Any) -> int | None:
+    return partition_of_reservation(command.reservation_id)
+
+
+def _with_levels(response: Callable[..., R]) -> Callable[[Any], R]:
+    def build(outcome: Any) -> R:
+        return response(
+            reservation=convert.reservation_to_proto(outcome.reservation),
+            levels=[convert.level_to_proto(level) for level in outcome.levels],
+        )
+
+    return build
+
+
+def _extended(outcome: Extended) -> pb.ExtendReservationResponse:
+    return pb.ExtendReservationResponse(
+        reservation=convert.reservation_to_proto(outcome.reservation)
+    )
+
+
+def _stock_changed(response: Callable[..., R]) -> Callable[[StockChanged], R]:
+    def build(outcome: StockChanged) -> R:
+        return response(
+            level=convert.level_to_proto(outcome.level),
+            over_commit=convert.over_commit_to_proto(outcome.over_commit),
+        )
+
+    return build
+
+
+RESERVE = _Mutation(convert.reserve, _cart_partition, _with_levels(pb.ReserveResponse), Reserved)
+COMMIT = _Mutation(
+    convert.commit, _reservation_partition, _with_levels(pb.CommitResponse), Committed
+)
+RELEASE = _Mutation(
+    convert.release, _reservation_partition, _with_levels(pb.ReleaseResponse), Released
+)
+EXTEND = _Mutation(convert.extend, _reservation_partition, _extended, Extended)
+ADJUST_STOCK = _Mutation(
+    convert.adjust_stock, _key_partition, _stock_changed(pb.AdjustStockResponse), StockChanged
+)
+SET_STOCK = _Mutation(
+    convert.set_stock, _key_partition, _stock_changed(pb.SetStockResponse), StockChanged
+)
+SET_SAFETY_STOCK = _Mutation(
+    convert.set_safety_stock,
+    _key_partition,
+    _stock_changed(pb.SetSafetyStockResponse),
+    StockChanged,
+)
+# Every mutating call of the shard, by its BatchItem field (and Calls method) name.
+MUTATIONS: dict[str, _Mutation[Any]] = {
+    "reserve": RESERVE,
+    "commit": COMMIT,
+    "release": RELEASE,
+    "extend_reservation": EXTEND,
+    "adjust_stock": ADJUST_STOCK,
+    "set_stock": SET_STOCK,
+    "set_safety_stock": SET_SAFETY_STOCK,
+}
+
+
+def _item_result(
+    item_id: int, name: str, mutation: _Mutation[Any], outcome: Outcome | Exception
+) -> pb.BatchItemResult:
+    """A Batch item's result, exactly what the unary call would answer."""
+    try:
+        if isinstance(outcome, Exception):
+            raise _refusal_of(outcome) or outcome
+        response = mutation.respond(outcome)
+    except Refusal as refusal:
+        return pb.BatchItemResult(id=item_id, error=refusal.status)
+    except Exception as error:
+        log.error("batch_item_failed", call=name, error=repr(error), exc_info=error)
+        status = errors.internal(f"internal error: {error!r}", mutating=True)
+        return pb.BatchItemResult(id=item_id, error=status)
+    result = pb.BatchItemResult(id=item_id)
+    getattr(result, name).CopyFrom(response)
+    return result
 
 
 class InventoryService(CallsServicer):
-    """The shard's gRPC surface: unary calls and the Batch stream over ``Calls``."""
+    """The shard's gRPC surface: unary calls and the Batch stream over ``Calls``; the Batch
+    stream hands mutations to the owner by callback (``Calls.batch_handler``)."""
 
     def __init__(self, owner: Owner) -> None:
-        super().__init__(Calls(owner))
+        calls = Calls(owner)
+        super().__init__(calls)
+        others = batching.tasks_per_item(batching.dispatch_table(calls), refusal_status)
+        self._handler = calls.batch_handler(others)
+
+    async def Batch(
+        self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BatchResponse]:
+        async for response in batching.serve_items(requests, self._handler):
+            yield response
 
 
 async def _guard(call: Awaitable[T]) -> T:
     """Await the owner, turning its refusals into the error table's statuses."""
     try:
         return await call
-    except NotOwner as error:
-        if error.recovering:
-            status = errors.partition_recovering(error.partition, str(error))
-        else:
-            status = errors.not_owner(error.partition, str(error))
-        raise Refusal(status) from None
-    except Overloaded as error:  # refused before it was queued
-        raise Refusal(errors.overloaded(str(error))) from None
-    except DeadlineExpired:  # the owner checked the deadline before applying the work
-        message = "deadline passed before the owner applied the work; nothing applied"
-        raise Refusal(errors.deadline_not_applied(message)) from None
-    except FlushFailed as error:  # the batch may or may not be durable
-        message = f"{error}; outcome unknown, retry with the same idempotency key"
-        raise Refusal(errors.flush_failed(message)) from None
+    except (NotOwner, Overloaded, DeadlineExpired, FlushFailed) as error:
+        refusal = _refusal_of(error)
+        assert refusal is not None
+        raise refusal from None
+
+
+def _refusal_of(error: Exception) -> Refusal | None:
+    """The owner's refusal as the error table's status (None: not one of the owner's)."""
+    match error:
+        case Refusal():
+            return error
+        case NotOwner(recovering=True):
+            return Refusal(errors.partition_recovering(error.partition, str(error)))
+        case NotOwner():
+            return Refusal(errors.not_owner(error.partition, str(error)))
+        case Overloaded():  # refused before it was queued
+            return Refusal(errors.overloaded(str(error)))
+        case DeadlineExpired():  # the owner checked the deadline before applying the work
+            message = "deadline passed before the owner applied the work; nothing applied"
+            return Refusal(errors.deadline_not_applied(message))
+        case FlushFailed():  # the batch may or may not be durable
+            message = f"{error}; outcome unknown, retry with the same idempotency key"
+            return Refusal(errors.flush_failed(message))
+    return None

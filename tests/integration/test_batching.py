@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -292,6 +292,7 @@ class DirectOwner:
     cores: dict[int, Partition] = field(default_factory=dict)
     faults: dict[str, list[str]] = field(default_factory=dict)
     attempts: Counter[str] = field(default_factory=Counter)
+    submitted: set[asyncio.Future[None]] = field(default_factory=set)
 
     def core(self, partition: int) -> Partition:
         return self.cores.setdefault(partition, Partition(partition))
@@ -317,6 +318,27 @@ class DirectOwner:
         if fault == "applied_then_unknown":
             raise FlushFailed("flush outcome unknown (fake)")
         return outcome
+
+    def submit_mutation(
+        self,
+        partition: int,
+        command: ClientCommand,
+        deadline: float | None,
+        done: Callable[[Outcome | Exception], None],
+    ) -> None:
+        """The Batch path's seam: ``mutate``, answered through ``done``."""
+
+        async def answer() -> None:
+            try:
+                outcome = await self.mutate(partition, command, deadline)
+            except Exception as error:
+                done(error)
+            else:
+                done(outcome)
+
+        task = asyncio.ensure_future(answer())
+        self.submitted.add(task)
+        task.add_done_callback(self.submitted.discard)
 
     async def levels(
         self, partition: int, keys: tuple[InventoryKey, ...], deadline: float | None

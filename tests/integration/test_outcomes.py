@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import grpc
 from google.rpc import status_pb2
@@ -223,5 +223,59 @@ def test_client_deadline_shorter_than_a_slow_flush_is_outcome_unknown_and_retry_
             assert reservations_held(s) == [again.reservation.reservation_id]
             assert s.commands() == [SetStock, Reserve]  # the original, not a second one
             assert again.levels[0].reserved == 2
+
+    run(body)
+
+
+def test_a_batch_of_mutations_costs_the_shard_no_task_per_item() -> None:
+    """The shard's Batch stream hands mutations to the owner by callback; only the reads
+    (and items carrying metadata) run as tasks. Every item still gets its own answer."""
+    items_count = 300
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        created: list[str] = []
+        default_factory = loop.get_task_factory()
+
+        def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+            created.append(coro.__qualname__)
+            if default_factory is not None:
+                return default_factory(loop, coro, **kwargs)
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        async with served() as s:
+            await s.stub.SetStock(
+                pb.SetStockRequest(key=APPLE, on_hand=100, idempotency_key="stock-100"),
+                timeout=CALL_TIMEOUT_S,
+            )
+            request = pb.BatchRequest()
+            for index in range(items_count):
+                reserve = pb.ReserveRequest(
+                    lines=[line(APPLE, 1)], ttl_s=60, idempotency_key=f"r-{index}"
+                )
+                request.items.add(id=index, reserve=reserve)
+            request.items.add(
+                id=items_count, get_availability=pb.GetAvailabilityRequest(keys=[APPLE])
+            )
+            request.items.add(id=items_count + 1, reserve=pb.ReserveRequest())  # malformed
+            stream = s.stub.Batch(timeout=CALL_TIMEOUT_S)
+            loop.set_task_factory(counting)
+            try:
+                await stream.write(request)
+                await stream.done_writing()
+                results: dict[int, pb.BatchItemResult] = {}
+                while len(results) < items_count + 2:
+                    response = await stream.read()
+                    assert isinstance(response, pb.BatchResponse)
+                    results.update((result.id, result) for result in response.results)
+            finally:
+                loop.set_task_factory(default_factory)
+        kinds = [results[i].WhichOneof("result") for i in range(items_count)]
+        assert kinds.count("reserve") == 100  # the stock held exactly 100 units
+        refused = [results[i].error for i in range(items_count) if kinds[i] == "error"]
+        assert {errors.reason_of(status) for status in refused} == {"INSUFFICIENT_STOCK"}
+        assert results[items_count].WhichOneof("result") == "get_availability"
+        assert errors.reason_of(results[items_count + 1].error) == "INVALID_ARGUMENT"
+        assert len(created) < 20, created  # the read's task, the stream's, gRPC's own
 
     run(body)
