@@ -19,6 +19,7 @@ from persistence.membership import Membership
 from persistence.readview import EventReader, SnapshotTooLarge
 
 from ..common.config import RouterConfig
+from ..common.loop_monitor import LoopMonitor
 from ..common.server import create_server, run_server, set_serving
 from ..common.telemetry import configure_logging
 from .routing import Routes
@@ -35,7 +36,7 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 async def serve(config: RouterConfig) -> None:
-    pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX)
+    pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX, "inventory-router")
     read_view: EventReader | None = None
     hub: WatchHub | None = None
     try:
@@ -68,7 +69,15 @@ async def serve(config: RouterConfig) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         refresher = asyncio.create_task(routes.run())
+        monitor = LoopMonitor()
+        background = [
+            asyncio.create_task(monitor.run()),
+            asyncio.create_task(_log_stats(routes, monitor, config.stats_interval_s)),
+        ]
         await stop.wait()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await set_serving(health_servicer, services, False)
         if hub is not None:
             await hub.close()  # watch streams end UNAVAILABLE: clients reconnect elsewhere
@@ -85,6 +94,14 @@ async def serve(config: RouterConfig) -> None:
         if read_view is not None:
             await read_view.close()
         await pool.close()
+
+
+async def _log_stats(routes: Routes, monitor: LoopMonitor, interval_s: float) -> None:
+    """One structured line per period: the worst loop stall (every forwarded call waited it
+    out) and the ring the router routes by."""
+    while True:
+        await asyncio.sleep(interval_s)
+        log.info("router_stats", ring=routes.ring_version, **monitor.take_fields())
 
 
 class _WatchSource:
