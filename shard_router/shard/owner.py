@@ -472,11 +472,14 @@ class Owner:
 
     async def _take_batch(self) -> list[_Item]:
         """What is queued (at least one item), or nothing once a checkpoint is due."""
-        may_fall_due = self._dirty or self._in_flight is not None
+        # A checkpoint may fall due while we wait: wake for it. (One already due was started
+        # at the top of the loop; the flush in flight starts one itself when it ends due
+        # while the loop waits here.)
+        due_in = self._last_checkpoint + self.limits.checkpoint_interval_s - time.monotonic()
+        may_fall_due = (self._dirty or self._in_flight is not None) and due_in > 0
         if may_fall_due and self._checkpointing is None and self._queue.empty():
-            due_in = self._last_checkpoint + self.limits.checkpoint_interval_s - time.monotonic()
             try:
-                batch = [await asyncio.wait_for(self._queue.get(), max(due_in, 0.0))]
+                batch = [await asyncio.wait_for(self._queue.get(), due_in)]
             except TimeoutError:
                 return []
         else:
