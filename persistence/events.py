@@ -6,13 +6,16 @@
 How it works (DESIGN section 8). The ledger is the outbox: every flushed record keeps its
 changes, so Redis only ever holds copies, and any gap is refilled from PostgreSQL.
 
-- ``publish`` runs inside the owner loop right after a flush: it converts the changes to
-  protobuf, appends them to a per-partition buffer and returns. It never waits and never
-  raises. When the buffer would exceed ``publish_buffer_events_max`` it drops everything
-  buffered (and the new changes) and marks those partitions as needing catch-up.
+- ``publish`` runs inside the owner loop right after a flush: it encodes each change once
+  (protobuf payload and the apply script's keys and arguments, ``encode_change``), appends
+  it to a per-partition buffer and returns. It never waits and never raises. When the
+  buffer would exceed ``publish_buffer_events_max`` it drops everything buffered (and the
+  new changes) and marks those partitions as needing catch-up.
 - ``run`` (one long-running task; cancel it to stop, then ``close``) sends buffered changes
-  of *clean* partitions in pipelined script batches, and advances an in-memory published
-  cursor per partition ("every change with lsn <= cursor is in Redis"). Every
+  of *clean* partitions as script calls assembled from those encoded parts (a flush's
+  changes make one call, up to ``script_batch_events_max``), all calls of a round trip in
+  one write (``send_commands``), and advances an in-memory published cursor per partition
+  ("every change with lsn <= cursor is in Redis"). Every
   ``published_lsn_flush_interval_s`` the cursors are written to ``partitions.published_lsn``
   (advisory: republishing is harmless, the stream ids make duplicates no-ops).
 - A partition is *dirty* when its buffer may have a gap: changes were dropped (overflow, a
@@ -43,13 +46,12 @@ from typing import Any
 import asyncpg
 import redis.asyncio as redis
 import structlog
-from inventory.v1 import events_pb2
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from inventory_core import AvailabilityChanged, event_from_data
 
-from .readview import APPLY_SCRIPT, apply_changes, asof_key, change_to_proto
+from .readview import EncodedChange, apply_command, encode_change, send_commands, stamp_command
 from .store import LOCK_IN_ORDER
 
 __all__ = ["EventPublisher", "PublisherLimits", "PublisherStats"]
@@ -60,7 +62,8 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True, slots=True)
 class PublisherLimits:
     # Changes waiting for Redis. At ~20k changes/s per shard this is five seconds of
-    # changes (~30 MiB): rides out a Redis blip; beyond it, the ledger is the cheaper copy.
+    # changes (~45 MiB, encoded: ~440 bytes each as measured with tracemalloc): rides out a
+    # Redis blip; beyond it, the ledger is the cheaper copy.
     publish_buffer_events_max: int = 100_000
     # Changes per script call: the script holds Redis for ~2 us per change, so 200 keeps
     # every other client's wait under a millisecond.
@@ -115,14 +118,6 @@ class PublisherStats:
     lag_ms_by_partition: dict[int, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    lsn: int
-    index: int
-    change: events_pb2.AvailabilityChanged
-    payload: bytes
-
-
 class _RedisUnavailable(Exception):
     pass
 
@@ -163,8 +158,7 @@ class EventPublisher:
             retry=Retry(NoBackoff(), retries=0),  # run() owns retries and backoff
             protocol=2,
         )
-        self._script = self._redis.register_script(APPLY_SCRIPT)
-        self._buffers: dict[int, deque[_Entry]] = {}
+        self._buffers: dict[int, deque[EncodedChange]] = {}
         self._buffered = 0
         # partition -> generation at which it was (last) marked dirty
         self._dirty: dict[int, int] = {}
@@ -189,12 +183,13 @@ class EventPublisher:
                 record = (event.partition, event.lsn)
                 index = positions.get(record, 0)
                 positions[record] = index + 1
-                change = change_to_proto(event, committed_at_ms)
-                entry = _Entry(event.lsn, index, change, change.SerializeToString())
-                self._buffers.setdefault(event.partition, deque()).append(entry)
-                self._buffered += 1
+                queue = self._buffers.get(event.partition)
+                if queue is None:
+                    queue = self._buffers[event.partition] = deque()
+                queue.append(encode_change(event, index, committed_at_ms))
                 if event.partition not in self._cursors:
                     self._mark_dirty(event.partition, gap=False)
+            self._buffered += len(events)  # on an exception, _drop_all below resets it
             self._wakeup.set()
         except Exception:
             log.exception("event_publish_failed", events=len(events))
@@ -281,20 +276,19 @@ class EventPublisher:
             if partition in self._dirty:
                 continue  # behind: its stamp stays where it was, and ages
             queue = self._buffers.get(partition)
-            stamps[partition] = queue[0].change.committed_at_ms if queue else now_ms
+            stamps[partition] = queue[0].committed_at_ms if queue else now_ms
         if not stamps:
             return
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for partition, stamp in stamps.items():
-                    pipe.set(asof_key(partition), stamp)
-                await pipe.execute()
+            (answer,) = await send_commands(self._redis, [stamp_command(stamps)])
         except _REDIS_ERRORS as error:
             raise _RedisUnavailable from error
+        if isinstance(answer, Exception):
+            raise _RedisUnavailable from answer
 
     def lag_ms(self) -> int:
         """How long the oldest buffered change has waited since its commit (0: none)."""
-        oldest = [queue[0].change.committed_at_ms for queue in self._buffers.values() if queue]
+        oldest = [queue[0].committed_at_ms for queue in self._buffers.values() if queue]
         return max(0, self._clock_ms() - min(oldest)) if oldest else 0
 
     async def _attempt(self, step: Coroutine[Any, Any, None]) -> bool:
@@ -324,7 +318,7 @@ class EventPublisher:
 
     async def _send_ready(self) -> None:
         budget = self.limits.script_batch_events_max * self.limits.send_pipeline_batches_max
-        taken: dict[int, list[_Entry]] = {}
+        taken: dict[int, list[EncodedChange]] = {}
         for partition in self._ready_partitions():
             queue = self._buffers.pop(partition)
             count = min(len(queue), budget)
@@ -336,9 +330,7 @@ class EventPublisher:
             if budget == 0:
                 break
         try:
-            await self._send(
-                [(e.change, e.index, e.payload) for entries in taken.values() for e in entries]
-            )
+            await self._send([entry for entries in taken.values() for entry in entries])
         except _RedisUnavailable:
             for partition in taken:
                 self._mark_dirty(partition, gap=True)
@@ -350,31 +342,34 @@ class EventPublisher:
             # A record's changes may straddle two sends: only a whole record is published.
             complete = not rest or rest[0].lsn != last.lsn
             self._advance(partition, last.lsn if complete else last.lsn - 1)
-            lag_ms = max(0, now_ms - last.change.committed_at_ms)
+            lag_ms = max(0, now_ms - last.committed_at_ms)
             self.stats.lag_ms_by_partition[partition] = lag_ms
             self.stats.lag_ms_last = lag_ms
             self.stats.lag_ms_max = max(self.stats.lag_ms_max, lag_ms)
 
-    async def _send(
-        self, changes: Sequence[tuple[events_pb2.AvailabilityChanged, int, bytes | None]]
-    ) -> None:
-        """Apply changes in order, pipelined script batches; _RedisUnavailable on failure."""
+    async def _send(self, changes: Sequence[EncodedChange]) -> None:
+        """Apply changes in order: script calls of ``script_batch_events_max``, up to
+        ``send_pipeline_batches_max`` of them per round trip; _RedisUnavailable on failure."""
         batch = self.limits.script_batch_events_max
         trip = batch * self.limits.send_pipeline_batches_max
         cap = self.limits.events_stream_length_max
-        try:
-            for start in range(0, len(changes), trip):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for offset in range(start, min(start + trip, len(changes)), batch):
-                        chunk = changes[offset : min(offset + batch, start + trip)]
-                        await apply_changes(pipe, self._script, cap, chunk)
-                    results = await pipe.execute()
-                for appended, duplicates, written in results:
-                    self.stats.events_published += int(appended)
-                    self.stats.duplicates_skipped += int(duplicates)
-                    self.stats.levels_written += int(written)
-        except _REDIS_ERRORS as error:
-            raise _RedisUnavailable() from error
+        for start in range(0, len(changes), trip):
+            end = min(start + trip, len(changes))
+            commands = [
+                apply_command(changes[offset : min(offset + batch, end)], cap)
+                for offset in range(start, end, batch)
+            ]
+            try:
+                answers = await send_commands(self._redis, commands)
+            except _REDIS_ERRORS as error:
+                raise _RedisUnavailable() from error
+            for answer in answers:
+                if isinstance(answer, Exception):  # a script error: caught up from the ledger
+                    raise _RedisUnavailable() from answer
+                appended, duplicates, written = answer
+                self.stats.events_published += int(appended)
+                self.stats.duplicates_skipped += int(duplicates)
+                self.stats.levels_written += int(written)
 
     def _advance(self, partition: int, lsn: int) -> None:
         if lsn > self._cursors.get(partition, -1):
@@ -461,11 +456,11 @@ class EventPublisher:
                 raise AssertionError(
                     f"partition {partition}: ledger has no records in ({after_lsn}, {head_lsn}]"
                 )
-            changes: list[tuple[events_pb2.AvailabilityChanged, int, bytes | None]] = []
+            changes: list[EncodedChange] = []
             for row in rows:
                 for index, data in enumerate(json.loads(row["changes"])):
                     event = event_from_data(data, partition, row["lsn"])
-                    changes.append((change_to_proto(event, event.recorded_at_ms), index, None))
+                    changes.append(encode_change(event, index, event.recorded_at_ms))
             await self._send(changes)
             after_lsn = rows[-1]["lsn"]
             self.stats.catch_up_records += len(rows)

@@ -12,16 +12,24 @@ partition missing from it is at ``0-0``; overrides win over base. The split lets
 subscriber that follows all partitions share the hub's one encoding of its positions as the
 base (made once per read batch) and add only the few partitions where it is behind, so a
 token costs microseconds per event instead of a millisecond.
+
+Blobs are deflated at level 3 with a 4 KiB window and a small hash table: the text is short
+records that repeat within a few hundred bytes, so it compresses to within a few per cent of
+zlib's defaults, in a quarter of the time for 1024 partitions (~0.1 ms), and without setting
+up ~260 KiB of state, which cost 20-60 us even for a token of two partitions (now ~3 us).
+Any zlib decoder reads the result (the stream header declares its window), so tokens stay
+readable both ways across versions.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 EntryId = tuple[int, int]
 ZERO: EntryId = (0, 0)
@@ -32,6 +40,15 @@ RESUME_TOKEN_LENGTH_MAX = 64 * 1024
 # Decompressed size bound: every partition at the longest position text (3 + 16 + 16 + 3).
 RESUME_TOKEN_TEXT_LENGTH_MAX = 64 + 1024 * 40
 FINGERPRINT_BYTES = 6
+# The compressor's settings (see the module docstring).
+DEFLATE_LEVEL = 3
+DEFLATE_WINDOW_BITS = 12
+DEFLATE_MEMORY_LEVEL = 4
+# A subscriber's overrides (the few partitions where it is behind the hub) are the same for
+# every subscriber of a merchant at the same point of the streams: blobs of up to this many
+# partitions are kept encoded, the most recent this many of them (~100 bytes each).
+SMALL_BLOB_PARTITIONS_MAX = 8
+SMALL_BLOBS_CACHED_MAX = 4096
 
 
 def parse_entry_id(text: str) -> EntryId:
@@ -60,14 +77,54 @@ class ResumeToken:
 
 def encode_positions(positions: Mapping[int, EntryId], include_zero: bool = False) -> str:
     """A positions blob; ``0-0`` is left out unless it must override a base."""
-    body = ",".join(
-        f"{partition:x}:{lsn:x}:{index:x}"
-        for partition, (lsn, index) in sorted(positions.items())
-        if include_zero or (lsn, index) != ZERO
+    if len(positions) <= SMALL_BLOB_PARTITIONS_MAX:
+        return _small_blob(tuple(sorted(positions.items())), include_zero)
+    return _blob(
+        ",".join(
+            _piece(partition, entry)
+            for partition, entry in sorted(positions.items())
+            if include_zero or entry != ZERO
+        )
     )
+
+
+@functools.lru_cache(maxsize=SMALL_BLOBS_CACHED_MAX)
+def _small_blob(items: tuple[tuple[int, EntryId], ...], include_zero: bool) -> str:
+    return _blob(",".join(_piece(p, e) for p, e in items if include_zero or e != ZERO))
+
+
+@dataclass(slots=True)
+class PositionsEncoder:
+    """``encode_positions`` of a map that changes a little between calls: only the
+    partitions whose position moved are formatted again (one piece per partition kept)."""
+
+    _pieces: dict[int, tuple[EntryId, str]] = field(default_factory=dict)
+
+    def encode(self, positions: Mapping[int, EntryId]) -> str:
+        pieces = self._pieces
+        texts = []
+        for partition, entry in sorted(positions.items()):
+            if entry == ZERO:
+                continue
+            known = pieces.get(partition)
+            if known is None or known[0] != entry:
+                known = pieces[partition] = (entry, _piece(partition, entry))
+            texts.append(known[1])
+        return _blob(",".join(texts))
+
+
+def _piece(partition: int, entry: EntryId) -> str:
+    return f"{partition:x}:{entry[0]:x}:{entry[1]:x}"
+
+
+def _blob(body: str) -> str:
     if not body:
         return ""
-    return base64.urlsafe_b64encode(zlib.compress(body.encode(), 6)).decode().rstrip("=")
+    compressor = zlib.compressobj(
+        DEFLATE_LEVEL, zlib.DEFLATED, DEFLATE_WINDOW_BITS, DEFLATE_MEMORY_LEVEL
+    )
+    packed = compressor.compress(body.encode()) + compressor.flush()
+    return base64.urlsafe_b64encode(packed).decode().rstrip("=")
 
 
 def snapshot_token(fingerprint: str) -> str:

@@ -1,17 +1,21 @@
 """AvailabilityStream.Watch on the router: one reader of the change streams, many subscribers.
 
-How it works. A ``WatchHub`` owns one task that reads every partition's stream after the
-hub's positions (``EventSource.read``, started at ``last_ids()``) and offers each entry to
-the subscribers of its merchant. Offering never awaits: a ``Subscriber`` keeps the matching
-changes pending in an ``OrderedDict`` keyed by key (latest version wins and moves to the
-end, so pending stays in read order); past ``subscriber_pending_keys_max`` keys the pending
-changes are dropped and the subscriber is marked for resync. Each Watch RPC drains its own
-subscriber, so a slow client only slows itself.
+How it works. A ``WatchHub`` owns one task that reads the streams of the partitions its
+subscribers watch, after the hub's positions (``EventSource.read``), and offers each entry to
+the subscribers of its merchant; with no subscriber it reads nothing. A subscriber first has
+its partitions watched (``WatchHub.watch``): one that nobody watched starts at its stream's
+last id, read then, and a read under way is cancelled so that the next one includes it; when
+its last subscriber leaves, a partition is read no more. Offering never awaits: a
+``Subscriber`` keeps the matching changes pending in an ``OrderedDict`` keyed by key (latest
+version wins and moves to the end, so pending stays in read order); past
+``subscriber_pending_keys_max`` keys the pending changes are dropped and the subscriber is
+marked for resync. Each Watch RPC drains its own subscriber, so a slow client only slows
+itself.
 
-List-then-watch. A subscriber registers first (live entries start buffering), then either
-reads a snapshot from the read view, or, given a resume token whose positions are all still
-retained (not older than ``first_ids()``), replays its partitions with ``range()`` from the
-token up to the hub's positions at registration, then goes live.
+List-then-watch. Once its partitions are watched, a subscriber registers (live entries start
+buffering), then either reads a snapshot from the read view, or, given a resume token whose
+positions are all still retained (not older than ``first_ids()``), replays its partitions
+with ``range()`` from the token up to the hub's positions at registration, then goes live.
 
 Rules.
 - Per key the versions sent only go up: a change is sent only above the last version sent,
@@ -23,8 +27,11 @@ Rules.
   could repeat versions older than the snapshot showed. The read view must therefore be at
   least as new as the stream entries (the publisher writes both in one step).
 - Source errors are retried with backoff by whoever called; streams keep their heartbeats.
-  When the hub cannot prove it missed nothing (positions trimmed or gone after an outage),
-  every subscriber gets a ``Resync`` and a fresh snapshot.
+  When the hub cannot prove it missed nothing on a partition (its position trimmed or gone
+  after an outage), every subscriber of that partition gets a ``Resync`` and a fresh
+  snapshot.
+- A read that started before the watched set widened is void (its positions are not the
+  hub's any more): its entries are dropped unread and read again by the next read.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from ..common.calls import abort
 from ._watch_token import (
     ZERO,
     EntryId,
+    PositionsEncoder,
     ResumeToken,
     decode,
     encode_positions,
@@ -70,6 +78,7 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 KeyId = tuple[str, str]  # (sku_id, location_id): a subscriber's merchant is fixed
+StreamEntry = tuple[int, str, events_pb2.AvailabilityChanged]  # (partition, entry id, change)
 
 SNAPSHOT_INITIAL = "initial"
 SNAPSHOT_RESUME_TOKEN_TOO_OLD = "resume_token_too_old"
@@ -85,17 +94,17 @@ class EventSource(Protocol):
         self, merchant_id: str, location_ids: Sequence[str], sku_ids: Sequence[str]
     ) -> list[tuple[pb.StockLevel, int, int]]: ...
 
-    async def last_ids(self) -> dict[int, str]: ...
+    async def last_ids(self, partitions: Sequence[int] | None = None) -> dict[int, str]: ...
 
-    async def first_ids(self) -> dict[int, str]: ...
+    async def first_ids(self, partitions: Sequence[int] | None = None) -> dict[int, str]: ...
 
     async def read(
         self, positions: dict[int, str], block_ms: int, count: int
-    ) -> list[tuple[int, str, events_pb2.AvailabilityChanged]]: ...
+    ) -> list[StreamEntry]: ...
 
     async def range(
         self, partition: int, after_id: str, up_to_id: str, count: int
-    ) -> list[tuple[int, str, events_pb2.AvailabilityChanged]]: ...
+    ) -> list[StreamEntry]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +129,11 @@ class WatchLimits:
     # Entries per partition per hub read (XREAD COUNT is per stream): a full read of all
     # 1024 partitions is at most ~100k entries (~30 MiB), usually a few hundred.
     read_entries_per_partition_max: int = 100
-    # At least this long between two hub reads. One read names all 1024 streams, which costs
-    # the router about a millisecond of CPU whatever it returns; under a steady write load a
-    # read returning at once with a handful of entries would spend the router on reading.
-    # Waiting this long first gathers ~every change of the interval into one read, for at most
-    # this much added lag.
+    # At least this long between two hub reads. A read of all 1024 streams costs the router
+    # ~0.2 ms of CPU whatever it returns (its command is pre-built, persistence.readview);
+    # under a steady write load a read returning at once with a handful of entries would
+    # still spend the router on reading. Waiting this long first gathers ~every change of the
+    # interval into one read, for at most this much added lag.
     read_interval_ms_min: int = 20
     # Entries per catch-up range call: bounds the memory of one catch-up step.
     range_entries_max: int = 1000
@@ -149,6 +158,9 @@ class WatchMetrics:
     events_coalesced: int = 0
     heartbeats: int = 0
     source_errors: int = 0
+    reads: int = 0  # hub reads of the streams issued
+    watch_reads: int = 0  # last-id reads that started partitions nobody watched
+    partitions_watched: int = 0  # gauge: partitions whose streams the hub reads
     # Commit to hub read, from the entries' committed_at_ms.
     lag_ms_last: int = 0
     lag_ms_max: int = 0
@@ -217,12 +229,24 @@ class WatchHub:
         self.partition_count = partition_count
         self.clock_ms = clock_ms
         self.metrics = WatchMetrics()
-        # Every entry at or before these was offered to every subscriber registered then.
+        # On a watched partition, every entry at or before its position was offered to every
+        # subscriber registered then (elsewhere a position is left from an earlier watch).
         self.positions: dict[int, EntryId] = {}
+        # The watched partitions' positions as the reader sends them, in partition order.
+        # Replaced, not changed, when the set changes: a read under way keeps its own.
         self._read_positions: dict[int, str] = {}
-        self._established = asyncio.Event()
+        # Watching subscribers per partition; those of all partitions are only counted (a
+        # thousand merchant-wide subscribers need not touch a thousand counts each).
+        self._watchers_all = 0
+        self._watchers: dict[int, int] = {}
+        self._watching = asyncio.Event()  # set while some partition is watched
+        self._watch_lock = asyncio.Lock()  # one widening (or outage check) at a time
+        self._watch_waiting: dict[Subscriber, None] = {}  # waiting for it, in arrival order
+        self._widenings = 0  # +1 whenever the watched set widens: voids a read under way
+        self._read: asyncio.Future[list[StreamEntry]] | None = None
         self.generation = 0  # +1 whenever positions move: tokens are cached against it
         self._positions_blob: tuple[int, str] = (-1, "")
+        self._positions_encoder = PositionsEncoder()
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._reader: asyncio.Task[None] | None = None
         # The newest last_ids() read in flight or done, with when it started (monotonic s):
@@ -242,13 +266,19 @@ class WatchHub:
     ) -> None:
         await self.close()
 
-    async def last_ids_after(self, not_before: float) -> dict[int, str]:
-        """``source.last_ids()`` as read by a call that started at or after ``not_before``.
+    async def last_ids_after(
+        self, not_before: float, partitions: Sequence[int] | None = None
+    ) -> dict[int, str]:
+        """``source.last_ids(partitions)`` as read by a call that started at or after
+        ``not_before``.
 
-        A snapshot's barrier must be read after the snapshot itself; any read that started
-        later serves every snapshot finished before it (singleflight), so a thousand
-        subscribers arriving together cost a handful of reads, not a thousand.
+        A snapshot's barrier must be read after the snapshot itself. For all partitions, any
+        read that started later serves every snapshot finished before it (singleflight), so
+        a thousand subscribers arriving together cost a handful of reads, not a thousand; a
+        few partitions are read on their own.
         """
+        if partitions is not None:
+            return await self.source.last_ids(partitions)
         shared = self._last_ids_read
         reusable = (
             shared is not None
@@ -268,10 +298,11 @@ class WatchHub:
     async def close(self) -> None:
         """Stop reading, then end every subscriber's stream (each RPC unregisters itself)."""
         self.closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._read):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         for subscriber in self._all_subscribers():
             subscriber.close()
 
@@ -296,20 +327,90 @@ class WatchHub:
         if not group:
             del self._subscribers[subscriber.filter.merchant_id]
         self.metrics.subscribers -= 1
+        if subscriber.watching:
+            subscriber.watching = False
+            if self._count(subscriber, -1):
+                self._set_read_positions()
         subscriber.close()
 
-    @property
-    def established(self) -> bool:
-        """Whether the reader has positions (Watch calls wait for it before registering)."""
-        return self._established.is_set()
+    async def watch(self, subscriber: Subscriber) -> None:
+        """Have the reader read ``subscriber``'s partitions; the subscriber registers after.
 
-    async def wait_established(self) -> bool:
-        return await self._established.wait()
+        A partition nobody watched starts at its stream's last id as read now: the hub has
+        not followed it, and a subscriber registering after this needs nothing older. A
+        read under way is cancelled, so that the next one includes the new partitions.
+        Subscribers arriving together share one read of the last ids (whoever holds the
+        lock serves everyone waiting), so a reconnect storm costs a handful of reads.
+        """
+        if subscriber.watching:
+            return
+        self._watch_waiting[subscriber] = None
+        try:
+            async with self._watch_lock:
+                if not subscriber.watching:
+                    await self._watch_waiting_subscribers()
+        finally:
+            self._watch_waiting.pop(subscriber, None)
+
+    async def _watch_waiting_subscribers(self) -> None:
+        arrivals = list(self._watch_waiting)
+        if self._watchers_all:
+            new: list[int] = []
+        elif any(s.all_partitions for s in arrivals):
+            new = [p for p in range(self.partition_count) if p not in self._watchers]
+        else:
+            wanted = {p for s in arrivals for p in s.partitions}
+            new = sorted(p for p in wanted if p not in self._watchers)
+        lasts: dict[int, str] = {}
+        if new:
+            self.metrics.watch_reads += 1
+            lasts = await self.source.last_ids(new)
+        # No await from here on: the set, the positions and the counts change together.
+        for partition in new:
+            self.positions[partition] = parse_entry_id(lasts.get(partition, "0-0"))
+        for arrival in arrivals:
+            if not arrival.closed:  # else it left (unsubscribed) while we read
+                arrival.watching = True
+                self._count(arrival, +1)
+            self._watch_waiting.pop(arrival, None)
+        if new:
+            self.generation += 1
+            self._widenings += 1
+            self._set_read_positions()
+            if self._read is not None:
+                self._read.cancel()
+
+    def _count(self, subscriber: Subscriber, delta: int) -> bool:
+        """Count a subscriber in (+1) or out (-1); whether the watched set changed."""
+        edge = 1 if delta > 0 else 0  # the first watcher came, or the last left
+        if subscriber.all_partitions:
+            self._watchers_all += delta
+            return self._watchers_all == edge
+        changed = False
+        for partition in subscriber.partitions:
+            count = self._watchers.get(partition, 0) + delta
+            changed = changed or count == edge
+            if count:
+                self._watchers[partition] = count
+            else:
+                del self._watchers[partition]
+        return changed
+
+    def _set_read_positions(self) -> None:
+        watched: Sequence[int] = (
+            range(self.partition_count) if self._watchers_all else sorted(self._watchers)
+        )
+        self._read_positions = {p: format_entry_id(self.positions.get(p, ZERO)) for p in watched}
+        self.metrics.partitions_watched = len(self._read_positions)
+        if self._read_positions:
+            self._watching.set()
+        else:
+            self._watching.clear()
 
     def positions_blob(self) -> str:
         """The hub's positions, encoded once per read batch and shared by all tokens."""
         if self._positions_blob[0] != self.generation:
-            self._positions_blob = (self.generation, encode_positions(self.positions))
+            self._positions_blob = (self.generation, self._positions_encoder.encode(self.positions))
         return self._positions_blob[1]
 
     def _all_subscribers(self) -> list[Subscriber]:
@@ -319,22 +420,19 @@ class WatchHub:
 
     async def _run(self) -> None:
         backoff_s = self.limits.source_retry_backoff_s_initial
-        continuous = False
+        continuous = True
         next_read_s = 0.0
         while True:
+            await self._watching.wait()
             try:
                 if not continuous:
-                    await self._establish()
+                    await self._verify()
                     continuous = True
                 pause_s = next_read_s - time.monotonic()
                 if pause_s > 0:
                     await asyncio.sleep(pause_s)
                 next_read_s = time.monotonic() + self.limits.read_interval_ms_min / 1000
-                batch = await self.source.read(
-                    self._read_positions,
-                    self.limits.read_block_ms,
-                    self.limits.read_entries_per_partition_max,
-                )
+                batch = await self._read_once()
             except Exception as error:
                 self.metrics.source_errors += 1
                 log.warning("watch_source_failed", error=repr(error), backoff_s=backoff_s)
@@ -343,41 +441,77 @@ class WatchHub:
                 backoff_s = min(backoff_s * 2, self.limits.source_retry_backoff_s_max)
                 continue
             backoff_s = self.limits.source_retry_backoff_s_initial
-            self._fan_out(batch)
+            if batch is not None:
+                self._fan_out(batch)
 
-    async def _establish(self) -> None:
-        """(Re)start reading: continue from our positions if nothing can have been missed."""
-        firsts = {p: parse_entry_id(i) for p, i in (await self.source.first_ids()).items()}
-        lasts = {p: parse_entry_id(i) for p, i in (await self.source.last_ids()).items()}
-        if self._established.is_set():
-            lost = [
+    async def _read_once(self) -> list[StreamEntry] | None:
+        """One read of the watched streams; None when the watched set widened meanwhile."""
+        if not self._read_positions:
+            return None
+        widenings = self._widenings
+        self.metrics.reads += 1
+        read = asyncio.ensure_future(
+            self.source.read(
+                self._read_positions,
+                self.limits.read_block_ms,
+                self.limits.read_entries_per_partition_max,
+            )
+        )
+        self._read = read
+        try:
+            await asyncio.wait({read})
+        finally:
+            self._read = None
+            if not read.done():  # the reader itself is cancelled (close)
+                read.cancel()
+                await asyncio.wait({read})
+        if read.cancelled() or widenings != self._widenings:
+            return None  # void: the next read starts from the hub's positions as they are
+        return read.result()
+
+    async def _verify(self) -> None:
+        """After a failed read: keep each watched position if nothing can have been missed.
+
+        A position older than its stream's first id (trimmed during the outage) or newer
+        than its last (the stream was lost) moves to the last id, and every subscriber of
+        that partition gets a ``Resync`` and a fresh snapshot.
+        """
+        async with self._watch_lock:
+            watched = list(self._read_positions)
+            if not watched:
+                return
+            firsts = await self.source.first_ids(watched)
+            lasts = await self.source.last_ids(watched)
+            last = {p: parse_entry_id(lasts.get(p, "0-0")) for p in watched}
+            lost = {
                 p
-                for p in range(self.partition_count)
-                if self.positions.get(p, ZERO) < firsts.get(p, ZERO)
-                or lasts.get(p, ZERO) < self.positions.get(p, ZERO)
-            ]
+                for p in watched
+                if self.positions.get(p, ZERO) < parse_entry_id(firsts.get(p, "0-0"))
+                or last[p] < self.positions.get(p, ZERO)
+            }
             if not lost:
                 return
-            log.warning("watch_positions_lost", partitions=len(lost), first=lost[0])
-        self.positions = {p: e for p, e in lasts.items() if 0 <= p < self.partition_count}
-        self._read_positions = {
-            p: format_entry_id(self.positions.get(p, ZERO)) for p in range(self.partition_count)
-        }
-        self._established.set()
-        self.generation += 1
-        for subscriber in self._all_subscribers():
-            subscriber.mark_resync(RESYNC_EVENTS_UNAVAILABLE)
+            log.warning("watch_positions_lost", partitions=len(lost), first=min(lost))
+            for partition in lost:
+                self.positions[partition] = last[partition]
+            self.generation += 1
+            self._set_read_positions()
+            for subscriber in self._all_subscribers():
+                if subscriber.watching and not lost.isdisjoint(subscriber.partitions):
+                    subscriber.mark_resync(RESYNC_EVENTS_UNAVAILABLE)
 
-    def _fan_out(self, batch: list[tuple[int, str, events_pb2.AvailabilityChanged]]) -> None:
+    def _fan_out(self, batch: list[StreamEntry]) -> None:
         """Offer each new entry to its merchant's subscribers; never awaits."""
         now_ms = self.clock_ms()
+        read_positions = self._read_positions
         for partition, entry_text, event in batch:
             assert 0 <= partition < self.partition_count, f"partition {partition} out of range"
             entry = parse_entry_id(entry_text)
             if entry <= self.positions.get(partition, ZERO):
                 continue  # read twice (a retried read): offered already
             self.positions[partition] = entry
-            self._read_positions[partition] = entry_text
+            if partition in read_positions:  # else nobody watches it any more
+                read_positions[partition] = entry_text
             self.metrics.events_read += 1
             if event.committed_at_ms:
                 lag_ms = max(now_ms - event.committed_at_ms, 0)
@@ -399,7 +533,8 @@ class Subscriber:
         self.filter = watch_filter
         self.limits = hub.limits
         self.partitions = watch_filter.partitions(hub.partition_count)
-        self._all_partitions = len(self.partitions) == hub.partition_count
+        self.all_partitions = len(self.partitions) == hub.partition_count
+        self.watching = False  # counted by the hub, which reads its partitions
         self._fingerprint = watch_filter.fingerprint
         # Partitions where a resumed token is ahead of this hub (another router read further).
         self._ahead: set[int] = set()
@@ -460,10 +595,9 @@ class Subscriber:
         self, token: ResumeToken | None
     ) -> AsyncGenerator[events_pb2.WatchEvent, None]:
         """The events of one Watch call: snapshot or catch-up, then changes and heartbeats."""
-        if not self.hub.established:
-            ready: list[bool] = []
-            async for event in self._call_source(self.hub.wait_established, ready):
-                yield event
+        watched: list[None] = []
+        async for event in self._call_source(self._watch_call, watched):
+            yield event
         if token is None or token.positions is None:
             reason = SNAPSHOT_INITIAL if token is None else SNAPSHOT_RESUME_TOKEN_TOO_OLD
             async for event in self._snapshot(reason):
@@ -492,7 +626,11 @@ class Subscriber:
 
     async def _resume(self, start: Mapping[int, EntryId]) -> AsyncIterator[events_pb2.WatchEvent]:
         box: list[dict[int, str]] = []
-        async for event in self._call_source(self.hub.source.first_ids, box):
+
+        def first_ids() -> Awaitable[dict[int, str]]:
+            return self.hub.source.first_ids(None if self.all_partitions else self.partitions)
+
+        async for event in self._call_source(first_ids, box):
             yield event
         firsts = box[0]
         too_old = [
@@ -513,7 +651,7 @@ class Subscriber:
         for partition in self.partitions:
             after, up_to = start.get(partition, ZERO), registered[partition]
             while after < up_to:
-                box: list[list[tuple[int, str, events_pb2.AvailabilityChanged]]] = []
+                box: list[list[StreamEntry]] = []
                 fetch = self._range_call(partition, after, up_to)
                 async for event in self._call_source(fetch, box):
                     yield event
@@ -533,10 +671,13 @@ class Subscriber:
             self._generation += 1
         self._follows_hub = True
 
+    def _watch_call(self) -> Awaitable[None]:
+        return self.hub.watch(self)
+
     def _range_call(
         self, partition: int, after: EntryId, up_to: EntryId
-    ) -> Callable[[], Awaitable[list[tuple[int, str, events_pb2.AvailabilityChanged]]]]:
-        def call() -> Awaitable[list[tuple[int, str, events_pb2.AvailabilityChanged]]]:
+    ) -> Callable[[], Awaitable[list[StreamEntry]]]:
+        def call() -> Awaitable[list[StreamEntry]]:
             return self.hub.source.range(
                 partition,
                 format_entry_id(after),
@@ -557,7 +698,8 @@ class Subscriber:
         read_at = time.monotonic()
 
         def barrier() -> Awaitable[dict[int, str]]:
-            return self.hub.last_ids_after(read_at)
+            partitions = None if self.all_partitions else self.partitions
+            return self.hub.last_ids_after(read_at, partitions)
 
         async for event in self._call_source(barrier, barrier_box):
             yield event
@@ -658,7 +800,7 @@ class Subscriber:
             if any(self._position(p) < b for p, b in self._barrier.items()):
                 return snapshot_token(self._fingerprint)
             self._barrier = None
-        if self._follows_hub and self._all_partitions:
+        if self._follows_hub and self.all_partitions:
             # The hub's shared encoding, and only the partitions where this one differs.
             overrides = {p: self._positions.get(p, ZERO) for p in self._pending_per_partition}
             for p in self._ahead - overrides.keys():

@@ -16,7 +16,7 @@ from inventory_core import (
     StockRow,
     partition_of,
 )
-from persistence.readview import APPLY_SCRIPT, apply_changes, change_to_proto, stream_key
+from persistence.readview import apply_changes, encode_change, stream_key
 
 T = TypeVar("T")
 T0_MS = 1_700_000_000_000
@@ -59,10 +59,9 @@ async def apply(
     """Run the apply script once over (change, index) pairs; [appended, duplicates, written]."""
     client = redis.Redis.from_url(url)
     try:
-        script = client.register_script(APPLY_SCRIPT)
-        protos = [(change_to_proto(c, T0_MS + 5_000), index, None) for c, index in changes]
-        result: Any = await apply_changes(client, script, cap, protos)
-        return [int(v) for v in result]
+        encoded = [encode_change(c, index, T0_MS + 5_000) for c, index in changes]
+        result = await apply_changes(client, cap, encoded)
+        return [result.appended, result.duplicates, result.levels_written]
     finally:
         await client.aclose()
 

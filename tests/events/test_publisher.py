@@ -38,7 +38,7 @@ from inventory_core import (
 from persistence.embedded import EmbeddedRedis
 from persistence.events import EventPublisher, PublisherLimits
 from persistence.migrate import ensure_partitions, migrate
-from persistence.readview import level_key
+from persistence.readview import asof_key, level_key
 from persistence.store import PartitionStore
 
 from ._support import T0_MS, eventually, location_in, stream_ids
@@ -339,3 +339,49 @@ def test_limits_must_be_positive() -> None:
 
 async def _caught_up_once(publisher: EventPublisher) -> bool:
     return publisher.stats.catch_ups > 0
+
+
+def test_a_flush_goes_to_redis_as_one_script_call_and_stamps_as_one_mset(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Counted by a private server (INFO commandstats): every change of one publish() in a
+    single EVAL, already encoded; freshness stamps of every partition in one MSET."""
+    limits = PublisherLimits(
+        published_lsn_flush_interval_s=0.1,
+        catch_up_interval_s=60.0,  # the first pass only: nothing else sends
+        freshness_interval_s=0.1,
+    )
+
+    async def calls(client: redis.Redis) -> dict[str, int]:
+        stats = await client.info("commandstats")
+        return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("eval", "mset")}
+
+    async def main() -> None:
+        with EmbeddedRedis() as server:
+            url = await asyncio.to_thread(server.start, tmp_path / "redis")
+            client = redis.Redis.from_url(url)
+            try:
+                async with shard_on(database_url) as shard:
+                    publisher = EventPublisher(url, shard.pool, SHARD, limits)
+                    async with running(publisher):
+                        await eventually(lambda: _caught_up_once(publisher), what="catch-up")
+                        flush = []
+                        for partition in PARTITIONS:
+                            for sku in ("sku-1", "sku-2"):
+                                key = InventoryKey(MERCHANT, sku, location_in(MERCHANT, partition))
+                                command = SetStock(key, f"one-{sku}", 5, None, T0_MS)
+                                flush += await shard.write(partition, command)
+                        before = await calls(client)
+                        publisher.publish(flush, T0_MS + 1)
+                        await eventually(lambda: converged(url, shard), what="convergence")
+                        await asyncio.sleep(0.3)  # a few stamping intervals
+                        after = await calls(client)
+                    assert publisher.stats.events_published == len(flush) == 6
+                    assert after["eval"] - before["eval"] == 1
+                    assert after["mset"] - before["mset"] >= 2
+                    assert await client.get(asof_key(PARTITIONS[0])) is not None
+            finally:
+                await client.aclose()
+                await asyncio.to_thread(server.stop)
+
+    asyncio.run(main())

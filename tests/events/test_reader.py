@@ -95,7 +95,7 @@ def test_snapshot_skips_an_indexed_key_whose_level_is_gone(fresh_redis_url: str)
     run(main)
 
 
-def test_last_and_first_ids_cover_every_partition(fresh_redis_url: str) -> None:
+def test_last_and_first_ids_cover_every_partition_or_the_ones_asked(fresh_redis_url: str) -> None:
     key = InventoryKey(MERCHANT, "sku-1", location_in(MERCHANT, 7))
 
     async def main() -> None:
@@ -109,8 +109,12 @@ def test_last_and_first_ids_cover_every_partition(fresh_redis_url: str) -> None:
                     cap=100,
                 )
             last, first = await reader.last_ids(), await reader.first_ids()
+            some_last, some_first = await reader.last_ids([9, 7]), await reader.first_ids([7])
+            none = await reader.last_ids([])
         finally:
             await reader.close()
+        assert some_last == {9: "0-0", 7: "400-0"} and list(some_last) == [9, 7]
+        assert some_first == {7: first[7]} and none == {}
         assert last[7] == "400-0"
         assert first[7] != EMPTY_STREAM_ID and first[7] != "1-0", "trimmed: oldest moved on"
         assert {p for p, i in last.items() if i != EMPTY_STREAM_ID} == {7}

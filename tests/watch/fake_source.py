@@ -4,7 +4,8 @@
 its partition's lsn too, the entry ``{lsn}-0`` is appended (the oldest trimmed past
 ``stream_entries_max``) and the read view is updated in the same step, as the Redis script
 does. While ``failing`` every call raises ConnectionError (writes still land: the outbox
-republishes them once Redis is back).
+republishes them once Redis is back). ``calls`` counts the calls by name and ``asked`` keeps
+the partitions each ``read``, ``last_ids`` and ``first_ids`` call named, in order.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class FakeEventSource:
     view: dict[tuple[str, str, str], tuple[pb.StockLevel, int, int]] = field(default_factory=dict)
     lsns: dict[int, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+    asked: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
     now_ms: int = 1_000_000
     _appended: asyncio.Event | None = None
 
@@ -100,31 +102,40 @@ class FakeEventSource:
             and (not sku_ids or sku in sku_ids)
         ]
 
-    async def last_ids(self) -> dict[int, str]:
-        self._enter("last_ids")
-        return {p: s[-1][1] if s else "0-0" for p, s in self.streams.items()}
+    def _ask(self, name: str, partitions: Sequence[int] | None) -> Sequence[int]:
+        wanted = range(self.partition_count) if partitions is None else partitions
+        self.asked.setdefault(name, []).append(tuple(wanted))
+        self._enter(name)
+        return wanted
 
-    async def first_ids(self) -> dict[int, str]:
-        self._enter("first_ids")
-        return {p: s[0][1] if s else "0-0" for p, s in self.streams.items()}
+    async def last_ids(self, partitions: Sequence[int] | None = None) -> dict[int, str]:
+        wanted = self._ask("last_ids", partitions)
+        await asyncio.sleep(0)
+        return {p: s[-1][1] if (s := self.streams.get(p)) else "0-0" for p in wanted}
+
+    async def first_ids(self, partitions: Sequence[int] | None = None) -> dict[int, str]:
+        wanted = self._ask("first_ids", partitions)
+        await asyncio.sleep(0)
+        return {p: s[0][1] if (s := self.streams.get(p)) else "0-0" for p in wanted}
 
     async def read(
         self, positions: dict[int, str], block_ms: int, count: int
     ) -> list[tuple[int, str, events_pb2.AvailabilityChanged]]:
-        self._enter("read")
-        found = self._after(positions, count)
-        if found:
-            return found
-        if self._appended is None:
-            self._appended = asyncio.Event()
-        self._appended.clear()
-        try:
-            async with asyncio.timeout(block_ms / 1000):
-                await self._appended.wait()
-        except TimeoutError:
-            return []
-        self._enter("read")
-        return self._after(positions, count)
+        positions = dict(positions)  # as the real reader encodes them before awaiting
+        self._ask("read", list(positions))
+        deadline_s = asyncio.get_running_loop().time() + block_ms / 1000
+        while not (found := self._after(positions, count)):  # as XREAD BLOCK: wait for ours
+            if self._appended is None:
+                self._appended = asyncio.Event()
+            self._appended.clear()
+            try:
+                async with asyncio.timeout_at(deadline_s):
+                    await self._appended.wait()
+            except TimeoutError:
+                return []
+            if self.failing:
+                raise ConnectionError("redis down (fake)")
+        return found
 
     async def range(
         self, partition: int, after_id: str, up_to_id: str, count: int
@@ -141,8 +152,8 @@ class FakeEventSource:
     ) -> list[tuple[int, str, events_pb2.AvailabilityChanged]]:
         found: list[tuple[int, str, events_pb2.AvailabilityChanged]] = []
         for partition, stream in sorted(self.streams.items()):
-            start = bisect.bisect_right(
-                [e[0] for e in stream], parse(positions.get(partition, "0-0"))
-            )
-            found.extend((partition, i, ev) for _, i, ev in stream[start:])
-        return found[:count]
+            if partition not in positions:
+                continue  # as XREAD: only the streams named
+            start = bisect.bisect_right([e[0] for e in stream], parse(positions[partition]))
+            found.extend((partition, i, ev) for _, i, ev in stream[start:][:count])
+        return found

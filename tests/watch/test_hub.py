@@ -154,6 +154,9 @@ def test_a_token_ahead_of_this_hub_never_repeats_what_it_passed() -> None:
         for value in range(3):
             source.write(MERCHANT, "a", "l1", value)
         async with WatchHub(source, LIMITS) as hub:
+            watching = subscribe(hub)  # keeps the merchant's partitions watched
+            watching_stream = watching.stream(None)
+            await take(watching_stream)
             await settle(hub, source)
             partition = next(iter(source.lsns))
             hub.positions[partition] = (1, 0)  # as if this hub were behind
@@ -165,5 +168,6 @@ def test_a_token_ahead_of_this_hub_never_repeats_what_it_passed() -> None:
             change = (await take(stream)).change
             assert change.version == 4
             await stream.aclose()
+            await watching_stream.aclose()
 
     asyncio.run(scenario())
