@@ -5,12 +5,13 @@ owner; every later write of the owner (ledger flush, checkpoint) checks, in its 
 transaction, that the epoch is still the one it acquired. A deposed owner's write matches no
 row, the transaction rolls back, and ``FencedOut`` names the partitions it lost.
 
-Flush (DESIGN section 5). One transaction per batch, whatever partitions it spans:
-  1. advance every partition's ``head_lsn`` from the head the owner last flushed to the new
-     one, only where the epoch and the previous head match (this also locks the rows, so a
-     concurrent takeover waits for the batch and then sees its head);
-  2. insert the records with one multi-row ``INSERT ... SELECT FROM unnest``.
-Any error other than ``FencedOut`` leaves the outcome unknown: the caller must fail-stop.
+Flush (DESIGN section 5). One statement per batch (one transaction, one round trip),
+whatever partitions it spans: it advances every partition's ``head_lsn`` from the head the
+owner last flushed to the new one and inserts the records (``INSERT ... SELECT FROM
+unnest``), only if every partition's epoch and previous head still match; otherwise it
+changes nothing and names the partitions another owner took. Locking the rows also makes a
+concurrent takeover wait for the batch and then see its head. Any error leaves the outcome
+unknown: the caller must fail-stop.
 
 Checkpoints (DESIGN section 7): every table of a partition's state is rows of
 ``partition_rows`` (partition, table name, row key, version lsn, body), encoded by the
@@ -22,6 +23,7 @@ newest visible version of each row, then the ledger tail replayed through the co
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -68,6 +70,38 @@ _EPOCH_HELD = """WITH held AS MATERIALIZED (
           JOIN unnest($1::integer[], $2::bigint[]) AS e(partition, epoch)
             ON p.partition = e.partition AND p.epoch = e.epoch
          ORDER BY p.partition FOR KEY SHARE OF p)"""
+
+
+# The flush, one statement (its own transaction, one round trip): lock the batch's partition
+# rows in partition order (no deadlock between owners; a takeover waits for the batch and
+# then sees its head) where the epoch and the previous head still match; if all match,
+# advance every head and insert every record; if any does not, change nothing. It returns
+# the partitions that matched.
+_FLUSH = """WITH expected AS (
+        SELECT * FROM unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[])
+            AS v(partition, epoch, previous, head)),
+    matched AS MATERIALIZED (
+        SELECT p.partition FROM partitions p JOIN expected v ON v.partition = p.partition
+         WHERE p.epoch = v.epoch AND p.head_lsn = v.previous
+         ORDER BY p.partition FOR NO KEY UPDATE OF p),
+    complete AS MATERIALIZED (
+        SELECT count(*) = cardinality($1::integer[]) AS ok FROM matched),
+    advanced AS (
+        UPDATE partitions AS p SET head_lsn = v.head FROM expected v, complete
+         WHERE complete.ok AND p.partition = v.partition),
+    appended AS (
+        INSERT INTO ledger (partition, lsn, epoch, recorded_at, occurred_at, kind,
+                            merchant_id, idempotency_key, payload, changes)
+        SELECT r.partition, r.lsn, r.epoch, to_timestamp(r.recorded_ms / 1000.0),
+               to_timestamp(r.occurred_ms / 1000.0), r.kind, r.merchant_id,
+               r.idempotency_key, r.payload::jsonb, r.changes::jsonb
+          FROM unnest($5::integer[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
+                      $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
+               AS r(partition, lsn, epoch, recorded_ms, occurred_ms, kind, merchant_id,
+                    idempotency_key, payload, changes),
+               complete
+         WHERE complete.ok)
+SELECT partition FROM matched"""
 
 
 class FencedOut(Exception):
@@ -147,42 +181,18 @@ class PartitionStore:
             if record.lsn != expected:
                 raise AssertionError(f"record {record.partition}/{record.lsn}, expected {expected}")
             heads[record.partition] = record.lsn
-        partitions = sorted(heads)  # a fixed lock order: no deadlock between owners
-        try:
-            async with self._pool.acquire() as connection, connection.transaction():
-                advanced = await connection.fetch(
-                    f"""{LOCK_IN_ORDER}
-                       UPDATE partitions AS p SET head_lsn = v.head
-                         FROM locked,
-                              unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[])
-                              AS v(partition, epoch, previous, head)
-                        WHERE p.partition = locked.partition AND p.partition = v.partition
-                          AND p.epoch = v.epoch AND p.head_lsn = v.previous
-                    RETURNING p.partition""",
-                    partitions,
-                    [epochs[p] for p in partitions],
-                    [flushed_heads[p] for p in partitions],
-                    [heads[p] for p in partitions],
-                )
-                if len(advanced) != len(partitions):
-                    lost = set(partitions) - {r["partition"] for r in advanced}
-                    raise FencedOut(sorted(lost))
-                await connection.execute(
-                    """INSERT INTO ledger (partition, lsn, epoch, recorded_at, occurred_at, kind,
-                                           merchant_id, idempotency_key, payload, changes)
-                       SELECT partition, lsn, epoch, to_timestamp(recorded_ms / 1000.0),
-                              to_timestamp(occurred_ms / 1000.0), kind, merchant_id,
-                              idempotency_key, payload::jsonb, changes::jsonb
-                         FROM unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[],
-                                     $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[],
-                                     $10::text[])
-                              AS v(partition, lsn, epoch, recorded_ms, occurred_ms, kind,
-                                   merchant_id, idempotency_key, payload, changes)""",
-                    *_ledger_columns(records, epochs, events),
-                )
-        except FencedOut as fenced:  # raised inside the transaction: it rolled back
-            return fenced.partitions
-        return ()
+        partitions = sorted(heads)
+        matched = await self._pool.fetch(
+            _FLUSH,
+            partitions,
+            [epochs[p] for p in partitions],
+            [flushed_heads[p] for p in partitions],
+            [heads[p] for p in partitions],
+            *_ledger_columns(records, epochs, events),
+        )
+        if len(matched) == len(partitions):
+            return ()
+        return tuple(sorted(set(partitions) - {r["partition"] for r in matched}))
 
     async def ledger(self, partition: int, after_lsn: int = 0) -> list[LedgerRow]:
         rows = await self._pool.fetch(
@@ -232,16 +242,10 @@ class PartitionStore:
     async def _write_rows(
         self, pieces: Sequence[CheckpointDelta], epochs: Mapping[int, int]
     ) -> None:
-        rows: list[tuple[object, ...]] = []
-        for piece in pieces:
-            for name, changes in piece.tables.items():
-                schema = TABLES[name]
-                at = (piece.partition, name)
-                for key, row in changes.upserts:
-                    body = _json(schema.row_to_data(row))
-                    rows.append((*at, _json(schema.key_to_data(key)), body, piece.lsn))
-                for key in changes.removals:
-                    rows.append((*at, _json(schema.key_to_data(key)), None, piece.lsn))
+        # Encoding a row costs tens of µs (an answer is a nested dataclass): off the loop, so
+        # that replies keep flowing while a large checkpoint is written (the GIL hands the
+        # loop back every few ms). The rows are immutable values taken at the checkpoint.
+        rows = await asyncio.to_thread(_encode_rows, pieces)
         columns = [list(column) for column in zip(*rows, strict=True)]
         partitions = sorted({piece.partition for piece in pieces})
         async with self._pool.acquire() as connection, connection.transaction():
@@ -462,3 +466,18 @@ def _groups(pieces: Sequence[CheckpointDelta], rows_max: int) -> list[list[Check
         groups[-1].append(piece)
         rows += size
     return groups
+
+
+def _encode_rows(pieces: Sequence[CheckpointDelta]) -> list[tuple[object, ...]]:
+    """The pieces' rows as (partition, table, key, body or None, lsn), JSON-encoded."""
+    rows: list[tuple[object, ...]] = []
+    for piece in pieces:
+        for name, changes in piece.tables.items():
+            schema = TABLES[name]
+            at = (piece.partition, name)
+            for key, row in changes.upserts:
+                body = _json(schema.row_to_data(row))
+                rows.append((*at, _json(schema.key_to_data(key)), body, piece.lsn))
+            for key in changes.removals:
+                rows.append((*at, _json(schema.key_to_data(key)), None, piece.lsn))
+    return rows

@@ -34,6 +34,8 @@ class ShardConfig:
     redis_url: str = ""
     # The period of the structured stats line (throughput, flushes, loop stalls, gauges).
     stats_interval_s: float = 10.0
+    # A checkpoint at least this often while anything changed (OwnerLimits).
+    checkpoint_interval_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +203,14 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add_redis_argument(parser)
     add_log_level_argument(parser)
     add_stats_interval_argument(parser)
+    parser.add_argument(
+        "--checkpoint-interval-s",
+        type=_positive_float,
+        default=env("CHECKPOINT_INTERVAL_S", "30.0"),
+        help="checkpoint at least this often while anything changed; also every 50,000 "
+        "records, which bounds the ledger tail a recovery replays "
+        "[INVENTORY_CHECKPOINT_INTERVAL_S]",
+    )
 
 
 def add_database_argument(
@@ -233,4 +243,5 @@ def shard_config(options: argparse.Namespace) -> ShardConfig:
         membership_lease_s=options.membership_lease_s,
         redis_url=options.redis_url,
         stats_interval_s=options.stats_interval_s,
+        checkpoint_interval_s=options.checkpoint_interval_s,
     )

@@ -155,9 +155,12 @@ class OwnerLimits:
     # The expiry timer's period: expired units return to sale within about this long.
     expiry_tick_s: float = 0.2
     # Checkpoint when this many records were flushed since the last one, or this long passed:
-    # bounds the ledger tail replayed at recovery.
+    # bounds the ledger tail replayed at recovery (50,000 records: about 2 s). A checkpoint
+    # costs rows for every key changed since the last; keys changed again in the meantime
+    # are written once, so rarer checkpoints cost less per record (measured at 5 s: 11 % of
+    # a shard's samples under uniform load).
     checkpoint_records_max: int = 50_000
-    checkpoint_interval_s: float = 5.0
+    checkpoint_interval_s: float = 30.0
     # Rows (keys, reservations, idempotency entries) per checkpoint transaction. They are
     # encoded on the loop at about 5 µs each: 1,000 rows hold it for a few milliseconds,
     # so the loop keeps replying while a big checkpoint is written.
