@@ -3,7 +3,8 @@
 A calls object has one method per call (``reserve(request, deadline)`` and so on, named as
 the ``BatchItem`` oneof fields) that returns the response or raises ``Refusal``. This class
 turns each into its unary RPC, generated from the one table of calls (``rpcs.UNARY``), and
-serves the ``Batch`` stream over the same methods, so the two paths can never answer
+serves the ``Batch`` stream over the same methods (or the calls object's own
+``batch_handler``, built on the same conversions), so the two paths can never answer
 differently. A call the calls object lacks (``reserve_order`` on a shard) is answered
 UNIMPLEMENTED from the error table.
 """
@@ -29,12 +30,17 @@ _GeneratedServicer: Any = pb_grpc.InventoryServicer
 class CallsServicer(_GeneratedServicer):  # type: ignore[misc]
     def __init__(self, calls: Any) -> None:
         self._calls = calls
-        self._dispatch = batching.dispatch_table(calls)
+        # The Batch stream: a task per item through the calls object, unless the calls
+        # object offers ``batch_handler(others)`` (shard and router: their common items by
+        # callback, with no task per item; the rest through ``others``).
+        others = batching.tasks_per_item(batching.dispatch_table(calls), refusal_status)
+        make_handler = getattr(calls, "batch_handler", None)
+        self._handler: batching.ItemHandler = make_handler(others) if make_handler else others
 
     async def Batch(
         self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.BatchResponse]:
-        async for response in batching.serve_stream(requests, self._dispatch, refusal_status):
+        async for response in batching.serve_items(requests, self._handler):
             yield response
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -46,7 +46,6 @@ from ..common.calls import (
     PROPAGATED_METADATA,
     Refusal,
     check,
-    refusal_status,
     request_metadata,
 )
 from ..common.servicer import CallsServicer
@@ -512,16 +511,7 @@ class RouterService(CallsServicer):
     Batch stream forwards items by callback (``RouterCalls.batch_handler``)."""
 
     def __init__(self, routes: Routes, read_view: ReadView | None = None) -> None:
-        calls = RouterCalls(routes, read_view)
-        super().__init__(calls)
-        others = batching.tasks_per_item(batching.dispatch_table(calls), refusal_status)
-        self._handler = calls.batch_handler(others)
-
-    async def Batch(
-        self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.BatchResponse]:
-        async for response in batching.serve_items(requests, self._handler):
-            yield response
+        super().__init__(RouterCalls(routes, read_view))
 
 
 def _reservation_partition(reservation_id: str) -> int:

@@ -14,11 +14,10 @@ request's mutations to the owner by callback: no task and no future per item.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import grpc
 import structlog
 from inventory.v1 import inventory_pb2 as pb
 
@@ -40,7 +39,7 @@ from inventory_core import (
 )
 
 from ..common import batching, convert, errors
-from ..common.calls import Refusal, check, refusal_status
+from ..common.calls import Refusal, check
 from ..common.servicer import CallsServicer
 from .owner import DeadlineExpired, FlushFailed, NotOwner, Overloaded, Owner
 
@@ -298,16 +297,7 @@ class InventoryService(CallsServicer):
     stream hands mutations to the owner by callback (``Calls.batch_handler``)."""
 
     def __init__(self, owner: Owner) -> None:
-        calls = Calls(owner)
-        super().__init__(calls)
-        others = batching.tasks_per_item(batching.dispatch_table(calls), refusal_status)
-        self._handler = calls.batch_handler(others)
-
-    async def Batch(
-        self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.BatchResponse]:
-        async for response in batching.serve_items(requests, self._handler):
-            yield response
+        super().__init__(Calls(owner))
 
 
 async def _guard(call: Awaitable[T]) -> T:
