@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import grpc
 from google.rpc import status_pb2
@@ -35,6 +35,7 @@ from shard_router.common.errors import AnswerClass, answer_class_of
 from shard_router.shard.owner import Owner, OwnerLimits
 from shard_router.shard.service import InventoryService
 
+from ..task_count import tasks_created
 from .test_owner import WAIT_S, FakeStore, run, until
 
 APPLE = key("m1", "apple", "loc-3")
@@ -233,16 +234,6 @@ def test_a_batch_of_mutations_costs_the_shard_no_task_per_item() -> None:
     items_count = 300
 
     async def body() -> None:
-        loop = asyncio.get_running_loop()
-        created: list[str] = []
-        default_factory = loop.get_task_factory()
-
-        def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-            created.append(coro.__qualname__)
-            if default_factory is not None:
-                return default_factory(loop, coro, **kwargs)
-            return asyncio.Task(coro, loop=loop, **kwargs)
-
         async with served() as s:
             await s.stub.SetStock(
                 pb.SetStockRequest(key=APPLE, on_hand=100, idempotency_key="stock-100"),
@@ -259,8 +250,7 @@ def test_a_batch_of_mutations_costs_the_shard_no_task_per_item() -> None:
             )
             request.items.add(id=items_count + 1, reserve=pb.ReserveRequest())  # malformed
             stream = s.stub.Batch(timeout=CALL_TIMEOUT_S)
-            loop.set_task_factory(counting)
-            try:
+            with tasks_created() as created:
                 await stream.write(request)
                 await stream.done_writing()
                 results: dict[int, pb.BatchItemResult] = {}
@@ -268,8 +258,6 @@ def test_a_batch_of_mutations_costs_the_shard_no_task_per_item() -> None:
                     response = await stream.read()
                     assert isinstance(response, pb.BatchResponse)
                     results.update((result.id, result) for result in response.results)
-            finally:
-                loop.set_task_factory(default_factory)
         kinds = [results[i].WhichOneof("result") for i in range(items_count)]
         assert kinds.count("reserve") == 100  # the stock held exactly 100 units
         refused = [results[i].error for i in range(items_count) if kinds[i] == "error"]

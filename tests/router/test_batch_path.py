@@ -21,6 +21,7 @@ from shard_router.common import errors
 from shard_router.ring import Ring
 from shard_router.router.routing import Routes
 from shard_router.router.service import RouterService
+from tests.task_count import tasks_created
 
 from .fake_shard import MERCHANT, FakeShard, fake_shard, key, reserve_request, serving
 
@@ -184,23 +185,10 @@ def test_routed_items_in_flight_cost_the_router_no_task_each() -> None:
     items_count = len(LOCATIONS) * repeats
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        created: list[str] = []
-        default_factory = loop.get_task_factory()
-
-        def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-            created.append(coro.__qualname__)
-            if default_factory is not None:
-                return default_factory(loop, coro, **kwargs)
-            return asyncio.Task(coro, loop=loop, **kwargs)
-
         async with cluster() as c:
             await c.batch(reserves(["loc-1"], first_id=1000))  # streams opened
-            loop.set_task_factory(counting)
-            try:
+            with tasks_created() as created:
                 await c.batch(reserves(LOCATIONS * repeats))
-            finally:
-                loop.set_task_factory(default_factory)
         # The fake shards run a task per item (serve_stream); the router must not.
         shard_tasks = created.count("tasks_per_item.<locals>.run")
         assert shard_tasks == items_count
