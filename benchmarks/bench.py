@@ -125,6 +125,13 @@ class Measured:
     tree: bool = False
 
 
+# After the bulk load, the servers count as quiet below this many cores for this many
+# samples in a row (an idle shard's timers and heartbeats use ~0.01 core).
+SETTLE_QUIET_CORES = 0.05
+SETTLE_QUIET_SAMPLES = 3
+SETTLE_SAMPLE_S = 0.5
+
+
 # The server's processes, the load generator's, and the harness's own when the generator runs
 # in processes of its own (it then only waits and shows progress).
 ROLES = ("server", "generator", "harness")
@@ -631,6 +638,7 @@ class Bench:
                 await target.load(self.catalogue)
                 entry["load_s"] = time.monotonic() - started
                 print(f"[{name}] loaded in {entry['load_s']:.1f} s", file=sys.stderr)
+                entry["settle"] = await self.settle(group)
             started = time.monotonic()
             hot_keys = self.hot_keys.setdefault(group, [])
             for phase in self.phases():
@@ -658,6 +666,32 @@ class Bench:
             await target.close()
         entry["total_s"] = time.monotonic() - started_target
         print(f"[{name}] done in {entry['total_s']:.1f} s", file=sys.stderr)
+
+    async def settle(self, group: str) -> dict[str, Any]:
+        """Wait until the group's server processes are quiet after the bulk load (its
+        checkpoint written, PostgreSQL's autovacuum done), so that no phase pays for the
+        load: quiet is under SETTLE_QUIET_CORES for SETTLE_QUIET_SAMPLES samples in a row,
+        and the wait is bounded by --settle-max-s. Returns how long it took and whether
+        the servers did go quiet."""
+        both = [*self.servers[group].processes, *self.postgresql()]
+        measured = list({m.label: m for m in both}.values())
+        started = time.monotonic()
+        deadline = started + self.options.settle_max_s
+        quiet = 0
+        before = await asyncio.to_thread(cpu_sample, measured)
+        while quiet < SETTLE_QUIET_SAMPLES and time.monotonic() < deadline:
+            await asyncio.sleep(SETTLE_SAMPLE_S)
+            after = await asyncio.to_thread(cpu_sample, measured)
+            busy_s = sum(after[m.label] - before[m.label] for m in measured)
+            quiet = quiet + 1 if busy_s / SETTLE_SAMPLE_S < SETTLE_QUIET_CORES else 0
+            before = after
+        settled = {
+            "s": round(time.monotonic() - started, 2),
+            "quiet": quiet >= SETTLE_QUIET_SAMPLES,
+        }
+        label = "quiet" if settled["quiet"] else "still busy (--settle-max-s)"
+        print(f"[{group}] servers {label} after {settled['s']:.1f} s", file=sys.stderr)
+        return settled
 
     def ledger_dir(self, group: str) -> Path:
         return self.work_dir / "ledger" / group

@@ -140,6 +140,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"unmeasured seconds before each phase ({_suite_default('warmup_s')})",
     )
+    add(
+        "--settle-max-s",
+        type=float,
+        default=120.0,
+        help="after the bulk load, wait until the target's server processes are quiet "
+        "(the load's checkpoint written, PostgreSQL's autovacuum done) before the first "
+        "phase, for at most this long (0: do not wait)",
+    )
     add("--count-max", type=int, default=1_000_000, help="measured operations per phase, max")
     add(
         "--keys",

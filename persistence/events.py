@@ -1,14 +1,16 @@
 """The event publisher: the owner's EventSink, and the outbox relay from the ledger to Redis.
 
     owner loop --publish()--> bounded buffer --run()--> Redis script (stream + read view)
-    ledger.changes --catch-up--> same script;  cursors --every interval--> published_lsn
+    ledger_batches.changes --catch-up--> same script;  cursors --every interval--> published_lsn
 
 How it works (DESIGN section 8). The ledger is the outbox: every flushed record keeps its
 changes, so Redis only ever holds copies, and any gap is refilled from PostgreSQL.
 
-- ``publish`` runs inside the owner loop right after a flush: it encodes each change once
-  (protobuf payload and the apply script's keys and arguments, ``encode_change``), appends
-  it to a per-partition buffer and returns. It never waits and never raises. When the
+- ``publish`` runs inside the owner loop right after a flush. The owner encoded each change
+  once, before the flush (its protobuf payload, ``PartitionStore.encode_changes``): the
+  ledger stored those payloads, and ``publish`` frames the same bytes as the apply script's
+  keys and arguments (``encode_change``), appends them to a per-partition buffer and
+  returns. It never waits and never raises. When the
   buffer would exceed ``publish_buffer_events_max`` it drops everything buffered (and the
   new changes) and marks those partitions as needing catch-up.
 - ``run`` (one long-running task; cancel it to stop, then ``close``) sends buffered changes
@@ -29,14 +31,15 @@ changes, so Redis only ever holds copies, and any gap is refilled from PostgreSQ
 - Redis down: ``publish`` still only buffers (then drops and marks); ``run`` backs off
   between ``redis_backoff_s_min`` and ``redis_backoff_s_max`` and then catches up.
 
-Republished changes carry committed_at_ms = recorded_at_ms: the flush time is not stored.
+Republished changes are the stored payloads byte for byte (committed_at_ms included: the
+time the owner sent the batch to commit). Changes converted from releases before migration
+0005 carry their record's time instead: those did not store it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -49,8 +52,9 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from inventory_core import AvailabilityChanged, event_from_data
+from inventory_core import AvailabilityChanged
 
+from .ledger import decode_changes
 from .readview import EncodedChange, apply_command, encode_change, send_commands, stamp_command
 from .store import LOCK_IN_ORDER
 
@@ -83,7 +87,8 @@ class PublisherLimits:
     # (inv:asof:{p}), so EVENTUAL readers can state how stale they may be: about this much
     # when the publisher keeps up, growing when it does not.
     freshness_interval_s: float = 0.5
-    # Ledger records read per catch-up query: a few MiB of changes at most.
+    # Ledger records read per catch-up query (rows that start within this many records, so
+    # at most one flush's records more): a few MiB of changes at most.
     catch_up_page_records_max: int = 1_000
     # Waits after a failure, doubling from min to max: quick recovery from a blip without
     # hammering a server that is down.
@@ -170,23 +175,30 @@ class EventPublisher:
 
     # ------------------------------------------------------------------ the owner's side
 
-    def publish(self, events: Sequence[AvailabilityChanged], committed_at_ms: int) -> None:
-        """Buffer one flushed batch's changes. Never blocks, never raises."""
+    def publish(
+        self,
+        events: Sequence[AvailabilityChanged],
+        payloads: Sequence[bytes],
+        committed_at_ms: int,
+    ) -> None:
+        """Buffer one flushed batch's changes, around the payloads the ledger stored.
+        Never blocks, never raises."""
         try:
             if not events:
                 return
             if self._buffered + len(events) > self.limits.publish_buffer_events_max:
                 self._drop_all({event.partition for event in events}, len(events))
                 return
-            positions: dict[tuple[int, int], int] = {}
-            for event in events:
-                record = (event.partition, event.lsn)
-                index = positions.get(record, 0)
-                positions[record] = index + 1
+            record: tuple[int, int] | None = None
+            index = 0
+            for event, payload in zip(events, payloads, strict=True):
+                at = (event.partition, event.lsn)
+                index = index + 1 if at == record else 0  # a record's changes are adjacent
+                record = at
                 queue = self._buffers.get(event.partition)
                 if queue is None:
                     queue = self._buffers[event.partition] = deque()
-                queue.append(encode_change(event, index, committed_at_ms))
+                queue.append(encode_change(event, index, committed_at_ms, payload))
                 if event.partition not in self._cursors:
                     self._mark_dirty(event.partition, gap=False)
             self._buffered += len(events)  # on an exception, _drop_all below resets it
@@ -442,9 +454,10 @@ class EventPublisher:
         while after_lsn < head_lsn:
             try:
                 rows = await self._pool.fetch(
-                    """SELECT lsn, changes::text AS changes FROM ledger
-                        WHERE partition = $1 AND lsn > $2 AND lsn <= $3
-                        ORDER BY lsn LIMIT $4""",
+                    """SELECT first_lsn, last_lsn, changes FROM ledger_batches
+                        WHERE partition = $1 AND last_lsn > $2 AND first_lsn <= $3
+                          AND first_lsn <= $2 + $4
+                        ORDER BY last_lsn""",
                     partition,
                     after_lsn,
                     head_lsn,
@@ -457,13 +470,18 @@ class EventPublisher:
                     f"partition {partition}: ledger has no records in ({after_lsn}, {head_lsn}]"
                 )
             changes: list[EncodedChange] = []
+            records = 0
             for row in rows:
-                for index, data in enumerate(json.loads(row["changes"])):
-                    event = event_from_data(data, partition, row["lsn"])
-                    changes.append(encode_change(event, index, event.recorded_at_ms))
+                stored = decode_changes(
+                    partition, row["first_lsn"], row["last_lsn"], row["changes"]
+                )
+                for lsn, record_changes in stored:
+                    if after_lsn < lsn <= head_lsn:
+                        changes.extend(record_changes)
+                        records += 1
             await self._send(changes)
-            after_lsn = rows[-1]["lsn"]
-            self.stats.catch_up_records += len(rows)
+            after_lsn = min(rows[-1]["last_lsn"], head_lsn)
+            self.stats.catch_up_records += records
             self._advance(partition, after_lsn)
 
     # --------------------------------------------------------------------- published_lsn

@@ -58,6 +58,7 @@ __all__ = [
     "apply_changes",
     "apply_command",
     "bulk",
+    "change_payload",
     "change_to_proto",
     "encode_change",
     "index_key",
@@ -65,6 +66,7 @@ __all__ = [
     "parse_stream_id",
     "send_commands",
     "stamp_command",
+    "stored_change",
     "stream_id",
     "stream_key",
 ]
@@ -249,42 +251,90 @@ def _index_key_bulk(merchant_id: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class EncodedChange:
-    """One change as the apply script takes it, encoded once when it is published."""
+    """One change as the apply script takes it: its keys and arguments, encoded once."""
 
+    partition: int
     lsn: int
     index: int  # the change's position in its ledger record
     committed_at_ms: int
     keys: bytes  # the script's three keys for it, as bulk strings
-    arguments: bytes  # its eleven arguments, as bulk strings
+    arguments: bytes  # its eleven arguments (the payload among them), as bulk strings
 
 
-def encode_change(event: AvailabilityChanged, index: int, committed_at_ms: int) -> EncodedChange:
-    """The script's keys and arguments for one change, with its protobuf payload."""
+def change_payload(event: AvailabilityChanged, committed_at_ms: int) -> bytes:
+    """A change as the stream entry and the ledger's outbox carry it (protobuf)."""
+    return change_to_proto(event, committed_at_ms).SerializeToString()
+
+
+def encode_change(
+    event: AvailabilityChanged, index: int, committed_at_ms: int, payload: bytes | None = None
+) -> EncodedChange:
+    """The script's keys and arguments for one change, around its protobuf ``payload``
+    (``change_payload``, when the caller has not encoded it already)."""
+    if payload is None:
+        payload = change_payload(event, committed_at_ms)
     key, after = event.key, event.after
-    payload = change_to_proto(event, committed_at_ms).SerializeToString()
+    return _encoded(
+        event.partition,
+        event.lsn,
+        index,
+        committed_at_ms,
+        payload,
+        key=(key.merchant_id, key.location_id, key.sku_id),
+        counts=(after.version, after.on_hand, after.reserved, after.safety_stock, after.available),
+    )
+
+
+def stored_change(payload: bytes, index: int) -> EncodedChange:
+    """A change as the ledger kept it (its payload), ready to be sent again byte for byte."""
+    change = events_pb2.AvailabilityChanged.FromString(payload)
+    key, after = change.key, change.after
+    return _encoded(
+        change.partition,
+        change.lsn,
+        index,
+        change.committed_at_ms,
+        payload,
+        key=(key.merchant_id, key.location_id, key.sku_id),
+        counts=(change.version, after.on_hand, after.reserved, after.safety_stock, after.available),
+    )
+
+
+def _encoded(
+    partition: int,
+    lsn: int,
+    index: int,
+    committed_at_ms: int,
+    payload: bytes,
+    *,
+    key: tuple[str, str, str],
+    counts: tuple[int, int, int, int, int],
+) -> EncodedChange:
+    merchant_id, location_id, sku_id = key
+    version, on_hand, reserved, safety_stock, available = counts
     keys = b"".join(
         (
-            _stream_key_bulk(event.partition),
-            bulk(level_key(key.merchant_id, key.location_id, key.sku_id).encode()),
-            _index_key_bulk(key.merchant_id),
+            _stream_key_bulk(partition),
+            bulk(level_key(merchant_id, location_id, sku_id).encode()),
+            _index_key_bulk(merchant_id),
         )
     )
     arguments = b"".join(
         (
-            _number(event.lsn),
+            _number(lsn),
             _number(index),
             bulk(payload),
-            _number(after.version),
-            _number(after.on_hand),
-            _number(after.reserved),
-            _number(after.safety_stock),
-            _number(after.available),
-            _number(event.partition),
+            _number(version),
+            _number(on_hand),
+            _number(reserved),
+            _number(safety_stock),
+            _number(available),
+            _number(partition),
             _number(committed_at_ms),
-            bulk(f"{key.location_id}|{key.sku_id}".encode()),
+            bulk(f"{location_id}|{sku_id}".encode()),
         )
     )
-    return EncodedChange(event.lsn, index, committed_at_ms, keys, arguments)
+    return EncodedChange(partition, lsn, index, committed_at_ms, keys, arguments)
 
 
 def apply_command(changes: Sequence[EncodedChange], cap: int) -> bytes:

@@ -7,8 +7,9 @@ row, the transaction rolls back, and ``FencedOut`` names the partitions it lost.
 
 Flush (DESIGN section 5). One statement per batch (one transaction, one round trip),
 whatever partitions it spans: it advances every partition's ``head_lsn`` from the head the
-owner last flushed to the new one and inserts the records (``INSERT ... SELECT FROM
-unnest``), only if every partition's epoch and previous head still match; otherwise it
+owner last flushed to the new one and appends one ledger row per partition (its records and
+their changes as two binary blobs, ``persistence/ledger.py``), only if every partition's
+epoch and previous head still match; otherwise it
 changes nothing and names the partitions another owner took. Locking the rows also makes a
 concurrent takeover wait for the batch and then see its head. Any error leaves the outcome
 unknown: the caller must fail-stop.
@@ -33,16 +34,10 @@ from typing import TypeAlias
 import asyncpg
 import structlog
 
-from inventory_core import (
-    TABLES,
-    AvailabilityChanged,
-    CheckpointDelta,
-    Partition,
-    Record,
-    command_from_data,
-    command_to_data,
-    event_to_data,
-)
+from inventory_core import TABLES, AvailabilityChanged, CheckpointDelta, Partition, Record
+
+from .ledger import decode_records, encode_batches
+from .readview import change_payload
 
 log = structlog.get_logger(__name__)
 
@@ -75,11 +70,12 @@ _EPOCH_HELD = """WITH held AS MATERIALIZED (
 # The flush, one statement (its own transaction, one round trip): lock the batch's partition
 # rows in partition order (no deadlock between owners; a takeover waits for the batch and
 # then sees its head) where the epoch and the previous head still match; if all match,
-# advance every head and insert every record; if any does not, change nothing. It returns
-# the partitions that matched.
+# advance every head and append one ledger row per partition; if any does not, change
+# nothing. It returns the partitions that matched.
 _FLUSH = """WITH expected AS (
-        SELECT * FROM unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[])
-            AS v(partition, epoch, previous, head)),
+        SELECT * FROM unnest($1::integer[], $2::bigint[], $3::bigint[], $4::bigint[],
+                             $5::bigint[], $6::bytea[], $7::bytea[])
+            AS v(partition, epoch, previous, head, recorded_ms, records, changes)),
     matched AS MATERIALIZED (
         SELECT p.partition FROM partitions p JOIN expected v ON v.partition = p.partition
          WHERE p.epoch = v.epoch AND p.head_lsn = v.previous
@@ -90,16 +86,11 @@ _FLUSH = """WITH expected AS (
         UPDATE partitions AS p SET head_lsn = v.head FROM expected v, complete
          WHERE complete.ok AND p.partition = v.partition),
     appended AS (
-        INSERT INTO ledger (partition, lsn, epoch, recorded_at, occurred_at, kind,
-                            merchant_id, idempotency_key, payload, changes)
-        SELECT r.partition, r.lsn, r.epoch, to_timestamp(r.recorded_ms / 1000.0),
-               to_timestamp(r.occurred_ms / 1000.0), r.kind, r.merchant_id,
-               r.idempotency_key, r.payload::jsonb, r.changes::jsonb
-          FROM unnest($5::integer[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
-                      $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
-               AS r(partition, lsn, epoch, recorded_ms, occurred_ms, kind, merchant_id,
-                    idempotency_key, payload, changes),
-               complete
+        INSERT INTO ledger_batches (partition, last_lsn, first_lsn, epoch, recorded_at,
+                                    records, changes)
+        SELECT v.partition, v.head, v.previous + 1, v.epoch,
+               to_timestamp(v.recorded_ms / 1000.0), v.records, v.changes
+          FROM expected v, complete
          WHERE complete.ok)
 SELECT partition FROM matched"""
 
@@ -166,6 +157,7 @@ class PartitionStore:
         epochs: Mapping[int, int],
         flushed_heads: Mapping[int, int],
         events: Sequence[AvailabilityChanged] = (),
+        payloads: Sequence[bytes] = (),
     ) -> tuple[int, ...]:
         """Append one batch durably. Returns the partitions another owner took (their epoch
         or head no longer matches): then the transaction rolled back and NOTHING of the
@@ -173,7 +165,8 @@ class PartitionStore:
 
         ``flushed_heads`` is each partition's head lsn before this batch; the batch must hold
         each partition's records contiguously after it. ``events`` are the key changes the
-        records made; each record stores its own, so the ledger doubles as the outbox.
+        records made and ``payloads`` their encodings (``encode_changes``), as they go to
+        Redis: the ledger keeps them, for it is the outbox.
         """
         heads: dict[int, int] = {}
         for record in records:
@@ -181,27 +174,39 @@ class PartitionStore:
             if record.lsn != expected:
                 raise AssertionError(f"record {record.partition}/{record.lsn}, expected {expected}")
             heads[record.partition] = record.lsn
+        batches = encode_batches(records, events, payloads)
         partitions = sorted(heads)
+        rows = [batches[p] for p in partitions]
         matched = await self._pool.fetch(
             _FLUSH,
             partitions,
             [epochs[p] for p in partitions],
             [flushed_heads[p] for p in partitions],
             [heads[p] for p in partitions],
-            *_ledger_columns(records, epochs, events),
+            [row.recorded_at_ms for row in rows],
+            [row.records for row in rows],
+            [row.changes for row in rows],
         )
         if len(matched) == len(partitions):
             return ()
         return tuple(sorted(set(partitions) - {r["partition"] for r in matched}))
 
+    def encode_changes(
+        self, events: Sequence[AvailabilityChanged], committed_at_ms: int
+    ) -> list[bytes]:
+        """Each change as the ledger's outbox stores it and Redis receives it: the owner
+        encodes a batch's changes once, for its flush and for the publisher."""
+        return [change_payload(event, committed_at_ms) for event in events]
+
     async def ledger(self, partition: int, after_lsn: int = 0) -> list[LedgerRow]:
+        """The partition's records after ``after_lsn``, in order, as stored."""
         rows = await self._pool.fetch(
-            """SELECT partition, lsn, epoch, payload::text AS payload FROM ledger
-                WHERE partition = $1 AND lsn > $2 ORDER BY lsn""",
+            """SELECT partition, first_lsn, last_lsn, epoch, records FROM ledger_batches
+                WHERE partition = $1 AND last_lsn > $2 ORDER BY last_lsn""",
             partition,
             after_lsn,
         )
-        return [_ledger_row(r) for r in rows]
+        return [stored for r in rows for stored in _ledger_rows(r) if stored.lsn > after_lsn]
 
     # ---------------------------------------------------------------------- checkpoints
 
@@ -372,10 +377,10 @@ class PartitionStore:
                 wanted,
             )
             tail = await connection.fetch(
-                """SELECT l.partition, l.lsn, l.epoch, l.payload::text AS payload
-                     FROM ledger l JOIN partitions p ON p.partition = l.partition
-                    WHERE l.partition = ANY($1::integer[]) AND l.lsn > p.checkpoint_lsn
-                    ORDER BY l.partition, l.lsn""",
+                """SELECT l.partition, l.first_lsn, l.last_lsn, l.epoch, l.records
+                     FROM ledger_batches l JOIN partitions p ON p.partition = l.partition
+                    WHERE l.partition = ANY($1::integer[]) AND l.last_lsn > p.checkpoint_lsn
+                    ORDER BY l.partition, l.last_lsn""",
                 wanted,
             )
         newest: dict[tuple[int, str, str], asyncpg.Record] = {}
@@ -396,13 +401,16 @@ class PartitionStore:
             tables_by[partition].setdefault(name, []).append(row)
         tail_by = defaultdict(list)
         for r in tail:
-            tail_by[r["partition"]].append(_ledger_row(r))
+            tail_by[r["partition"]].extend(_ledger_rows(r))
         loaded = {}
         for partition in wanted:
             checkpoint_lsn, head_lsn = heads[partition]
             restored = Partition.restore(partition, checkpoint_lsn, tables_by[partition])
             for stored in tail_by[partition]:
-                restored.replay(stored.record)
+                if (
+                    stored.lsn > checkpoint_lsn
+                ):  # checkpoints fall between flushes: rows never straddle
+                    restored.replay(stored.record)
             if restored.head_lsn != head_lsn:
                 raise AssertionError(
                     f"partition {partition}: ledger ends at {restored.head_lsn}, head is {head_lsn}"
@@ -414,40 +422,11 @@ class PartitionStore:
 # ------------------------------------------------------------------------------ helpers
 
 
-def _ledger_columns(
-    records: Sequence[Record],
-    epochs: Mapping[int, int],
-    events: Sequence[AvailabilityChanged],
-) -> list[list[object]]:
-    changes: dict[tuple[int, int], list[object]] = defaultdict(list)
-    for event in events:
-        changes[(event.partition, event.lsn)].append(event_to_data(event))
-    columns: list[list[object]] = [[] for _ in range(10)]
-    for record in records:
-        command = record.command
-        occurred = getattr(command, "occurred_at_ms", 0) or None
-        values = (
-            record.partition,
-            record.lsn,
-            epochs[record.partition],
-            record.recorded_at_ms,
-            occurred,
-            record.kind,
-            getattr(command, "merchant_id", None),
-            getattr(command, "idempotency_key", None),
-            json.dumps(command_to_data(command), separators=(",", ":")),
-            json.dumps(changes.get((record.partition, record.lsn), []), separators=(",", ":")),
-        )
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return columns
-
-
-def _ledger_row(row: asyncpg.Record) -> LedgerRow:
-    """Decode and check a stored record: it must name the partition and lsn it sits at."""
-    command = command_from_data(json.loads(row["payload"]))
-    record = Record(row["partition"], row["lsn"], command)
-    return LedgerRow(row["partition"], row["lsn"], row["epoch"], record)
+def _ledger_rows(row: asyncpg.Record) -> list[LedgerRow]:
+    """Decode a stored row's records (they must be the lsns the row says it holds)."""
+    partition, epoch = row["partition"], row["epoch"]
+    records = decode_records(partition, row["first_lsn"], row["last_lsn"], row["records"])
+    return [LedgerRow(partition, record.lsn, epoch, record) for record in records]
 
 
 def _json(data: object) -> str:

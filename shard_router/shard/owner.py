@@ -14,7 +14,8 @@ on purpose):
      flushed in one transaction (group commit: the next batch is whatever queued meanwhile).
      Batches commit in order: N+1's flush starts only after N's has ended.
   4. Replies leave only after their own batch's flush commits; events are handed on after
-     that.
+     that. Each change is encoded once, before the flush: the ledger's outbox stores those
+     bytes and the event sink sends the same ones.
   5. If a flush fails, its outcome is unknown: every partition it touched is dropped from
      memory and recovered from PostgreSQL in the background (fail-stop), and the waiting
      callers get ``FlushFailed``. They retry with the same idempotency key, which finds the
@@ -112,10 +113,17 @@ class Store(Protocol):
         epochs: dict[int, int],
         flushed_heads: dict[int, int],
         events: Sequence[AvailabilityChanged] = (),
+        payloads: Sequence[bytes] = (),
     ) -> Sequence[int]:
-        """Append a batch in one transaction. Returns the partitions another owner took
-        (the epoch check failed): then nothing of the batch was written. Raises when the
-        outcome is unknown."""
+        """Append a batch in one transaction, with its changes (``events``, encoded as
+        ``payloads``). Returns the partitions another owner took (the epoch check failed):
+        then nothing of the batch was written. Raises when the outcome is unknown."""
+        ...
+
+    def encode_changes(
+        self, events: Sequence[AvailabilityChanged], committed_at_ms: int
+    ) -> list[bytes]:
+        """Each change as the ledger's outbox stores it and the event sink sends it."""
         ...
 
     async def write_checkpoint(
@@ -134,11 +142,23 @@ class Store(Protocol):
 
 
 class EventSink(Protocol):
-    def publish(self, events: Sequence[AvailabilityChanged], committed_at_ms: int) -> None: ...
+    def publish(
+        self,
+        events: Sequence[AvailabilityChanged],
+        payloads: Sequence[bytes],
+        committed_at_ms: int,
+    ) -> None:
+        """A committed batch's changes, with the encodings its ledger rows hold."""
+        ...
 
 
 class NoEvents:
-    def publish(self, events: Sequence[AvailabilityChanged], committed_at_ms: int) -> None:
+    def publish(
+        self,
+        events: Sequence[AvailabilityChanged],
+        payloads: Sequence[bytes],
+        committed_at_ms: int,
+    ) -> None:
         return None
 
 
@@ -550,8 +570,12 @@ class Owner:
         """Flush the batch's records, then reply. A partition fenced by another owner is
         dropped alone (its callers are redirected: nothing was written) and the rest of the
         batch is flushed again without it (DESIGN section 5.5)."""
-        flushed_events: list[AvailabilityChanged] = []
         writes = batch.writes
+        events = [event for ws in writes.values() for _, step in ws for event in step.events]
+        # Encoded once: the ledger's outbox stores these bytes and the event sink sends them.
+        committed_at_ms = self._now_ms()
+        payloads = self._store.encode_changes(events, committed_at_ms)
+        flushed = False
         try:
             while writes:
                 touched = sorted(writes)
@@ -559,12 +583,13 @@ class Owner:
                     step for partition_writes in writes.values() for _, step in partition_writes
                 ]
                 records = [record for step in steps for record in step.records]
-                events = [event for step in steps for event in step.events]
                 epochs = {p: batch.owners[p].epoch for p in touched}
                 flushed_heads = {p: batch.owners[p].flushed_lsn for p in touched}
                 started = time.monotonic()
                 try:
-                    fenced = await self._store.flush(records, epochs, flushed_heads, events)
+                    fenced = await self._store.flush(
+                        records, epochs, flushed_heads, events, payloads
+                    )
                 except asyncio.CancelledError:  # stopping mid-flush: memory is ahead, drop it
                     self.drop(touched)
                     batch.lost.update(touched)
@@ -582,7 +607,7 @@ class Owner:
                 if not fenced:
                     self.stats.observe_flush(len(records), time.monotonic() - started)
                     self._flushed(batch, records)
-                    flushed_events = events
+                    flushed = True
                     break
                 log.warning("flush_fenced", partitions=sorted(fenced))
                 self.stats.fenced += len(fenced)
@@ -593,9 +618,11 @@ class Owner:
                 for partition in fenced:
                     for work, _ in writes.pop(partition, []):
                         _refuse(work, NotOwner(partition, recovering=True))
+                kept = [i for i, event in enumerate(events) if event.partition in writes]
+                events, payloads = [events[i] for i in kept], [payloads[i] for i in kept]
             _reply_all(writes)
-            if flushed_events:  # after the replies (rule 4)
-                self._events.publish(flushed_events, self._now_ms())
+            if flushed and events:  # after the replies (rule 4)
+                self._events.publish(events, payloads, committed_at_ms)
             if self._holding is None and self._checkpoint_due():
                 self._start_checkpoint()  # the loop is idle: memory == durable now
         finally:

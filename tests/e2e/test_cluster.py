@@ -59,7 +59,8 @@ async def ledger_is_fenced_and_contiguous(database_url: str) -> None:
     connection = await asyncpg.connect(database_url)
     try:
         rows = await connection.fetch(
-            "SELECT partition, lsn, epoch FROM ledger ORDER BY partition, lsn"
+            "SELECT partition, generate_series(first_lsn, last_lsn) AS lsn, epoch"
+            " FROM ledger_batches ORDER BY partition, lsn"
         )
         heads = {
             r["partition"]: r["head_lsn"]

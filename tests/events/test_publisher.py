@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from inventory_core import (
 )
 from persistence.embedded import EmbeddedRedis
 from persistence.events import EventPublisher, PublisherLimits
+from persistence.ledger import decode_changes
 from persistence.migrate import ensure_partitions, migrate
 from persistence.readview import asof_key, level_key
 from persistence.store import PartitionStore
@@ -67,16 +68,32 @@ class Shard:
     epochs: dict[int, int]
     cores: dict[int, Partition] = field(default_factory=dict)
     clock_ms: int = T0_MS
+    # Each flushed change's encoding as the ledger stored it, and its commit time.
+    encoded: dict[AvailabilityChanged, tuple[bytes, int]] = field(default_factory=dict)
 
     async def write(self, partition: int, command: ClientCommand) -> list[AvailabilityChanged]:
         core = self.cores[partition]
         flushed = core.head_lsn
         step = core.apply(command)
         assert is_accepted(step.outcome), step.outcome
+        committed_at_ms = self.clock_ms + 1
+        payloads = self.store.encode_changes(step.events, committed_at_ms)
         await self.store.flush(
-            step.records, {partition: self.epochs[partition]}, {partition: flushed}, step.events
+            step.records,
+            {partition: self.epochs[partition]},
+            {partition: flushed},
+            step.events,
+            payloads,
         )
+        for event, payload in zip(step.events, payloads, strict=True):
+            self.encoded[event] = (payload, committed_at_ms)
         return list(step.events)
+
+    def publish(self, publisher: EventPublisher, events: Sequence[AvailabilityChanged]) -> None:
+        """Hand flushed changes to the publisher as the owner does: the ledger's bytes."""
+        payloads = [self.encoded[event][0] for event in events]
+        committed_at_ms = max((self.encoded[event][1] for event in events), default=0)
+        publisher.publish(events, payloads, committed_at_ms)
 
     async def workload(
         self,
@@ -103,7 +120,7 @@ class Shard:
                     made += len(events)
                     if publisher is not None:
                         started_s = time.perf_counter()
-                        publisher.publish(events, self.clock_ms + 1)
+                        self.publish(publisher, events)
                         if publish_durations_s is not None:
                             publish_durations_s.append(time.perf_counter() - started_s)
         return made
@@ -119,7 +136,7 @@ class Shard:
             assert isinstance(outcome, Reserved)
             rid = outcome.reservation.reservation_id
             if publisher is not None:
-                publisher.publish(events, self.clock_ms)
+                self.publish(publisher, events)
             extend = Extend(MERCHANT, f"x-{partition}", rid, 120, self.clock_ms)
             assert await self.write(partition, extend) == []
 
@@ -179,11 +196,16 @@ async def converged(redis_url: str, shard: Shard) -> bool:
 
 async def ledger_ids(pool: asyncpg.Pool, partition: int) -> list[str]:
     rows = await pool.fetch(
-        """SELECT lsn, jsonb_array_length(changes) AS n FROM ledger
-            WHERE partition = $1 ORDER BY lsn""",
+        """SELECT first_lsn, last_lsn, changes FROM ledger_batches
+            WHERE partition = $1 ORDER BY last_lsn""",
         partition,
     )
-    return [f"{r['lsn']}-{index}" for r in rows for index in range(r["n"])]
+    return [
+        f"{lsn}-{change.index}"
+        for r in rows
+        for lsn, changes in decode_changes(partition, r["first_lsn"], r["last_lsn"], r["changes"])
+        for change in changes
+    ]
 
 
 def closed_port() -> int:
@@ -279,12 +301,12 @@ def test_buffer_holds_publish_buffer_events_max_and_overflow_drops_and_marks(
                     command = SetStock(key, f"set-{sku}", 3, None, T0_MS)
                     batches.append(await shard.write(partition, command))
             for events in batches:  # exactly at the bound: nothing dropped
-                publisher.publish(events, T0_MS)
+                shard.publish(publisher, events)
             assert publisher.stats.buffered_events == 6
             assert publisher.stats.buffer_drops == 0
             key = InventoryKey(MERCHANT, "sku-3", location_in(MERCHANT, PARTITIONS[0]))
             one_more = await shard.write(PARTITIONS[0], SetStock(key, "x", 1, None, T0_MS))
-            publisher.publish(one_more, T0_MS)
+            shard.publish(publisher, one_more)
             assert publisher.stats.buffered_events == 0
             assert publisher.stats.buffer_drops == 7
             assert publisher.stats.partitions_needing_catch_up == len(PARTITIONS)
@@ -372,7 +394,7 @@ def test_a_flush_goes_to_redis_as_one_script_call_and_stamps_as_one_mset(
                                 command = SetStock(key, f"one-{sku}", 5, None, T0_MS)
                                 flush += await shard.write(partition, command)
                         before = await calls(client)
-                        publisher.publish(flush, T0_MS + 1)
+                        shard.publish(publisher, flush)
                         await eventually(lambda: converged(url, shard), what="convergence")
                         await asyncio.sleep(0.3)  # a few stamping intervals
                         after = await calls(client)

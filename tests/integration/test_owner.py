@@ -78,6 +78,15 @@ class FakeStore:
     fail_loads: int = 0
     fail_checkpoints: int = 0
     loads: list[list[int]] = field(default_factory=list)
+    # The change encodings of every committed flush, in order (the ledger's outbox).
+    outbox: list[bytes] = field(default_factory=list)
+    encoded: int = 0  # changes encoded, by every encode_changes call
+
+    def encode_changes(
+        self, events: Sequence[AvailabilityChanged], committed_at_ms: int
+    ) -> list[bytes]:
+        self.encoded += len(events)
+        return [payload_of(event) for event in events]
 
     def own(self, *partitions: int) -> None:
         for partition in partitions:
@@ -90,7 +99,9 @@ class FakeStore:
         epochs: dict[int, int],
         flushed_heads: dict[int, int],
         events: Sequence[AvailabilityChanged] = (),
+        payloads: Sequence[bytes] = (),
     ) -> tuple[int, ...]:
+        assert [payload_of(e) for e in events] == list(payloads), "changes and their encodings"
         self.flush_calls.append(list(records))
         if self.flush_gate is not None:
             await self.flush_gate.wait()
@@ -107,6 +118,7 @@ class FakeStore:
         for record in records:
             assert record.lsn == len(self.durable[record.partition]) + 1
             self.durable[record.partition].append(record)
+        self.outbox.extend(payloads)
         if self.fail_flushes_after_commit:
             self.fail_flushes_after_commit -= 1
             raise StoreDown("connection reset after commit")
@@ -154,12 +166,25 @@ class Clock:
         return self.now_ms
 
 
+def payload_of(event: AvailabilityChanged) -> bytes:
+    """The fake store's encoding of a change: enough to tell changes apart."""
+    return f"{event.partition}/{event.lsn}/{event.key.sku_id}/{event.after.version}".encode()
+
+
 @dataclass
 class Events:
     published: list[tuple[AvailabilityChanged, ...]] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
 
-    def publish(self, events: Sequence[AvailabilityChanged], committed_at_ms: int) -> None:
+    def publish(
+        self,
+        events: Sequence[AvailabilityChanged],
+        payloads: Sequence[bytes],
+        committed_at_ms: int,
+    ) -> None:
+        assert [payload_of(e) for e in events] == list(payloads), "changes and their encodings"
         self.published.append(tuple(events))
+        self.payloads.extend(payloads)
 
 
 @dataclass

@@ -72,6 +72,7 @@ class ScriptedStore(FakeStore):
         epochs: dict[int, int],
         flushed_heads: dict[int, int],
         events: Sequence[AvailabilityChanged] = (),
+        payloads: Sequence[bytes] = (),
     ) -> tuple[int, ...]:
         call = len(self.started)
         self.started.append(list(records))
@@ -87,7 +88,7 @@ class ScriptedStore(FakeStore):
         if isinstance(action, tuple):
             for partition in action:
                 self.epoch[partition] += 1  # someone else took it
-        fenced = await super().flush(records, epochs, flushed_heads, events)
+        fenced = await super().flush(records, epochs, flushed_heads, events, payloads)
         if not fenced:
             self.committed_calls.append(call)
         if action == LOST_REPLY and not fenced:
@@ -249,6 +250,10 @@ def test_a_fenced_partition_in_a_pipelined_batch_is_refused_alone() -> None:
                 {5},
             ]
             assert r.owner.stats.fenced == 1
+            # The sink sent exactly what the ledger stored, each change encoded once (the
+            # re-flush without partition 3 reused the batch's encodings).
+            assert r.events.payloads == store.outbox
+            assert len(store.outbox) == 2 and store.encoded == 3
 
     run(body)
 
@@ -318,6 +323,7 @@ def test_no_answer_or_event_before_its_commit_and_one_flush_at_a_time_in_order(
                     for event in batch:
                         kept = {rec.lsn for rec in store.durable[event.partition]}
                         assert event.lsn in kept, "an event left before its commit"
+                assert set(r.events.payloads) <= set(store.outbox), "sent what was not stored"
 
             for index, (kind, value) in enumerate(schedule):
                 if kind == "write":

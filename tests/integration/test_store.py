@@ -34,6 +34,7 @@ from inventory_core import (
     limits,
     partition_of,
 )
+from persistence.ledger import MSGPACK
 from persistence.migrate import ensure_partitions, migrate, migrations
 from persistence.store import FencedOut, PartitionStore
 
@@ -133,7 +134,11 @@ async def head_of(pool: asyncpg.Pool, partition: int) -> int:
 
 
 async def ledger_count(pool: asyncpg.Pool, partition: int) -> int:
-    count = await pool.fetchval("SELECT count(*) FROM ledger WHERE partition = $1", partition)
+    count = await pool.fetchval(
+        "SELECT coalesce(sum(last_lsn - first_lsn + 1), 0) FROM ledger_batches"
+        " WHERE partition = $1",
+        partition,
+    )
     return int(count)
 
 
@@ -238,15 +243,17 @@ def test_flush_appends_records_and_advances_head(database_url: str) -> None:
         assert [row.record for row in stored] == first + second
         assert {row.epoch for row in stored} == {a.epochs[3]}
         assert [row.record for row in await store.ledger(3, after_lsn=2)] == second
-        columns = await pool.fetch(
-            "SELECT lsn, kind, merchant_id, idempotency_key, occurred_at IS NOT NULL AS occ"
-            " FROM ledger WHERE partition = 3 ORDER BY lsn"
+        # One row per partition per flush, both blobs in the binary format (migration 0005).
+        rows = await pool.fetch(
+            "SELECT first_lsn, last_lsn, epoch, get_byte(records, 0) AS records,"
+            " get_byte(changes, 0) AS changes, recorded_at"
+            " FROM ledger_batches WHERE partition = 3 ORDER BY last_lsn"
         )
-        assert [tuple(r) for r in columns] == [
-            (1, "set_stock", MERCHANT, "s1", False),
-            (2, "adjust_stock", MERCHANT, "adj1", True),
-            (3, "set_safety_stock", MERCHANT, "ss1", False),
+        assert [tuple(r)[:5] for r in rows] == [
+            (1, 2, a.epochs[3], MSGPACK, MSGPACK),
+            (3, 3, a.epochs[3], MSGPACK, MSGPACK),
         ]
+        assert [round(r["recorded_at"].timestamp() * 1000) for r in rows] == [T0_MS, T0_MS + 1]
         await assert_loads_equal(store, a.cores[3])
 
     run_with_store(database_url, body)
@@ -263,8 +270,9 @@ def test_flush_spanning_two_partitions_commits_both_or_neither(database_url: str
 
         # Make partition 3's insert fail (lsn 2 already taken) after partition 2's rows went in.
         await pool.execute(
-            "INSERT INTO ledger (partition, lsn, epoch, recorded_at, kind, payload)"
-            " VALUES (3, 2, 0, now(), 'set_stock', '{}')"
+            "INSERT INTO ledger_batches"
+            " (partition, last_lsn, first_lsn, epoch, recorded_at, records, changes)"
+            " VALUES (3, 2, 2, 0, now(), '\\x01', '\\x01')"
         )
         failing = a.apply(2, set_stock(key(2, "pear"), 5, "s2b")) + a.apply(
             3, set_stock(key(3, "plum"), 7, "s3b")
