@@ -29,6 +29,7 @@ from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
 
 from inventory_core import (
+    ClientCommand,
     Invalid,
     InventoryKey,
     Release,
@@ -210,7 +211,7 @@ class RouterCalls:
     async def _routed(
         self, rpc: rpcs.Rpc[RequestT, ResponseT], request: RequestT, deadline: float | None
     ) -> ResponseT:
-        partition = ROUTES[rpc.field].partition_of(request)  # checked first: Refusal
+        partition = ROUTES[rpc.field].partition_of(request)  # Refusal: it names none
         return await self._forward(partition, rpc, request, deadline)
 
     # ------------------------------------------------------------------------- saga
@@ -514,9 +515,15 @@ class RouterService(CallsServicer):
         super().__init__(RouterCalls(routes, read_view))
 
 
-def _reservation_partition(reservation_id: str) -> int:
+def _reservation_partition(
+    reservation_id: str, command: Callable[[], ClientCommand] | None = None
+) -> int:
+    """The partition a reservation id names; when it names none, the request is refused
+    here, with the core's answer for it if it is malformed (as the owner would give)."""
     partition = partition_of_reservation(reservation_id)
     if partition is None:
+        if command is not None:
+            check(validate(command()))
         raise Refusal.of(ReservationNotFound(reservation_id))
     return partition
 
@@ -543,8 +550,8 @@ def _keep_propagated(item: pb.BatchItem) -> None:
 def _checked_partition(
     item: pb.BatchItem, name: str, route: Route, answer: batching.Answer
 ) -> int | None:
-    """The partition the item's request names, once it passed the core's checks; None when
-    it did not (or the check failed: a bug), and then the item is answered here."""
+    """The partition the item's request names; None when it names none (or naming it
+    failed: a bug), and then the item is answered here."""
     try:
         return route.partition_of(getattr(item, name))
     except Refusal as refusal:
@@ -557,28 +564,31 @@ def _checked_partition(
 
 
 # ----------------------------------------------------------------- the routed calls
+#
+# A routed call is validated once, by its owner (the core's rules, at the shard): the router
+# reads only the fields that name the partition. A request that names none (a Reserve with
+# no line, a reservation id that is not one) is answered here, with the owner's answer: the
+# core's check of it, else the refusal of the id.
 
 
 def _reserve_partition(request: pb.ReserveRequest) -> int:
-    command = convert.reserve(request)
-    check(validate(command))
-    first = command.lines[0].key
-    return partition_of(first.merchant_id, first.location_id)
+    if request.lines:
+        first = request.lines[0].key
+        return partition_of(first.merchant_id, first.location_id)
+    check(validate(convert.reserve(request)))
+    raise AssertionError("a Reserve without lines passed the core's checks")
 
 
 def _commit_partition(request: pb.CommitRequest) -> int:
-    check(validate(convert.commit(request)))
-    return _reservation_partition(request.reservation_id)
+    return _reservation_partition(request.reservation_id, lambda: convert.commit(request))
 
 
 def _release_partition(request: pb.ReleaseRequest) -> int:
-    check(validate(convert.release(request)))
-    return _reservation_partition(request.reservation_id)
+    return _reservation_partition(request.reservation_id, lambda: convert.release(request))
 
 
 def _extend_partition(request: pb.ExtendReservationRequest) -> int:
-    check(validate(convert.extend(request)))
-    return _reservation_partition(request.reservation_id)
+    return _reservation_partition(request.reservation_id, lambda: convert.extend(request))
 
 
 def _get_reservation_partition(request: pb.GetReservationRequest) -> int:
@@ -586,24 +596,21 @@ def _get_reservation_partition(request: pb.GetReservationRequest) -> int:
 
 
 def _adjust_stock_partition(request: pb.AdjustStockRequest) -> int:
-    check(validate(convert.adjust_stock(request)))
     return _key_partition(request.key)
 
 
 def _set_stock_partition(request: pb.SetStockRequest) -> int:
-    check(validate(convert.set_stock(request)))
     return _key_partition(request.key)
 
 
 def _set_safety_stock_partition(request: pb.SetSafetyStockRequest) -> int:
-    check(validate(convert.set_safety_stock(request)))
     return _key_partition(request.key)
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A call forwarded whole to one owner: ``partition_of(request)`` checks the request
-    with the core's rules (``Refusal`` if it is malformed) and names its partition."""
+    """A call forwarded whole to one owner: ``partition_of(request)`` names its partition
+    (``Refusal`` for a request that names none; the owner checks the rest)."""
 
     rpc: rpcs.Rpc[Any, Any]
     partition_of: Callable[[Any], int]

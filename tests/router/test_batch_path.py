@@ -144,6 +144,25 @@ def test_a_malformed_item_is_refused_by_the_router_without_a_hop_the_others_answ
     run(scenario)
 
 
+def test_an_item_that_names_its_owner_is_checked_there_alone() -> None:
+    """Validated once, at the owner: the router reads only what routes the call, so a
+    request it can route reaches its owner as sent, malformed or not (the owner's check
+    gives the precise answer; tests/e2e/test_shard_process.py holds that answer)."""
+
+    async def scenario() -> None:
+        async with cluster() as c:
+            request = reserves(["loc-1"])
+            malformed = reserve_request("zero-quantity", "loc-2")
+            malformed.lines[0].quantity = 0
+            malformed.ttl_s = 1  # below the 30 s bound
+            request.items.add(id=2, timeout_ms=10_000).reserve.CopyFrom(malformed)
+            await c.batch(request)
+            [seen] = c.owner_of("loc-2").items_seen
+            assert seen.reserve.SerializeToString() == malformed.SerializeToString()
+
+    run(scenario)
+
+
 def test_an_item_answered_unavailable_is_retried_and_answered_once() -> None:
     async def scenario() -> None:
         async with cluster() as c:
