@@ -83,8 +83,11 @@ _FLUSH = """WITH expected AS (
     complete AS MATERIALIZED (
         SELECT count(*) = cardinality($1::integer[]) AS ok FROM matched),
     advanced AS (
+        -- the ANY() gives the planner an index condition: without it, it scans all 1,024
+        -- rows (a seventh of PostgreSQL's CPU per flush of a few partitions)
         UPDATE partitions AS p SET head_lsn = v.head FROM expected v, complete
-         WHERE complete.ok AND p.partition = v.partition),
+         WHERE complete.ok AND p.partition = v.partition
+           AND p.partition = ANY($1::integer[])),
     appended AS (
         INSERT INTO ledger_batches (partition, last_lsn, first_lsn, epoch, recorded_at,
                                     records, changes)
