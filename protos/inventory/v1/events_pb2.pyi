@@ -76,7 +76,9 @@ class AvailabilityChanged(_message.Message):
     recorded_at_ms: _builtins.int
     """when the owner applied it (Unix epoch ms)"""
     committed_at_ms: _builtins.int
-    """when its batch was durable"""
+    """When its batch was sent to commit (durable a few ms later): the ledger keeps it, so a
+    change republished from the ledger carries the same time.
+    """
     @_builtins.property
     def key(self) -> _inventory_pb2.InventoryKey: ...
     @_builtins.property
