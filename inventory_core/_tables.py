@@ -53,7 +53,10 @@ class Table(Generic[K, V]):
         self.schema = schema
         # OrderedDict: retention pops the oldest row, cheap however many were popped.
         self._rows: OrderedDict[K, V] = OrderedDict()
-        self._changed: dict[K, None] = {}
+        # Each changed key with its row as of its last change (None: removed), so that a
+        # checkpoint reads the log alone: hashing a dataclass key again for every changed
+        # row cost ~1.7 µs a row, 200 ms on the loop for a 120,000-row delta.
+        self._changed: dict[K, V | None] = {}
 
     # reads
     def get(self, key: K) -> V | None:
@@ -86,7 +89,7 @@ class Table(Generic[K, V]):
     # writes: each one lands in the change log
     def put(self, key: K, row: V) -> None:
         self._rows[key] = row
-        self._changed[key] = None
+        self._changed[key] = row
 
     def remove(self, key: K) -> None:
         del self._rows[key]
@@ -98,14 +101,11 @@ class Table(Generic[K, V]):
         if full:
             delta = TableDelta(tuple(self._rows.items()), ())
         else:
-            upserts, removals = [], []
-            for key in self._changed:
-                row = self._rows.get(key)
-                if row is None:
-                    removals.append(key)
-                else:
-                    upserts.append((key, row))
-            delta = TableDelta(tuple(upserts), tuple(removals))
+            changed = self._changed.items()
+            delta = TableDelta(
+                tuple([(key, row) for key, row in changed if row is not None]),
+                tuple([key for key, row in changed if row is None]),
+            )
         self._changed = {}
         return delta
 

@@ -238,24 +238,26 @@ class PartitionStore:
             return
         pieces = [piece for d in deltas for piece in d.pieces(rows_per_transaction)]
         groups = [g for g in _groups(pieces, rows_per_transaction) if any(p.row_count for p in g)]
+        superseded = []
         for group in groups:
-            await self._write_rows(group, epochs)
+            # Encoding costs tens of µs a row (an answer is a nested dataclass): off the
+            # loop, with the prune's key columns, so that replies keep flowing while a large
+            # checkpoint is written (the GIL hands the loop back every few ms). The rows are
+            # immutable values taken at the checkpoint.
+            rows, keys = await asyncio.to_thread(_encode_rows, group)
+            partitions = sorted({piece.partition for piece in group})
+            await self._write_rows(partitions, rows, epochs)
+            superseded.append((partitions, keys))
         await self._commit_checkpoint(deltas, epochs)
-        for group in groups:
-            await self._prune_superseded(group, epochs)
+        for partitions, keys in superseded:
+            await self._prune_superseded(partitions, keys, epochs)
         for delta in deltas:
             if delta.full:
                 await self._prune_below_base(delta.partition, rows_per_transaction)
 
     async def _write_rows(
-        self, pieces: Sequence[CheckpointDelta], epochs: Mapping[int, int]
+        self, partitions: Sequence[int], columns: list[list[object]], epochs: Mapping[int, int]
     ) -> None:
-        # Encoding a row costs tens of µs (an answer is a nested dataclass): off the loop, so
-        # that replies keep flowing while a large checkpoint is written (the GIL hands the
-        # loop back every few ms). The rows are immutable values taken at the checkpoint.
-        rows = await asyncio.to_thread(_encode_rows, pieces)
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        partitions = sorted({piece.partition for piece in pieces})
         async with self._pool.acquire() as connection, connection.transaction():
             # The rows are invisible until step 2, whose commit waits for WAL up to itself
             # (this transaction's included): no fsync of their own is needed.
@@ -304,20 +306,13 @@ class PartitionStore:
             raise FencedOut(sorted(set(partitions) - {r["partition"] for r in advanced}))
 
     async def _prune_superseded(
-        self, pieces: Sequence[CheckpointDelta], epochs: Mapping[int, int]
+        self, partitions: Sequence[int], columns: list[list[object]], epochs: Mapping[int, int]
     ) -> None:
-        """Delete the older versions of the rows the pieces wrote, and their removals
-        (a removed row with no older version left is nothing at all)."""
-        keys: list[tuple[object, ...]] = []
-        for piece in pieces:
-            for name, changes in piece.tables.items():
-                schema = TABLES[name]
-                for key in (*(k for k, _ in changes.upserts), *changes.removals):
-                    keys.append((piece.partition, name, _json(schema.key_to_data(key)), piece.lsn))
-        columns = [list(column) for column in zip(*keys, strict=True)]
-        if not keys:
+        """Delete the older versions of the rows a group wrote (``columns``: partition,
+        table, key, lsn), and their removals (a removed row with no older version left is
+        nothing at all)."""
+        if not columns or not columns[0]:
             return
-        partitions = sorted({piece.partition for piece in pieces})
         await self._pool.execute(
             f"""{_EPOCH_HELD}
                DELETE FROM partition_rows AS r
@@ -450,16 +445,30 @@ def _groups(pieces: Sequence[CheckpointDelta], rows_max: int) -> list[list[Check
     return groups
 
 
-def _encode_rows(pieces: Sequence[CheckpointDelta]) -> list[tuple[object, ...]]:
-    """The pieces' rows as (partition, table, key, body or None, lsn), JSON-encoded."""
+def _encode_rows(
+    pieces: Sequence[CheckpointDelta],
+) -> tuple[list[list[object]], list[list[object]]]:
+    """The pieces' rows as columns (partition, table, key, body or None, lsn), JSON-encoded,
+    and the columns that prune what they supersede (partition, table, key, lsn). A full
+    piece prunes nothing by key: everything below its base goes (``_prune_below_base``)."""
     rows: list[tuple[object, ...]] = []
+    keys: list[tuple[object, ...]] = []
     for piece in pieces:
         for name, changes in piece.tables.items():
             schema = TABLES[name]
             at = (piece.partition, name)
+            written = len(rows)
             for key, row in changes.upserts:
                 body = _json(schema.row_to_data(row))
                 rows.append((*at, _json(schema.key_to_data(key)), body, piece.lsn))
             for key in changes.removals:
                 rows.append((*at, _json(schema.key_to_data(key)), None, piece.lsn))
-    return rows
+            if not piece.full:
+                keys.extend((p, n, k, lsn) for p, n, k, _, lsn in rows[written:])
+    return _columns(rows, 5), _columns(keys, 4)
+
+
+def _columns(rows: list[tuple[object, ...]], width: int) -> list[list[object]]:
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]

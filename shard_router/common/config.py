@@ -207,7 +207,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-interval-s",
         type=_positive_float,
         default=env("CHECKPOINT_INTERVAL_S", "30.0"),
-        help="checkpoint at least this often while anything changed; also every 50,000 "
+        help="checkpoint at least this often while anything changed; also every 20,000 "
         "records, which bounds the ledger tail a recovery replays "
         "[INVENTORY_CHECKPOINT_INTERVAL_S]",
     )

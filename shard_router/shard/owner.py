@@ -175,15 +175,15 @@ class OwnerLimits:
     # The expiry timer's period: expired units return to sale within about this long.
     expiry_tick_s: float = 0.2
     # Checkpoint when this many records were flushed since the last one, or this long passed:
-    # bounds the ledger tail replayed at recovery (50,000 records: about 2 s). A checkpoint
-    # costs rows for every key changed since the last; keys changed again in the meantime
-    # are written once, so rarer checkpoints cost less per record (measured at 5 s: 11 % of
-    # a shard's samples under uniform load).
-    checkpoint_records_max: int = 50_000
+    # bounds the ledger tail replayed at recovery (20,000 records: under a second). A
+    # checkpoint costs rows for every key changed since the last (keys changed again in the
+    # meantime are written once), and its delta is taken on the loop at about 0.3 µs a row
+    # (three rows a reservation): 20,000 records hold the loop ~20 ms; 50,000 held it
+    # 100-400 ms at 1,000,000 keys.
+    checkpoint_records_max: int = 20_000
     checkpoint_interval_s: float = 30.0
-    # Rows (keys, reservations, idempotency entries) per checkpoint transaction. They are
-    # encoded on the loop at about 5 µs each: 1,000 rows hold it for a few milliseconds,
-    # so the loop keeps replying while a big checkpoint is written.
+    # Rows (keys, reservations, idempotency entries) per checkpoint transaction, encoded in
+    # a worker thread: bounds a transaction, and the time the GIL is away from the loop.
     checkpoint_transaction_rows_max: int = 1_000
     # Recovery retries a failing database with exponential backoff up to this period.
     recovery_backoff_s_max: float = 5.0

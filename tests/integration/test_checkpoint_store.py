@@ -9,6 +9,7 @@ row leaves nothing; a full checkpoint hides and deletes everything older.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import asyncpg
 import pytest
@@ -157,14 +158,51 @@ def test_one_partitions_delta_is_written_in_bounded_transactions(
         written: list[int] = []
         write_rows = store._write_rows
 
-        async def counted(pieces: list[store_module.CheckpointDelta], epochs: object) -> None:
-            written.append(sum(p.row_count for p in pieces))
-            await write_rows(pieces, epochs)  # type: ignore[arg-type]
+        async def counted(
+            partitions: list[int], columns: list[list[object]], epochs: object
+        ) -> None:
+            written.append(len(columns[0]))
+            await write_rows(partitions, columns, epochs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(store, "_write_rows", counted)
         await store.write_checkpoint([delta], a.epochs, rows_per_transaction=120)
         assert written == [120, 120, 120, 120, 20]
         await assert_loads_equal(store, live)
+
+    run_with_store(database_url, body)
+
+
+def test_a_checkpoint_encodes_nothing_on_the_event_loop(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows and the prune's keys are JSON-encoded in a worker thread: encoding a large
+    delta on the loop held every reply of the shard for hundreds of ms at 1M keys."""
+
+    async def body(pool: asyncpg.Pool, store: PartitionStore) -> None:
+        a = await Writer.acquire(store, [6], "a")
+        records = []
+        for index in range(50):
+            records += a.apply(6, set_stock(key(6, f"sku-{index}"), 1, f"s{index}"))
+        await a.flush(records)
+        first = a.cores[6].take_checkpoint()  # full: pruned below its base, not by key
+        await store.write_checkpoint([first], a.epochs, rows_per_transaction=1000)
+        await a.flush(a.apply(6, set_stock(key(6, "sku-1"), 2, "again")))
+        delta = a.cores[6].take_checkpoint()
+        assert not delta.full and delta.row_count == 2
+
+        loop_thread = threading.get_ident()
+        on_loop: list[object] = []
+        encode = store_module._json
+
+        def watched(data: object) -> str:
+            if threading.get_ident() == loop_thread:
+                on_loop.append(data)
+            return encode(data)
+
+        monkeypatch.setattr(store_module, "_json", watched)
+        await store.write_checkpoint([delta], a.epochs, rows_per_transaction=1000)
+        assert on_loop == []
+        await assert_loads_equal(store, a.cores[6])
 
     run_with_store(database_url, body)
 
