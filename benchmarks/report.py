@@ -568,7 +568,7 @@ def plots(results: dict[str, Any], output_dir: Path) -> list[str]:
         return written
     columns = min(4, len(workloads))
     rows = math.ceil(len(workloads) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.5 * rows), squeeze=False)
+    figure, axes = _grid(rows, columns, len(workloads))
     for index, workload in enumerate(workloads):
         axis = axes[index // columns][index % columns]
         for target in sorted({p["target"] for p in phases}):
@@ -589,7 +589,7 @@ def plots(results: dict[str, Any], output_dir: Path) -> list[str]:
     plt.close(figure)
     written.append("throughput_vs_concurrency.png")
 
-    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.5 * rows), squeeze=False)
+    figure, axes = _grid(rows, columns, len(workloads))
     for index, workload in enumerate(workloads):
         axis = axes[index // columns][index % columns]
         chosen: dict[str, dict[str, Any]] = {}
@@ -613,6 +613,14 @@ def plots(results: dict[str, Any], output_dir: Path) -> list[str]:
     plt.close(figure)
     written.append("latency_cdf.png")
     return written
+
+
+def _grid(rows: int, columns: int, used: int) -> tuple[Any, Any]:
+    """A rows x columns figure of plots; the cells past ``used`` are hidden, not empty."""
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.5 * rows), squeeze=False)
+    for index in range(used, rows * columns):
+        axes[index // columns][index % columns].set_visible(False)
+    return figure, axes
 
 
 def readme_table(results: dict[str, Any]) -> str:
