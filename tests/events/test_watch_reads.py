@@ -8,18 +8,18 @@ pre-built XREAD; once the last watcher leaves, the XREADs stop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as redis
-from inventory.v1 import events_pb2
 
 from inventory_core import InventoryKey
 from persistence.embedded import EmbeddedRedis
 from persistence.readview import EventReader
-from shard_router.router.watch import Subscriber, WatchFilter, WatchHub, WatchLimits
+from shard_router.router.watch import WatchFilter, WatchHub, WatchLimits
+from tests.watch.harness import take, watch
 
 from ._support import apply, change, location_in
 
@@ -46,21 +46,6 @@ async def calls(url: str, command: str) -> int:
     finally:
         await client.aclose()
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
-
-
-async def take(stream: AsyncGenerator[events_pb2.WatchEvent, None]) -> events_pb2.WatchEvent:
-    async with asyncio.timeout(5):
-        return await anext(stream)
-
-
-async def watch(
-    hub: WatchHub, watch_filter: WatchFilter
-) -> tuple[Subscriber, AsyncGenerator[events_pb2.WatchEvent, None]]:
-    subscriber = hub.subscribe(watch_filter)
-    assert isinstance(subscriber, Subscriber)
-    stream = subscriber.stream(None)
-    assert (await take(stream)).snapshot.complete
-    return subscriber, stream
 
 
 def test_the_hub_reads_redis_only_while_watched_and_only_what_is_watched(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import cast
@@ -11,7 +11,13 @@ from typing import cast
 import grpc
 from inventory.v1 import events_pb2, events_pb2_grpc
 
-from shard_router.router.watch import AvailabilityStreamService, WatchHub, WatchLimits
+from shard_router.router.watch import (
+    AvailabilityStreamService,
+    Subscriber,
+    WatchFilter,
+    WatchHub,
+    WatchLimits,
+)
 
 from .fake_source import FakeEventSource
 
@@ -107,3 +113,20 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = EVENT_WAI
             if condition():
                 return
             await asyncio.sleep(0.001)
+
+
+async def take(stream: AsyncGenerator[events_pb2.WatchEvent, None]) -> events_pb2.WatchEvent:
+    """The stream's next event, within EVENT_WAIT_S."""
+    async with asyncio.timeout(EVENT_WAIT_S):
+        return await anext(stream)
+
+
+async def watch(
+    hub: WatchHub, watch_filter: WatchFilter
+) -> tuple[Subscriber, AsyncGenerator[events_pb2.WatchEvent, None]]:
+    """A subscriber of ``hub`` whose stream has sent its (complete) snapshot."""
+    subscriber = hub.subscribe(watch_filter)
+    assert isinstance(subscriber, Subscriber)
+    stream = subscriber.stream(None)
+    assert (await take(stream)).snapshot.complete
+    return subscriber, stream

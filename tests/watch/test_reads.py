@@ -15,7 +15,7 @@ from inventory_core import PARTITION_COUNT, partition_of
 from shard_router.router.watch import Subscriber, WatchFilter, WatchHub, WatchLimits
 
 from .fake_source import FakeEventSource
-from .harness import MERCHANT, Watcher, eventually
+from .harness import MERCHANT, Watcher, eventually, take, watch
 
 LIMITS = WatchLimits(read_block_ms=20, heartbeat_interval_s=5.0)
 # A read that blocks far longer than any test waits: what arrives must not wait for it.
@@ -32,22 +32,6 @@ def locations_in_distinct_partitions(count: int) -> list[tuple[str, int]]:
         found.setdefault(partition_of(MERCHANT, location, PARTITION_COUNT), location)
         index += 1
     return [(location, partition) for partition, location in found.items()]
-
-
-async def take(stream: AsyncGenerator[events_pb2.WatchEvent, None]) -> events_pb2.WatchEvent:
-    async with asyncio.timeout(5):
-        return await anext(stream)
-
-
-async def watch(
-    hub: WatchHub, watch_filter: WatchFilter
-) -> tuple[Subscriber, AsyncGenerator[events_pb2.WatchEvent, None]]:
-    """A subscriber whose stream has sent its (complete) snapshot."""
-    subscriber = hub.subscribe(watch_filter)
-    assert isinstance(subscriber, Subscriber)
-    stream = subscriber.stream(None)
-    assert (await take(stream)).snapshot.complete
-    return subscriber, stream
 
 
 async def leave(
