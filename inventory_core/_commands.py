@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._model import AdjustmentReason, InventoryKey, Line
+from ._model import AdjustmentReason, FeedEventKind, InventoryKey, Line
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +96,43 @@ class SetSafetyStock:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedEvent:
+    """One fact from a POS gateway or a supplier feed (DESIGN section 9)."""
+
+    # The dedupe key within the sender's source: the same event sent again is applied once.
+    event_id: str
+    # None when the sender named no kind we know: refused, never applied.
+    kind: FeedEventKind | None
+    key: InventoryKey
+    # When it happened at the store (Unix epoch ms): what orders counts and deltas.
+    occurred_at_ms: int
+    # Units moved: positive for sale, return and receipt; signed for an adjustment; 0 (unset)
+    # for a count.
+    quantity: int = 0
+    # A count's absolute on_hand (None for every other kind).
+    count: int | None = None
+    # Free text for the audit trail.
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ingest:
+    """A sender's events for keys of one partition, each acknowledged on its own.
+
+    Not remembered by idempotency key: every event is de-duplicated by (merchant, source,
+    event_id) instead, so a batch may be re-sent whole or in part, in any order. The ledger
+    record holds only the events it recorded (applied or superseded).
+    """
+
+    merchant_id: str
+    source: str
+    events: tuple[FeedEvent, ...]
+    now_ms: int
+    # Tags the records of a bulk import, so that a rebuild can leave them out ("" for none).
+    batch_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Expire:
     """Expire the listed reservations, each due at or before now_ms."""
 
@@ -103,6 +140,8 @@ class Expire:
     now_ms: int
 
 
-# Commands a client sends; each is scoped to a merchant and carries an idempotency key.
-ClientCommand = Reserve | Commit | Release | Extend | AdjustStock | SetStock | SetSafetyStock
+# Commands that carry an idempotency key: their answers are remembered for retries.
+KeyedCommand = Reserve | Commit | Release | Extend | AdjustStock | SetStock | SetSafetyStock
+# Commands a client sends; each is scoped to a merchant.
+ClientCommand = KeyedCommand | Ingest
 Command = ClientCommand | Expire

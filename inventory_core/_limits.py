@@ -77,3 +77,27 @@ expiry_heap_stale_entries_min: Final = 1024
 process_keys_max: Final = 4_000_000
 process_reservations_live_max: Final = 1_000_000
 process_idempotency_entries_max: Final = 3_000_000
+
+# Feeds (DESIGN section 9). Events per Ingest: bounds one serial step and one record, like a
+# Batch request's items.
+ingest_events_max: Final = 1000
+# Event ids are a till's "<store>:<terminal>:<receipt>:<line>" or a supplier's ASN line ids.
+event_id_length_max: Final = 128
+# The free-text reason kept with an event in the ledger.
+feed_reason_length_max: Final = 200
+# How far in the future an event may say it occurred: the till's clock may run a little
+# ahead of ours; further than this is a broken clock, refused rather than let it outrank
+# every later count.
+feed_clock_skew_ms_max: Final = 5 * 60 * 1000
+# The window of history kept per key: every delta applied since the key's last count that
+# occurred at most this long ago, by (merchant, source, event_id). Inside it, events apply
+# exactly whatever their order and however often they are sent; a late count is applied as
+# its value plus the deltas that occurred after it. An offline store's backlog (DESIGN: an
+# hour) and a gateway's redelivery after a day's outage both fit. Past it: a delta older
+# than the window cannot be told from one already applied, so it is refused (send a count);
+# a count older than the window is recorded as superseded.
+feed_history_retention_ms: Final = 24 * 60 * 60 * 1000
+# Deltas kept per key inside that window. A shelf that sells 1000 units a day between two
+# counts fits; past it the oldest are forgotten and an event older than them is treated as
+# outside the window. Bounds one key's history (~0.2 KiB a delta) at ~200 KiB.
+feed_history_per_key_max: Final = 1024

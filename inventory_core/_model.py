@@ -103,6 +103,30 @@ class ChangeReason(enum.Enum):
     TRANSFER = "transfer"
     SET_STOCK = "set_stock"
     SET_SAFETY_STOCK = "set_safety_stock"
+    # Feeds (DESIGN section 9): an adjustment and a count from a POS or supplier feed, and
+    # several feed events of one record on one key (one change per key per record).
+    ADJUSTMENT = "adjustment"
+    COUNT = "count"
+    FEED = "feed"
+
+
+class FeedEventKind(enum.Enum):
+    """What a feed event says happened at the store (DESIGN section 9)."""
+
+    SALE = "sale"  # sold at the till: quantity units left the shelf
+    RETURN = "return"  # a customer brought quantity units back
+    RECEIPT = "receipt"  # a supplier delivered quantity units
+    ADJUSTMENT = "adjustment"  # a signed correction: shrinkage, damage, a transfer
+    COUNT = "count"  # on_hand was ``count`` at occurred_at
+
+    @property
+    def is_count(self) -> bool:
+        return self is FeedEventKind.COUNT
+
+    @property
+    def sign(self) -> int:
+        """How the event's quantity moves on_hand (an adjustment's is already signed)."""
+        return -1 if self is FeedEventKind.SALE else 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,13 @@ first that applies.
     InsufficientStock       a reserve line exceeds available (requested and available per line)
 
 Accepted outcomes: ``Reserved``, ``Committed``, ``Released``, ``Extended``, ``StockChanged``,
-``Expired``.
+``Expired``, ``Ingested``. An ``Ingested`` answers each event of a feed batch on its own
+(``EventAck``): applied, duplicate, superseded, or refused with the field and the reason.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import get_args
 
@@ -121,6 +123,42 @@ class Extended:
 class StockChanged:
     level: StockLevel
     over_commit: OverCommit | None
+    # The fact occurred before the key's last applied count, which already covers it: it is
+    # recorded, and on_hand did not move (DESIGN section 9).
+    superseded: bool = False
+
+
+class AckStatus(enum.Enum):
+    """What became of one feed event. All but REFUSED mean: durable, drop it from your buffer."""
+
+    APPLIED = "applied"  # recorded, and on_hand moved as it says
+    DUPLICATE = "duplicate"  # the same event (source, event_id) was recorded before
+    SUPERSEDED = "superseded"  # recorded; a later count covers it, so on_hand did not move
+    REFUSED = "refused"  # not recorded: the field and the reason say why (final)
+
+
+@dataclass(frozen=True, slots=True)
+class EventAck:
+    status: AckStatus
+    # REFUSED: the event's field ("kind", "key.merchant_id") and why; SUPERSEDED: why.
+    field: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OverCommitted:
+    """A key left over-committed: its exposure and the live reservations at risk."""
+
+    key: InventoryKey
+    over_commit: OverCommit
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    # One per event, in the order of the command.
+    acks: tuple[EventAck, ...]
+    # The keys of this batch whose available is below zero after it, in first-seen order.
+    over_committed: tuple[OverCommitted, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +166,7 @@ class Expired:
     reservation_ids: tuple[str, ...]
 
 
-Accepted = Reserved | Committed | Released | Extended | StockChanged | Expired
+Accepted = Reserved | Committed | Released | Extended | StockChanged | Expired | Ingested
 Outcome = Accepted | Rejection
 
 

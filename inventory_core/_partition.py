@@ -24,7 +24,7 @@ from typing import Any
 from . import _checkpoint, _idempotency
 from . import _limits as limits
 from ._checkpoint import CheckpointDelta
-from ._commands import ClientCommand, Command, Expire
+from ._commands import Command, Expire, KeyedCommand
 from ._idempotency import IdempotencyEntry, Scope, legacy_fingerprint
 from ._model import (
     AvailabilityChanged,
@@ -96,7 +96,8 @@ class Partition:
 
     def apply(self, command: Command) -> Step:
         """Decide a command at its time; see the module docstring for what the caller owes."""
-        invalid = BY_TYPE[type(command)].validate(command)
+        kind = BY_TYPE[type(command)]
+        invalid = kind.validate(command)
         if invalid is not None:
             return Step(invalid, (), ())
         records: list[Record] = []
@@ -109,18 +110,22 @@ class Partition:
         if isinstance(command, Expire):
             outcome: Outcome = Expired(tuple(i for r in records for i in _expired_ids(r)))
             return Step(outcome, tuple(records), tuple(events))
+        if kind.remembered:
+            retry = self._retry_answer(command)  # type: ignore[arg-type]
+            if retry is not None:
+                return Step(retry, tuple(records), tuple(events))
+        outcome = self._run(command, records, events)
+        return Step(outcome, tuple(records), tuple(events))
+
+    def _retry_answer(self, command: KeyedCommand) -> Outcome | None:
+        """The original answer to a retry (or a refusal), or None to decide afresh."""
         retry = _idempotency.answer(
             self._state.idempotency,
             (command.merchant_id, command.idempotency_key),
             lambda: _fingerprint(command),
             lambda: legacy_fingerprint(command),
         )
-        if retry is None:
-            retry = self._state.refuse_new_answer()
-        if retry is not None:
-            return Step(retry, tuple(records), tuple(events))
-        outcome = self._run(command, records, events)
-        return Step(outcome, tuple(records), tuple(events))
+        return retry if retry is not None else self._state.refuse_new_answer()
 
     def replay(self, record: Record) -> tuple[AvailabilityChanged, ...]:
         """Apply a logged record again; anything but acceptance means corruption."""
@@ -132,11 +137,13 @@ class Partition:
         events: list[AvailabilityChanged] = []
         self._state.live_apply = False
         try:
-            outcome = self._execute(record.command, record.lsn, events)
+            outcome, logged = self._execute(record.command, record.lsn, events)
         finally:
             self._state.live_apply = True
         if not is_accepted(outcome):
             raise AssertionError(f"replayed record {record.lsn} was refused: {outcome}")
+        if logged != record.command:
+            raise AssertionError(f"replayed record {record.lsn} would log {logged}")
         self.head_lsn = record.lsn
         return tuple(events)
 
@@ -208,28 +215,37 @@ class Partition:
         self, command: Command, records: list[Record], events: list[AvailabilityChanged]
     ) -> Outcome:
         lsn = self.head_lsn + 1
-        outcome = self._execute(command, lsn, events)
-        if is_accepted(outcome):
+        outcome, logged = self._execute(command, lsn, events)
+        if logged is not None:
             self.head_lsn = lsn
-            records.append(Record(self.partition, lsn, command))
+            records.append(Record(self.partition, lsn, logged))
         return outcome
 
-    def _execute(self, command: Command, lsn: int, events: list[AvailabilityChanged]) -> Outcome:
-        """Decide and, when accepted, change state. The one code path of apply and replay."""
+    def _execute(
+        self, command: Command, lsn: int, events: list[AvailabilityChanged]
+    ) -> tuple[Outcome, Command | None]:
+        """Decide and, when accepted, change state; the outcome and the command to log (None:
+        nothing to log, and nothing changed). The one code path of apply and replay."""
         kind = BY_TYPE[type(command)]
         state = self._state
+        emitted = len(events)
         outcome: Outcome = kind.handle(
             state, command, Effects(self.partition, lsn, command.now_ms, events)
         )
-        if is_accepted(outcome):
-            # Retention runs on accepted records only, so replay forgets exactly as live did.
-            state.forget_old_answers(command.now_ms)
-            state.forget_finished(command.now_ms)
-            if kind.from_caller:
-                self._remember(command, outcome, lsn)  # type: ignore[arg-type]
-        return outcome
+        if not is_accepted(outcome):
+            return outcome, None
+        logged: Command | None = kind.record_of(command, outcome)
+        if logged is None:
+            assert len(events) == emitted, f"{kind.name} logs nothing but changed keys"
+            return outcome, None
+        # Retention runs on logged records only, so replay forgets exactly as live did.
+        state.forget_old_answers(command.now_ms)
+        state.forget_finished(command.now_ms)
+        if kind.from_caller and kind.remembered:
+            self._remember(command, outcome, lsn)  # type: ignore[arg-type]
+        return outcome, logged
 
-    def _remember(self, command: ClientCommand, outcome: Accepted, lsn: int) -> None:
+    def _remember(self, command: KeyedCommand, outcome: Accepted, lsn: int) -> None:
         entry = IdempotencyEntry(
             command.merchant_id,
             command.idempotency_key,
@@ -272,7 +288,7 @@ class Partition:
         self._state.check_invariants()
 
 
-def fingerprint(command: ClientCommand) -> str:
+def fingerprint(command: KeyedCommand) -> str:
     """Identity of a request's payload, without its time: retries compare equal."""
     return _fingerprint(command)
 

@@ -1,5 +1,9 @@
 """One row per command kind: its name, its type, its validator and its handler.
 
+A row may also say how its record is kept (``to_record``: the command to log for an
+accepted outcome, or None to log nothing) and whether its answers are remembered by
+idempotency key (``remembered``; a feed's events are de-duplicated one by one instead).
+
 Apply, replay, validation, the ledger encoding and the idempotency fingerprint all dispatch
 through this table, so a new command is a rules module and one row here; its codec is
 derived from its dataclass fields (``_codec.py``). ``name`` is what the ledger's ``kind``
@@ -9,7 +13,7 @@ column and every record's ``"kind"`` field hold: it never changes once records e
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from . import _validate
@@ -20,14 +24,15 @@ from ._commands import (
     Commit,
     Expire,
     Extend,
+    Ingest,
     Release,
     Reserve,
     SetSafetyStock,
     SetStock,
 )
-from ._outcomes import Invalid, Outcome
+from ._outcomes import Ingested, Invalid, Outcome
 from ._state import Effects, PartitionState
-from .rules import counts, reservations
+from .rules import counts, feeds, reservations
 
 C = TypeVar("C")
 
@@ -40,10 +45,25 @@ class CommandKind(Generic[C]):
     handle: Callable[[PartitionState, C, Effects], Outcome]
     # Sent by callers, scoped by merchant and idempotency key (not Expire).
     from_caller: bool = True
+    # Its answer is remembered under (merchant_id, idempotency_key) for retries.
+    remembered: bool = True
+    # What an accepted outcome logs: the command itself unless this says otherwise.
+    to_record: Callable[[C, Any], C | None] | None = None
+
+    def record_of(self, command: C, outcome: Outcome) -> C | None:
+        return command if self.to_record is None else self.to_record(command, outcome)
 
     @property
     def codec(self) -> DataclassCodec[C]:
         return dataclass_codec(self.type)
+
+
+def _ingest_record(command: Ingest, outcome: Ingested) -> Ingest | None:
+    """Only the events it recorded (applied or superseded); nothing if there are none."""
+    kept = feeds.recorded_events(command, outcome)
+    if not kept:
+        return None
+    return command if len(kept) == len(command.events) else replace(command, events=kept)
 
 
 REGISTRY: tuple[CommandKind[Any], ...] = (
@@ -57,6 +77,9 @@ REGISTRY: tuple[CommandKind[Any], ...] = (
         "set_safety_stock", SetSafetyStock, _validate.set_safety_stock, counts.set_safety_stock
     ),
     CommandKind("expire", Expire, _validate.expire, reservations.expire, from_caller=False),
+    CommandKind(
+        "ingest", Ingest, _validate.ingest, feeds.ingest, remembered=False, to_record=_ingest_record
+    ),
 )
 BY_TYPE: dict[type[Any], CommandKind[Any]] = {row.type: row for row in REGISTRY}
 BY_NAME: dict[str, CommandKind[Any]] = {row.name: row for row in REGISTRY}

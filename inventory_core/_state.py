@@ -6,15 +6,18 @@ over ``TABLES`` by name, with no code per table):
     stock          InventoryKey -> StockRow                  on_hand, reserved, safety_stock
     reservations   reservation_id -> Reservation             live and recently finished
     idempotency    (merchant_id, idempotency_key) -> entry   original answers, oldest first
+    feed           InventoryKey -> KeyHistory                last count, deltas after it
 
 Indexes derived from the tables, rebuilt by ``rebuild_indexes`` after a restore:
     expiry         live reservations by expiry (``ExpiryIndex``)
     holds          per key, the live reservations holding it and how much, oldest first
     finished       finished reservations in the order they finished, oldest first
+    feed_ids       (merchant_id, source, event_id) -> (key, fact) of every feed fact kept
 
 Invariants (``check_invariants``), true after every step:
   - reserved of a key equals the sum of the live reservation lines holding it;
   - no live reservation holds a non-positive quantity; reserved >= 0; safety_stock >= 0;
+  - a key's feed history is in order, after its count, and within its bound;
   - the indexes agree with the tables; every bound holds.
 """
 
@@ -28,6 +31,7 @@ from typing import Any
 from . import _limits as limits
 from ._codec import dataclass_codec, key_from_data, key_to_data, row_from_data, row_to_data
 from ._expiry import ExpiryIndex
+from ._history import FEED, Fact, KeyHistory
 from ._idempotency import IDEMPOTENCY, IdempotencyEntry, Scope
 from ._model import (
     EMPTY_ROW,
@@ -71,8 +75,9 @@ RESERVATIONS: TableSchema[str, Reservation] = TableSchema(
 
 # Every table, by name: what a checkpoint writes and a restore reads.
 TABLES: dict[str, TableSchema[Any, Any]] = {
-    schema.name: schema for schema in (STOCK, RESERVATIONS, IDEMPOTENCY)
+    schema.name: schema for schema in (STOCK, RESERVATIONS, IDEMPOTENCY, FEED)
 }
+FeedId = tuple[str, str, str]  # (merchant_id, source, event_id)
 
 
 @dataclass(slots=True)
@@ -89,6 +94,8 @@ class PartitionState:
     __slots__ = (
         "attached",
         "expiry",
+        "feed",
+        "feed_ids",
         "finished",
         "holds",
         "idempotency",
@@ -105,6 +112,8 @@ class PartitionState:
         self.stock: Table[InventoryKey, StockRow] = Table(STOCK)
         self.reservations: Table[str, Reservation] = Table(RESERVATIONS)
         self.idempotency: Table[Scope, IdempotencyEntry] = Table(IDEMPOTENCY)
+        self.feed: Table[InventoryKey, KeyHistory] = Table(FEED)
+        self.feed_ids: dict[FeedId, tuple[InventoryKey, Fact]] = {}
         self.expiry = ExpiryIndex()
         self.holds: dict[InventoryKey, dict[str, int]] = {}
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -119,7 +128,8 @@ class PartitionState:
 
     @property
     def tables(self) -> dict[str, Table[Any, Any]]:
-        return {t.schema.name: t for t in (self.stock, self.reservations, self.idempotency)}
+        tables = (self.stock, self.reservations, self.idempotency, self.feed)
+        return {t.schema.name: t for t in tables}
 
     @property
     def live_reservation_count(self) -> int:
@@ -142,10 +152,11 @@ class PartitionState:
             )
             self.attached = False
 
-    def refuse_new_key(self) -> CapacityExhausted | None:
-        if len(self.stock) >= limits.partition_keys_max:
+    def refuse_new_key(self, pending: int = 0) -> CapacityExhausted | None:
+        """A new key, ``pending`` more already promised by the record being decided."""
+        if len(self.stock) + pending >= limits.partition_keys_max:
             return CapacityExhausted("partition_keys_max", limits.partition_keys_max)
-        return self.usage.refuse_key() if self.live_apply else None
+        return self.usage.refuse_key(pending) if self.live_apply else None
 
     def refuse_new_reservation(self) -> CapacityExhausted | None:
         if self.live_reservation_count >= limits.reservations_live_max:
@@ -226,6 +237,22 @@ class PartitionState:
         self.finished[rid] = None
         self.usage.reservations_live -= 1
 
+    # ------------------------------------------------------------------- feed history
+
+    def index_facts(self, key: InventoryKey, facts: Iterable[Fact]) -> None:
+        """Feed facts a key's history now keeps: found by (merchant, source, event_id)."""
+        for fact in facts:
+            if not fact.is_own:
+                self.feed_ids[(key.merchant_id, fact.source, fact.event_id)] = (key, fact)
+
+    def unindex_facts(self, key: InventoryKey, facts: Iterable[Fact]) -> None:
+        """Facts a key's history dropped (covered by a count, or out of its window)."""
+        for fact in facts:
+            if not fact.is_own:
+                found = self.feed_ids.get((key.merchant_id, fact.source, fact.event_id))
+                if found is not None and found[1] == fact:
+                    del self.feed_ids[(key.merchant_id, fact.source, fact.event_id)]
+
     # --------------------------------------------------------------------- idempotency
 
     def remember(self, entry: IdempotencyEntry) -> None:
@@ -263,6 +290,9 @@ class PartitionState:
         self.expiry = ExpiryIndex()
         self.holds = {}
         self.finished = OrderedDict()
+        self.feed_ids = {}
+        for key, history in self.feed.items():
+            self.index_facts(key, history.facts)
         live = []
         for reservation in self.reservations.values():  # in restore order (by finish)
             if reservation.state is ReservationState.ACTIVE:
@@ -307,6 +337,7 @@ class PartitionState:
         assert len(self.idempotency) <= limits.idempotency_keys_max
         assert len(self.finished) <= limits.reservations_finished_max + 1
         assert self.over_committed_keys == sum(row.available < 0 for row in self.stock.values())
+        self._check_feed()
         if not self.attached:  # a private usage counts exactly this partition
             own = (len(self.stock), live, len(self.idempotency))
             assert (
@@ -314,6 +345,22 @@ class PartitionState:
                 self.usage.reservations_live,
                 self.usage.idempotency_entries,
             ) == own
+
+    def _check_feed(self) -> None:
+        indexed = 0
+        for key, history in self.feed.items():
+            assert key in self.stock, ("a history of a key with no row", key)
+            orders = [d.order for d in history.deltas]
+            assert orders == sorted(orders) and len(set(orders)) == len(orders), (key, history)
+            assert len(history.deltas) <= limits.feed_history_per_key_max, key
+            if history.count is not None:
+                assert all(o > history.count.order for o in orders), (key, history)
+            for fact in history.facts:
+                if not fact.is_own:
+                    indexed += 1
+                    found = self.feed_ids.get((key.merchant_id, fact.source, fact.event_id))
+                    assert found == (key, fact), (key, fact, found)
+        assert indexed == len(self.feed_ids), "the feed index holds a fact no history keeps"
 
 
 def levels_of(state: PartitionState, keys: Iterable[InventoryKey]) -> tuple[StockLevel, ...]:

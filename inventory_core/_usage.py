@@ -30,8 +30,9 @@ class ProcessUsage:
         self.reservations_live += reservations_live
         self.idempotency_entries += idempotency_entries
 
-    def refuse_key(self) -> CapacityExhausted | None:
-        if self.keys >= self.keys_max:
+    def refuse_key(self, pending: int = 0) -> CapacityExhausted | None:
+        """A new key, ``pending`` more already promised by the record being decided."""
+        if self.keys + pending >= self.keys_max:
             return CapacityExhausted("process_keys_max", self.keys_max)
         return None
 

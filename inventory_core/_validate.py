@@ -17,12 +17,14 @@ from ._commands import (
     Commit,
     Expire,
     Extend,
+    FeedEvent,
+    Ingest,
     Release,
     Reserve,
     SetSafetyStock,
     SetStock,
 )
-from ._model import InventoryKey, Line
+from ._model import FeedEventKind, InventoryKey, Line, partition_of
 from ._outcomes import Invalid
 
 IDENTIFIER_CHARACTERS = frozenset(
@@ -92,6 +94,81 @@ def set_safety_stock(command: SetSafetyStock) -> Invalid | None:
         or _bounded("safety_stock", command.safety_stock, 0, limits.stock_quantity_max)
         or _expected_version(command.expected_version)
     )
+
+
+def ingest(command: Ingest) -> Invalid | None:
+    """The batch as a whole; each event is judged on its own when applied (``feed_event``)."""
+    return validate_ingest_request(
+        command.merchant_id, command.source, len(command.events), command.batch_id
+    )
+
+
+def validate_ingest_request(
+    merchant_id: str, source: str, event_count: int, batch_id: str
+) -> Invalid | None:
+    """What a feed's request needs as a whole: its merchant, its source, 1 to
+    ``ingest_events_max`` events, and a well-formed batch id if it names one."""
+    if not 0 < event_count <= limits.ingest_events_max:
+        return Invalid("events", f"1 to {limits.ingest_events_max} events, got {event_count}")
+    return (
+        _identifier("merchant_id", merchant_id)
+        or _identifier("source", source)
+        or (_identifier("batch_id", batch_id) if batch_id else None)
+    )
+
+
+def validate_feed_event(
+    event: FeedEvent, merchant_id: str, partition: int | None, now_ms: int
+) -> Invalid | None:
+    """One event of a batch: the field (within the event) and the reason, or None.
+
+    ``partition``: the one its key must be in (None: any). An event claims a time no later
+    than ``feed_clock_skew_ms_max`` after ``now_ms``."""
+    problem = validate_feed_key(event.key, merchant_id)
+    if problem is not None:
+        return problem
+    if partition is not None and partition_of(event.key.merchant_id, event.key.location_id) != (
+        partition
+    ):
+        return Invalid("key", f"not in partition {partition}")
+    if not event.event_id:
+        return Invalid("event_id", "must not be empty: it is what duplicates are found by")
+    if len(event.event_id) > limits.event_id_length_max:
+        return Invalid("event_id", f"at most {limits.event_id_length_max} characters")
+    if event.kind is None:
+        return Invalid("kind", "must be sale, return, receipt, adjustment or count")
+    if event.occurred_at_ms <= 0:
+        return Invalid("occurred_at_ms", "must be set: when it happened (Unix epoch ms)")
+    ahead_ms = event.occurred_at_ms - now_ms
+    if ahead_ms > limits.feed_clock_skew_ms_max:
+        return Invalid("occurred_at_ms", f"{ahead_ms} ms in the future: is the clock right?")
+    if len(event.reason) > limits.feed_reason_length_max:
+        return Invalid("reason", f"at most {limits.feed_reason_length_max} characters")
+    return _feed_quantity(event, event.kind)
+
+
+def validate_feed_key(key: InventoryKey, merchant_id: str) -> Invalid | None:
+    """What routing a feed event needs: a well-formed key at the batch's merchant."""
+    problem = _key("key", key)
+    if problem is None and key.merchant_id != merchant_id:
+        return Invalid("key.merchant_id", "must be the batch's merchant_id")
+    return problem
+
+
+def _feed_quantity(event: FeedEvent, kind: FeedEventKind) -> Invalid | None:
+    if kind.is_count:
+        if event.count is None:
+            return Invalid("count", "must be set for a count: the on_hand counted")
+        if event.quantity:
+            return Invalid("quantity", "not used by a count: the count field holds its value")
+        return _bounded("count", event.count, 0, limits.stock_quantity_max)
+    if event.count is not None:
+        return Invalid("count", f"only a count carries one, not a {kind.value}")
+    if kind is FeedEventKind.ADJUSTMENT:
+        if event.quantity == 0:
+            return Invalid("quantity", "must not be zero")
+        return _bounded("quantity", abs(event.quantity), 1, limits.adjust_delta_max)
+    return _bounded("quantity", event.quantity, 1, limits.adjust_delta_max)
 
 
 def expire(command: Expire) -> Invalid | None:

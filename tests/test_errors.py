@@ -352,16 +352,23 @@ def test_readme_and_proto_document_every_reason() -> None:
 
 
 def test_the_call_table_matches_the_proto_service_and_the_batch_item() -> None:
-    service = pb.DESCRIPTOR.services_by_name["Inventory"]
-    unary = {m.name: m for m in service.methods if not m.client_streaming}
-    assert set(unary) == set(rpcs.BY_METHOD)
-    assert {m.name for m in service.methods} - set(unary) == {"Batch"}
-    for rpc in rpcs.UNARY:
-        method = unary[rpc.method]
-        assert method.input_type is rpc.request_type.DESCRIPTOR, rpc
-        assert method.output_type is rpc.response_type.DESCRIPTOR, rpc
-        # A mutation carries an idempotency key (ReserveOrder's legs derive theirs).
-        assert ("idempotency_key" in method.input_type.fields_by_name) == rpc.mutating, rpc
+    served = {rpcs.INVENTORY: {"Batch"}, rpcs.INGEST_SERVICE: {"Stream"}}
+    for name, streaming in served.items():
+        service = pb.DESCRIPTOR.services_by_name[name]
+        unary = {m.name: m for m in service.methods if not m.client_streaming}
+        assert set(unary) == {rpc.method for rpc in rpcs.UNARY if rpc.service == name}, name
+        assert {m.name for m in service.methods} - set(unary) == streaming
+        for rpc in (rpc for rpc in rpcs.UNARY if rpc.service == name):
+            method = unary[rpc.method]
+            assert method.input_type is rpc.request_type.DESCRIPTOR, rpc
+            assert method.output_type is rpc.response_type.DESCRIPTOR, rpc
+            # A mutation carries an idempotency key (ReserveOrder's legs derive theirs), or
+            # is made safe to resend by ids of its own (a feed's events).
+            keyed = "idempotency_key" in method.input_type.fields_by_name
+            assert keyed == (rpc.mutating and rpc.retried_by == "idempotency_key"), rpc
+    assert set(rpcs.BY_METHOD) == {
+        m.name for m in pb.DESCRIPTOR.services_by_name["Inventory"].methods
+    } - {"Batch"}
     item = pb.BatchItem.DESCRIPTOR.oneofs_by_name["call"]
     result = pb.BatchItemResult.DESCRIPTOR.fields_by_name
     assert [f.name for f in item.fields] == [rpc.field for rpc in rpcs.CALLS]
@@ -372,7 +379,9 @@ def test_the_call_table_matches_the_proto_service_and_the_batch_item() -> None:
 
 
 def test_the_servicer_serves_every_unary_call_of_the_table() -> None:
-    for rpc in rpcs.UNARY:
+    for rpc in (rpc for rpc in rpcs.UNARY if rpc.service == rpcs.INVENTORY):
         method = getattr(servicer.CallsServicer, rpc.method)
         assert method.__name__ == rpc.method
         assert method is not getattr(pb_grpc.InventoryServicer, rpc.method)
+    for name in ("Send", "Stream"):
+        assert getattr(servicer.IngestServicer, name) is not getattr(pb_grpc.IngestServicer, name)

@@ -38,6 +38,7 @@ from .._outcomes import (
 )
 from .._state import Effects, PartitionState, levels_of
 from .._validate import effective_ttl_s
+from . import feeds
 
 
 def reserve(state: PartitionState, command: Reserve, at: Effects) -> Outcome:
@@ -88,12 +89,18 @@ def commit(state: PartitionState, command: Commit, at: Effects) -> Outcome:
         taken[line.key] = line.quantity
     for key, quantity in held.items():
         row = state.stock[key]
+        # Units picked for the order: a physical fact a late count must account for.
+        picked = (
+            feeds.own_delta(state, key, at, -taken[key], occurred_at_ms=at.now_ms, kind="commit")
+            if taken[key]
+            else 0
+        )
         state.change(
             key,
             at,
             ChangeReason.COMMIT,
             reserved=row.reserved - quantity,
-            on_hand=row.on_hand - taken[key],
+            on_hand=row.on_hand + picked,
         )
     committed = tuple(Line(k, q) for k, q in taken.items() if q > 0)
     done = _finish(state, found, ReservationState.COMMITTED, at, committed)

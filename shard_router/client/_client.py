@@ -56,6 +56,7 @@ from ._errors import (
 )
 
 R = TypeVar("R", bound=Message)
+_FAILED = pb.EVENT_ACK_STATUS_FAILED
 
 # Defaults of the constructor, with why.
 # 8 attempts with pauses up to 1 s span a hand-off (an owner recovering its partitions).
@@ -262,6 +263,43 @@ class InventoryClient:
         )
         return await self._call(rpcs.SET_SAFETY_STOCK, request, timeout_s)
 
+    async def ingest(
+        self,
+        merchant_id: str,
+        source: str,
+        events: Iterable[pb.FeedEvent],
+        *,
+        batch_id: str = "",
+        timeout_s: float | None = None,
+    ) -> pb.IngestResponse:
+        """Send a feed's events (a POS gateway's, a supplier's): one acknowledgement per
+        event, in order. Events acknowledged FAILED are sent again (always safe: they are
+        de-duplicated by event id) until answered or the attempts run out; what is still
+        FAILED then carries the status of its last attempt."""
+        request = pb.IngestRequest(
+            merchant_id=merchant_id, source=source, events=events, batch_id=batch_id
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._timeout_s_default if timeout_s is None else timeout_s)
+        response = await self._call(rpcs.INGEST, request, deadline - loop.time())
+        for attempt in range(1, self._retry_attempts_max):
+            failed = [i for i, a in enumerate(response.acks) if a.status == _FAILED]
+            pause_s = self._backoff_s(attempt)
+            if not failed or loop.time() + pause_s >= deadline:
+                break
+            await asyncio.sleep(pause_s)
+            again = pb.IngestRequest(
+                merchant_id=merchant_id,
+                source=source,
+                events=[request.events[i] for i in failed],
+                batch_id=batch_id,
+            )
+            answer = await self._call(rpcs.INGEST, again, max(deadline - loop.time(), 0.001))
+            for index, ack in zip(failed, answer.acks, strict=True):
+                response.acks[index].CopyFrom(ack)
+            response.over_committed.extend(answer.over_committed)
+        return response
+
     # -------------------------------------------------------------------------- the policy
 
     async def _call(self, rpc: rpcs.Rpc[Any, R], request: Message, timeout_s: float | None) -> R:
@@ -316,7 +354,11 @@ class InventoryClient:
                 return result.error
             response: Message = getattr(result, rpc.field)
             return response
-        method = getattr(stub, rpc.method)
+        if rpc.service == rpcs.INGEST_SERVICE:
+            assert self._channel is not None
+            method = getattr(pb_grpc.IngestStub(self._channel), rpc.method)
+        else:
+            method = getattr(stub, rpc.method)
         try:
             unary_response: Message = await method(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
@@ -336,8 +378,11 @@ class InventoryClient:
 
 def _resend_is_safe(rpc: rpcs.Rpc[Any, Any], request: Message) -> bool:
     """May a call of unknown outcome be sent again? A read, always; a mutation only with
-    its idempotency key, which the server uses to answer an applied one from memory."""
-    return not rpc.mutating or bool(getattr(request, "idempotency_key", ""))
+    its idempotency key, which the server uses to answer an applied one from memory (a
+    feed's events: always, they are de-duplicated by event id)."""
+    if not rpc.mutating or rpc.retried_by != "idempotency_key":
+        return True
+    return bool(getattr(request, "idempotency_key", ""))
 
 
 def _status_of(error: grpc.aio.AioRpcError, timeout_s: float) -> status_pb2.Status:

@@ -9,10 +9,15 @@ from __future__ import annotations
 from inventory.v1 import inventory_pb2 as pb
 
 from inventory_core import (
+    AckStatus,
     AdjustmentReason,
     AdjustStock,
     Commit,
     Extend,
+    FeedEvent,
+    FeedEventKind,
+    Ingest,
+    Ingested,
     InventoryKey,
     Line,
     OverCommit,
@@ -40,6 +45,28 @@ REASON_FROM_PROTO = {
     pb.ADJUSTMENT_REASON_SHRINKAGE: AdjustmentReason.SHRINKAGE,
     pb.ADJUSTMENT_REASON_CORRECTION: AdjustmentReason.CORRECTION,
     pb.ADJUSTMENT_REASON_TRANSFER: AdjustmentReason.TRANSFER,
+}
+
+
+KIND_FROM_PROTO = {
+    pb.FEED_EVENT_KIND_SALE: FeedEventKind.SALE,
+    pb.FEED_EVENT_KIND_RETURN: FeedEventKind.RETURN,
+    pb.FEED_EVENT_KIND_RECEIPT: FeedEventKind.RECEIPT,
+    pb.FEED_EVENT_KIND_ADJUSTMENT: FeedEventKind.ADJUSTMENT,
+    pb.FEED_EVENT_KIND_COUNT: FeedEventKind.COUNT,
+}
+KIND_TO_PROTO = {v: k for k, v in KIND_FROM_PROTO.items()}
+ACK_STATUS_TO_PROTO = {
+    AckStatus.APPLIED: pb.EVENT_ACK_STATUS_APPLIED,
+    AckStatus.DUPLICATE: pb.EVENT_ACK_STATUS_DUPLICATE,
+    AckStatus.SUPERSEDED: pb.EVENT_ACK_STATUS_SUPERSEDED,
+    AckStatus.REFUSED: pb.EVENT_ACK_STATUS_REFUSED,
+}
+# The acks without a reason, built once: most of a feed's answers are one of these.
+_PLAIN_ACKS = {
+    status: pb.EventAck(status=proto)
+    for status, proto in ACK_STATUS_TO_PROTO.items()
+    if status is not AckStatus.REFUSED
 }
 
 
@@ -123,6 +150,41 @@ def adjust_stock(request: pb.AdjustStockRequest) -> AdjustStock:
     )
 
 
+def ingest(request: pb.IngestRequest) -> Ingest:
+    """An unset or unknown kind becomes ``kind=None``, which the core refuses."""
+    kinds = KIND_FROM_PROTO
+    events = tuple(
+        FeedEvent(
+            e.event_id,
+            kinds.get(e.kind),
+            InventoryKey(e.key.merchant_id, e.key.sku_id, e.key.location_id),
+            e.occurred_at_ms,
+            e.quantity,
+            e.count if e.HasField("count") else None,
+            e.reason,
+        )
+        for e in request.events
+    )
+    return Ingest(request.merchant_id, request.source, events, 0, request.batch_id)
+
+
+def feed_event_to_proto(event: FeedEvent) -> pb.FeedEvent:
+    """The event as a sender would send it (tests, tools)."""
+    proto = pb.FeedEvent(
+        event_id=event.event_id,
+        occurred_at_ms=event.occurred_at_ms,
+        kind=KIND_TO_PROTO.get(event.kind, pb.FEED_EVENT_KIND_UNSPECIFIED)
+        if event.kind is not None
+        else pb.FEED_EVENT_KIND_UNSPECIFIED,
+        key=key_to_proto(event.key),
+        quantity=event.quantity,
+        reason=event.reason,
+    )
+    if event.count is not None:
+        proto.count = event.count
+    return proto
+
+
 def set_stock(request: pb.SetStockRequest) -> SetStock:
     expected = request.expected_version if request.HasField("expected_version") else None
     return SetStock(
@@ -165,6 +227,26 @@ def reservation_to_proto(reservation: Reservation) -> pb.Reservation:
         state_changed_at_ms=reservation.state_changed_at_ms,
         committed_lines=lines_to_proto(reservation.committed_lines),
     )
+
+
+def refused_ack(field: str, reason: str) -> pb.EventAck:
+    return pb.EventAck(status=pb.EVENT_ACK_STATUS_REFUSED, field=field, reason=reason)
+
+
+def ingested_to_proto(outcome: Ingested) -> pb.IngestResponse:
+    acks = []
+    for ack in outcome.acks:
+        if ack.status is AckStatus.REFUSED:
+            acks.append(refused_ack(ack.field, ack.reason))
+        elif ack.reason:
+            acks.append(pb.EventAck(status=ACK_STATUS_TO_PROTO[ack.status], reason=ack.reason))
+        else:
+            acks.append(_PLAIN_ACKS[ack.status])
+    over_committed = [
+        pb.KeyOverCommit(key=key_to_proto(o.key), over_commit=over_commit_to_proto(o.over_commit))
+        for o in outcome.over_committed
+    ]
+    return pb.IngestResponse(acks=acks, over_committed=over_committed)
 
 
 def over_commit_to_proto(over: OverCommit | None) -> pb.OverCommit | None:

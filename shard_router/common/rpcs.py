@@ -1,13 +1,15 @@
 """The calls of ``inventory.v1.Inventory``, written once.
 
-One row per call: the unary RPC's name (``Reserve``), the name shared by the ``BatchItem``
+One row per call: the unary RPC's service and name (``Inventory``, ``Reserve``), the name
+shared by the ``BatchItem
 oneof field, the ``BatchItemResult`` field and the calls object's method (``reserve``), the
-request and response types, and whether the call mutates (carries an idempotency key; its
-failure may leave its outcome unknown) or only reads (applies nothing, whatever happens).
+request and response types, and whether the call mutates (its failure may leave its outcome
+unknown; it carries an idempotency key, or, for ``Ingest``, an event id per event) or only
+reads (applies nothing, whatever happens).
 
     CALLS           the calls a Batch stream carries, in BatchItem oneof order
     RESERVE_ORDER   the router-only saga (a unary RPC, not a Batch item)
-    UNARY           every unary RPC: CALLS plus RESERVE_ORDER
+    UNARY           every unary RPC: CALLS plus RESERVE_ORDER (``Ingest.Send`` among them)
     BY_FIELD, BY_METHOD
 
 The servicer generates its unary methods from ``UNARY``, the Batch dispatch and the batchers
@@ -28,9 +30,13 @@ RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
 
 
+INVENTORY = "Inventory"
+INGEST_SERVICE = "Ingest"
+
+
 @dataclass(frozen=True, slots=True)
 class Rpc(Generic[RequestT, ResponseT]):
-    # The unary RPC of the Inventory service, e.g. "Reserve".
+    # The unary RPC of its service, e.g. "Reserve".
     method: str
     # The BatchItem / BatchItemResult oneof field and the calls object's method, "reserve".
     field: str
@@ -39,6 +45,10 @@ class Rpc(Generic[RequestT, ResponseT]):
     # True for a call that can change state: if it fails without a definite answer, it may
     # have been applied (retry with the same idempotency key). A read applies nothing.
     mutating: bool
+    # The service whose unary RPC ``method`` is.
+    service: str = INVENTORY
+    # What makes a retry safe: the request's idempotency key, or each event's id.
+    retried_by: str = "idempotency_key"
 
 
 GET_AVAILABILITY = Rpc(
@@ -76,6 +86,16 @@ SET_SAFETY_STOCK = Rpc(
     pb.SetSafetyStockResponse,
     mutating=True,
 )
+# A feed's events, de-duplicated by event id (its unary RPC is Ingest.Send).
+INGEST = Rpc(
+    "Send",
+    "ingest",
+    pb.IngestRequest,
+    pb.IngestResponse,
+    mutating=True,
+    service=INGEST_SERVICE,
+    retried_by="events[].event_id",
+)
 # Orders across locations span owners: only the router serves it (a shard's calls object
 # has no ``reserve_order``, so the servicer answers UNIMPLEMENTED there).
 RESERVE_ORDER = Rpc(
@@ -96,10 +116,14 @@ CALLS: tuple[Rpc[Any, Any], ...] = (
     ADJUST_STOCK,
     SET_STOCK,
     SET_SAFETY_STOCK,
+    INGEST,
 )
 UNARY: tuple[Rpc[Any, Any], ...] = (*CALLS, RESERVE_ORDER)
 BY_FIELD: Mapping[str, Rpc[Any, Any]] = {rpc.field: rpc for rpc in UNARY}
-BY_METHOD: Mapping[str, Rpc[Any, Any]] = {rpc.method: rpc for rpc in UNARY}
+# The Inventory service's unary RPCs by name.
+BY_METHOD: Mapping[str, Rpc[Any, Any]] = {
+    rpc.method: rpc for rpc in UNARY if rpc.service == INVENTORY
+}
 
 
 def is_mutating(field: str) -> bool:

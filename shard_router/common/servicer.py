@@ -7,6 +7,10 @@ serves the ``Batch`` stream over the same methods (or the calls object's own
 ``batch_handler``, built on the same conversions), so the two paths can never answer
 differently. A call the calls object lacks (``reserve_order`` on a shard) is answered
 UNIMPLEMENTED from the error table.
+
+``IngestServicer`` serves ``inventory.v1.Ingest`` over the same calls object's ``ingest``:
+``Send`` as its unary call, ``Stream`` as one such call per request (common/ingest.py).
+``serve_inventory`` adds both services to a server.
 """
 
 from __future__ import annotations
@@ -18,13 +22,20 @@ import grpc
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from . import batching, errors, rpcs
+from . import batching, errors, ingest, rpcs
 from .calls import abort, deadline_of, refusal_status, unary
+
+# The services a shard or router serves over its calls object (health and reflection name
+# them).
+SERVICE_NAMES = tuple(
+    pb.DESCRIPTOR.services_by_name[name].full_name for name in (rpcs.INVENTORY, rpcs.INGEST_SERVICE)
+)
 
 # The generated servicer's stub declares every RPC abstract, so a class whose RPCs are
 # generated from the table (rather than spelled out here a second time) would read as
 # abstract to mypy: it sees the base as Any. At run time it is the generated class.
 _GeneratedServicer: Any = pb_grpc.InventoryServicer
+_GeneratedIngestServicer: Any = pb_grpc.IngestServicer
 
 
 class CallsServicer(_GeneratedServicer):  # type: ignore[misc]
@@ -37,11 +48,41 @@ class CallsServicer(_GeneratedServicer):  # type: ignore[misc]
         make_handler = getattr(calls, "batch_handler", None)
         self._handler: batching.ItemHandler = make_handler(others) if make_handler else others
 
+    @property
+    def calls(self) -> Any:
+        return self._calls
+
     async def Batch(
         self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.BatchResponse]:
         async for response in batching.serve_items(requests, self._handler):
             yield response
+
+
+class IngestServicer(_GeneratedIngestServicer):  # type: ignore[misc]
+    """``inventory.v1.Ingest`` over a calls object's ``ingest(request, deadline)``."""
+
+    def __init__(self, calls: Any) -> None:
+        self._calls = calls
+
+    async def Send(
+        self, request: pb.IngestRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestResponse:
+        call = self._calls.ingest(request, deadline_of(context))
+        response: pb.IngestResponse = await unary(context, call, mutating=True)
+        return response
+
+    async def Stream(
+        self, requests: AsyncIterator[pb.IngestRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.IngestResponse]:
+        async for response in ingest.serve_stream(requests, self._calls.ingest):
+            yield response
+
+
+def serve_inventory(server: grpc.aio.Server, servicer: CallsServicer) -> None:
+    """Add ``Inventory`` (``servicer``) and ``Ingest`` (over its calls) to ``server``."""
+    pb_grpc.add_InventoryServicer_to_server(servicer, server)
+    pb_grpc.add_IngestServicer_to_server(IngestServicer(servicer.calls), server)
 
 
 UnaryMethod = Callable[[CallsServicer, Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -62,4 +103,5 @@ def _unary_method(rpc: rpcs.Rpc[Any, Any]) -> UnaryMethod:
 
 
 for _rpc in rpcs.UNARY:
-    setattr(CallsServicer, _rpc.method, _unary_method(_rpc))
+    if _rpc.service == rpcs.INVENTORY:
+        setattr(CallsServicer, _rpc.method, _unary_method(_rpc))

@@ -12,7 +12,7 @@ import signal
 from collections.abc import Sequence
 
 import structlog
-from inventory.v1 import events_pb2, events_pb2_grpc, inventory_pb2, inventory_pb2_grpc
+from inventory.v1 import events_pb2, events_pb2_grpc, inventory_pb2
 
 from persistence.connections import create_pool
 from persistence.membership import Membership
@@ -21,6 +21,7 @@ from persistence.readview import EventReader, SnapshotTooLarge
 from ..common.config import RouterConfig
 from ..common.loop_monitor import LoopMonitor
 from ..common.server import create_server, run_server, set_serving
+from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
 from .routing import Routes
 from .service import RouterService
@@ -28,7 +29,6 @@ from .watch import AvailabilityStreamService, SnapshotRefused, WatchHub
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAME = inventory_pb2.DESCRIPTOR.services_by_name["Inventory"].full_name
 WATCH_SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["AvailabilityStream"].full_name
 # Membership reads only: one connection is plenty, two ride out a reconnect.
 DATABASE_POOL_SIZE_MAX = 2
@@ -43,7 +43,7 @@ async def serve(config: RouterConfig) -> None:
         membership = Membership(pool, config.membership_lease_s)
         routes = Routes(membership.alive, config.partition_count)
         await routes.refresh(force=True)
-        services = [SERVICE_NAME]
+        services = list(SERVICE_NAMES)
         if config.redis_url:
             read_view = EventReader(config.redis_url)
             hub = WatchHub(_WatchSource(read_view), partition_count=config.partition_count)
@@ -51,7 +51,7 @@ async def serve(config: RouterConfig) -> None:
             services.append(WATCH_SERVICE_NAME)
         server, health_servicer, port = create_server(config.listen, services)
         service = RouterService(routes, read_view)
-        inventory_pb2_grpc.add_InventoryServicer_to_server(service, server)
+        serve_inventory(server, service)
         if hub is not None:
             watch = AvailabilityStreamService(hub)
             events_pb2_grpc.add_AvailabilityStreamServicer_to_server(watch, server)

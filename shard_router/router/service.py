@@ -42,6 +42,7 @@ from inventory_core import (
 )
 
 from ..common import batching, convert, errors, rpcs
+from ..common import ingest as ingest_service
 from ..common.calls import (
     CALL_TIMEOUT_S_DEFAULT,
     PROPAGATED_METADATA,
@@ -207,6 +208,21 @@ class RouterCalls:
         self, request: pb.SetSafetyStockRequest, deadline: float | None
     ) -> pb.SetSafetyStockResponse:
         return await self._routed(rpcs.SET_SAFETY_STOCK, request, deadline)
+
+    async def ingest(self, request: pb.IngestRequest, deadline: float | None) -> pb.IngestResponse:
+        """A feed's events, each partition's part forwarded to its owner (common/ingest.py)."""
+        return await ingest_service.ingest(request, deadline, self._ingest_part)
+
+    async def _ingest_part(
+        self, part: ingest_service.Part, deadline: float
+    ) -> pb.IngestResponse | status_pb2.Status:
+        item = _item()
+        item.ingest.CopyFrom(part.request)
+        try:
+            result = await self._forward_item(part.partition, rpcs.INGEST, item, deadline)
+        except Refusal as refusal:
+            return refusal.status
+        return result.ingest
 
     async def _routed(
         self, rpc: rpcs.Rpc[RequestT, ResponseT], request: RequestT, deadline: float | None

@@ -16,7 +16,6 @@ import signal
 import time
 
 import structlog
-from inventory.v1 import inventory_pb2, inventory_pb2_grpc
 
 from persistence.connections import create_pool
 from persistence.events import EventPublisher
@@ -27,6 +26,7 @@ from persistence.store import PartitionStore
 from ..common.config import ShardConfig
 from ..common.loop_monitor import LoopMonitor
 from ..common.server import create_server, run_server, set_serving
+from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
 from .owner import Owner, OwnerLimits
 from .ownership import Ownership
@@ -34,7 +34,6 @@ from .service import InventoryService
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAME = inventory_pb2.DESCRIPTOR.services_by_name["Inventory"].full_name
 # Connections to PostgreSQL: one flush and one checkpoint at a time, plus recovery and reads.
 DATABASE_POOL_SIZE_MAX = 8
 # In-flight RPCs get this long to finish at shutdown.
@@ -58,8 +57,8 @@ async def serve(config: ShardConfig) -> None:
         owner = Owner(
             store, publisher, OwnerLimits(checkpoint_interval_s=config.checkpoint_interval_s)
         )
-        server, health_servicer, port = create_server(config.listen, [SERVICE_NAME])
-        inventory_pb2_grpc.add_InventoryServicer_to_server(InventoryService(owner), server)
+        server, health_servicer, port = create_server(config.listen, SERVICE_NAMES)
+        serve_inventory(server, InventoryService(owner))
         address = config.advertise or f"{config.listen.rsplit(':', 1)[0]}:{port}"
         ownership = Ownership(
             owner,
@@ -88,7 +87,7 @@ async def serve(config: ShardConfig) -> None:
         if publisher is not None:
             background.append(asyncio.create_task(publisher.run()))
         await server.start()
-        await set_serving(health_servicer, [SERVICE_NAME], True)
+        await set_serving(health_servicer, SERVICE_NAMES, True)
         log.info(
             "shard_serving",
             shard_id=config.shard_id,
@@ -100,7 +99,7 @@ async def serve(config: ShardConfig) -> None:
         await _until_stopped(owner_task, background)
         log.info("shard_stopping", shard_id=config.shard_id)
         await _cancel(background[:1])  # take no more partitions
-        await set_serving(health_servicer, [SERVICE_NAME], False)
+        await set_serving(health_servicer, SERVICE_NAMES, False)
         await server.stop(SHUTDOWN_GRACE_S)  # in-flight calls finish
         await owner.drain()
         await _cancel([owner_task])

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import structlog
+from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
 
 from inventory_core import (
     ClientCommand,
     Committed,
     Extended,
+    Ingested,
     InventoryKey,
     Outcome,
     Released,
@@ -39,6 +41,7 @@ from inventory_core import (
 )
 
 from ..common import batching, convert, errors
+from ..common import ingest as ingest_service
 from ..common.calls import Refusal, check
 from ..common.servicer import CallsServicer
 from .owner import DeadlineExpired, FlushFailed, NotOwner, Overloaded, Owner
@@ -123,6 +126,22 @@ class Calls:
         self, request: pb.SetSafetyStockRequest, deadline: float | None
     ) -> pb.SetSafetyStockResponse:
         return await self._call(SET_SAFETY_STOCK, request, deadline)
+
+    async def ingest(self, request: pb.IngestRequest, deadline: float | None) -> pb.IngestResponse:
+        """A feed's events, each part applied by the owner of its partition."""
+        return await ingest_service.ingest(request, deadline, self._ingest_part)
+
+    async def _ingest_part(
+        self, part: ingest_service.Part, deadline: float
+    ) -> pb.IngestResponse | status_pb2.Status:
+        try:
+            command, partition = INGEST.prepare(part.request)
+            if partition != part.partition:
+                raise AssertionError(f"part of partition {part.partition} in {partition}")
+            outcome = await _guard(self._owner.mutate(partition, command, deadline))
+            return INGEST.respond(outcome)
+        except Refusal as refusal:
+            return refusal.status
 
     async def _call(self, mutation: _Mutation[R], request: Any, deadline: float | None) -> R:
         command, partition = mutation.prepare(request)
@@ -211,6 +230,12 @@ def _key_partition(command: Any) -> int:
     return partition_of(key.merchant_id, key.location_id)
 
 
+def _feed_partition(command: Any) -> int:
+    events = command.events
+    key: InventoryKey = events[0].key if events else InventoryKey("", "", "")
+    return partition_of(key.merchant_id, key.location_id)
+
+
 def _reservation_partition(command: Any) -> int | None:
     return partition_of_reservation(command.reservation_id)
 
@@ -233,10 +258,13 @@ def _extended(outcome: Extended) -> pb.ExtendReservationResponse:
 
 def _stock_changed(response: Callable[..., R]) -> Callable[[StockChanged], R]:
     def build(outcome: StockChanged) -> R:
-        return response(
+        answer = response(
             level=convert.level_to_proto(outcome.level),
             over_commit=convert.over_commit_to_proto(outcome.over_commit),
         )
+        if outcome.superseded:  # a physical fact a later count covers (not safety stock)
+            answer.superseded = True  # type: ignore[attr-defined]
+        return answer
 
     return build
 
@@ -261,6 +289,8 @@ SET_SAFETY_STOCK = _Mutation(
     _stock_changed(pb.SetSafetyStockResponse),
     StockChanged,
 )
+# One part of a feed's request (a partition's events; common/ingest.py splits a request).
+INGEST = _Mutation(convert.ingest, _feed_partition, convert.ingested_to_proto, Ingested)
 # Every mutating call of the shard, by its BatchItem field (and Calls method) name.
 MUTATIONS: dict[str, _Mutation[Any]] = {
     "reserve": RESERVE,

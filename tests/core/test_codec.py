@@ -14,6 +14,7 @@ from hypothesis import given, settings
 
 from inventory_core import (
     Accepted,
+    AckStatus,
     AdjustmentReason,
     AdjustStock,
     AvailabilityChanged,
@@ -21,13 +22,19 @@ from inventory_core import (
     Command,
     Commit,
     Committed,
+    EventAck,
     Expire,
     Expired,
     Extend,
     Extended,
+    FeedEvent,
+    FeedEventKind,
+    Ingest,
+    Ingested,
     InventoryKey,
     Line,
     OverCommit,
+    OverCommitted,
     Release,
     Released,
     Reservation,
@@ -83,6 +90,26 @@ COMMAND_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     SetStock: st.builds(SetStock, keys, strings, naturals, versions, naturals),
     SetSafetyStock: st.builds(SetSafetyStock, keys, strings, naturals, versions, naturals),
     Expire: st.builds(Expire, st.lists(strings, max_size=5).map(tuple), naturals),
+    Ingest: st.builds(
+        Ingest,
+        strings,
+        strings,
+        st.lists(
+            st.builds(
+                FeedEvent,
+                strings,
+                st.none() | st.sampled_from(FeedEventKind),
+                keys,
+                ints,
+                ints,
+                st.none() | naturals,
+                strings,
+            ),
+            max_size=4,
+        ).map(tuple),
+        naturals,
+        strings,
+    ),
 }
 commands: st.SearchStrategy[Command] = st.one_of(*COMMAND_STRATEGIES.values())
 
@@ -118,8 +145,16 @@ OUTCOME_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     Committed: st.builds(Committed, reservations, level_tuples),
     Released: st.builds(Released, reservations, level_tuples),
     Extended: st.builds(Extended, reservations),
-    StockChanged: st.builds(StockChanged, levels(), over_commits),
+    StockChanged: st.builds(StockChanged, levels(), over_commits, st.booleans()),
     Expired: st.builds(Expired, st.lists(strings, max_size=5).map(tuple)),
+    Ingested: st.builds(
+        Ingested,
+        st.lists(st.builds(EventAck, st.sampled_from(AckStatus), strings, strings)).map(tuple),
+        st.lists(
+            st.builds(OverCommitted, keys, over_commits.filter(lambda o: o is not None)),
+            max_size=3,
+        ).map(tuple),
+    ),
 }
 outcomes = st.one_of(*OUTCOME_STRATEGIES.values())
 events = st.builds(

@@ -54,6 +54,7 @@ def test_every_command_type_has_exactly_one_registry_row_with_today_s_names() ->
         "set_stock",
         "set_safety_stock",
         "expire",
+        "ingest",
     ]
     assert [row.name for row in REGISTRY if not row.from_caller] == ["expire"]
 

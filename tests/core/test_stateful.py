@@ -1,6 +1,7 @@
 """The partition against a naive model, step by step (STYLE habits 5 and 8, DESIGN 2 and 6).
 
-A ``RuleBasedStateMachine`` drives one ``Partition`` with every command over a small key
+A ``RuleBasedStateMachine`` drives one ``Partition`` with every command (feeds included:
+deltas and counts sent late, again and out of order, against online commits) over a small key
 universe (one merchant, two locations, three SKUs) so that lines collide, with a simulated
 clock that sometimes jumps past TTLs (expiry) and, rarely, past the 24 h retention. A plain
 model (dicts and sorted lists, no heaps, no dirty sets) predicts every outcome and every
@@ -38,6 +39,7 @@ from hypothesis.stateful import (
 from inventory_core import (
     TABLES,
     Accepted,
+    AckStatus,
     AdjustmentReason,
     AdjustStock,
     CapacityExhausted,
@@ -46,18 +48,24 @@ from inventory_core import (
     Command,
     Commit,
     Committed,
+    EventAck,
     Expire,
     Expired,
     Extend,
     Extended,
+    FeedEvent,
+    FeedEventKind,
     IdempotencyEntry,
     IdempotencyKeyReused,
+    Ingest,
+    Ingested,
     InsufficientStock,
     Invalid,
     InventoryKey,
     Line,
     Outcome,
     OverCommit,
+    OverCommitted,
     Partition,
     PartitionSnapshot,
     Record,
@@ -87,6 +95,7 @@ from inventory_core import (
     limits,
     partition_of,
     reservation_id_for,
+    validate_feed_event,
 )
 
 MERCHANT = "m1"
@@ -99,6 +108,11 @@ START_MS = 1_700_000_000_000
 DAY_PLUS_MS = 25 * 60 * 60 * 1000
 TTL_S_RANGE = (30, 120)
 ONLINE = (Reserve, Commit, Release, Extend, Expire)
+FEED_REASONS = {ChangeReason(kind.value) for kind in FeedEventKind} | {ChangeReason.FEED}
+DUPLICATE = EventAck(AckStatus.DUPLICATE)
+SUPERSEDED = EventAck(AckStatus.SUPERSEDED)
+REUSED = EventAck(AckStatus.REFUSED, "event_id")
+SOURCES = ("pos-1", "pos-2")
 
 REASON_OF: dict[type[Command], ChangeReason | None] = {
     Reserve: ChangeReason.RESERVATION,
@@ -156,6 +170,16 @@ class Model:
     reservations: list[Reservation] = field(default_factory=list)
     answers: list[Remembered] = field(default_factory=list)
     head_lsn: int = 0
+    # The feeds (DESIGN section 9), plainly: per key, the order of its last count and every
+    # delta applied after it (a feed's or the service's own: commits, adjustments); and every
+    # feed fact recorded, by (source, event_id), as (key, order, quantity, kind).
+    last_count: dict[InventoryKey, tuple[int, str, str]] = field(default_factory=dict)
+    after_count: dict[InventoryKey, list[tuple[tuple[int, str, str], int]]] = field(
+        default_factory=dict
+    )
+    feed_facts: dict[tuple[str, str], tuple[InventoryKey, tuple[int, str, str], int, str]] = field(
+        default_factory=dict
+    )
 
     # ------------------------------------------------------------------------- reads
 
@@ -219,6 +243,12 @@ class Model:
             self._accept(Expire(batch, now_ms), records)
         if isinstance(command, Expire):
             return Answer(Expired(tuple(due_ids)), records)
+        if isinstance(command, Ingest):
+            lsn = self.head_lsn + 1
+            outcome, kept = self._ingest(command, lsn)
+            if kept:
+                self._accept(replace(command, events=tuple(kept)), records)
+            return Answer(outcome, records)
         payload = replace(command, now_ms=0)
         remembered = self.remembered(command.merchant_id, command.idempotency_key)
         if remembered is not None:
@@ -285,7 +315,7 @@ class Model:
                 self._replace(extended)
                 return Extended(extended)
             case AdjustStock() | SetStock() | SetSafetyStock():
-                return self._set_counts(command)
+                return self._set_counts(command, lsn)
 
     def _reserve(self, command: Reserve, lsn: int) -> Outcome:
         if len(self.live()) >= limits.reservations_live_max:
@@ -325,26 +355,35 @@ class Model:
                 return Invalid(f"lines[{index}].quantity", "")
             taken[line.key] = line.quantity
         for key, quantity in taken.items():
-            self.shelves[key].on_hand -= quantity
+            if quantity:
+                self.shelves[key].on_hand += self._own_delta(key, -quantity, command.now_ms, lsn)
         committed = tuple(Line(k, q) for k, q in taken.items() if q > 0)
         done = self._finish(
             found.reservation_id, ReservationState.COMMITTED, lsn, command.now_ms, committed
         )
         return Committed(done, tuple(self.level(key) for key in held))
 
-    def _set_counts(self, command: AdjustStock | SetStock | SetSafetyStock) -> Outcome:
+    def _set_counts(self, command: AdjustStock | SetStock | SetSafetyStock, lsn: int) -> Outcome:
         key = command.key
         shelf = self.shelves.get(key)
         current = shelf or Shelf()
         on_hand, safety_stock = current.on_hand, current.safety_stock
         expected: int | None = None
+        own = (command.now_ms, "", f"{lsn:012d}")
         match command:
             case AdjustStock():
-                on_hand += command.delta
-                if abs(on_hand) > limits.stock_quantity_max:
+                if abs(on_hand + command.delta) > limits.stock_quantity_max:
                     return Invalid("delta", "")
+                if self.covered(key, own):
+                    return StockChanged(self.level(key), self.over_commit(key), superseded=True)
+                on_hand += self._own_delta(key, command.delta, command.now_ms, lsn)
             case SetStock():
-                on_hand, expected = command.on_hand, command.expected_version
+                expected = command.expected_version
+                if expected is not None and expected != current.version:
+                    return VersionMismatch(key, expected, current.version)
+                if self.covered(key, own):
+                    return StockChanged(self.level(key), self.over_commit(key), superseded=True)
+                on_hand = self._count(key, own, command.on_hand)
             case SetSafetyStock():
                 safety_stock, expected = command.safety_stock, command.expected_version
         if expected is not None and expected != current.version:
@@ -352,6 +391,98 @@ class Model:
         if shelf is None or (shelf.on_hand, shelf.safety_stock) != (on_hand, safety_stock):
             self.shelves[key] = Shelf(on_hand, safety_stock, current.version + 1)
         return StockChanged(self.level(key), self.over_commit(key))
+
+    # --------------------------------------------------------------------- the feeds
+
+    def covered(self, key: InventoryKey, order: tuple[int, str, str]) -> bool:
+        """A fact at or before the key's last count: the count already includes it."""
+        return key in self.last_count and order <= self.last_count[key]
+
+    def _own_delta(self, key: InventoryKey, delta: int, now_ms: int, lsn: int) -> int:
+        order = (now_ms, "", f"{lsn:012d}")
+        if self.covered(key, order):
+            return 0
+        self.after_count.setdefault(key, []).append((order, delta))
+        return delta
+
+    def _count(self, key: InventoryKey, order: tuple[int, str, str], value: int) -> int:
+        """A count applied: its value plus the deltas applied that occurred after it."""
+        later = [(o, q) for o, q in self.after_count.get(key, []) if o > order]
+        self.after_count[key] = later
+        self.last_count[key] = order
+        for fact_id, (fact_key, fact_order, _, _) in list(self.feed_facts.items()):
+            if fact_key == key and fact_order <= order:
+                del self.feed_facts[fact_id]
+        return value + sum(q for _, q in later)
+
+    def _ingest(self, command: Ingest, lsn: int) -> tuple[Ingested, list[FeedEvent]]:
+        """Each item judged on its own, in order (the table of inventory_core/_history.py,
+        written out plainly); one change per key at the end."""
+        now_ms = command.now_ms
+        horizon_ms = now_ms - limits.feed_history_retention_ms
+        acks: list[EventAck] = []
+        kept: list[FeedEvent] = []
+        moved: dict[InventoryKey, int] = {}  # key -> events applied to it
+        judged: list[InventoryKey] = []
+        on_hand: dict[InventoryKey, int] = {}
+        for item in command.events:
+            problem = validate_feed_event(item, command.merchant_id, PARTITION, now_ms)
+            if problem is not None:
+                acks.append(EventAck(AckStatus.REFUSED, problem.field, problem.reason))
+                continue
+            assert item.kind is not None
+            key = item.key
+            if key not in judged:
+                judged.append(key)
+                on_hand[key] = self.shelves[key].on_hand if key in self.shelves else 0
+            order = (item.occurred_at_ms, command.source, item.event_id)
+            is_count = item.kind is FeedEventKind.COUNT
+            quantity = item.count if is_count else item.quantity * item.kind.sign
+            assert quantity is not None
+            fact = (key, order, quantity, item.kind.value)
+            found = self.feed_facts.get((command.source, item.event_id))
+            if found is not None and found[1][0] < horizon_ms and found[3] != "count":
+                found = None  # a delta that left its window is forgotten
+            covered = self.covered(key, order)
+            outside = item.occurred_at_ms < horizon_ms
+            ack: EventAck | None = None
+            if is_count:
+                if found is not None:
+                    same = found[0] == key and found[1:] == fact[1:]
+                    ack = DUPLICATE if same else REUSED
+                elif covered or outside:
+                    ack = SUPERSEDED
+            elif covered:
+                ack = SUPERSEDED
+            elif outside:
+                ack = EventAck(AckStatus.REFUSED, "occurred_at_ms", "")
+            elif found is not None:
+                ack = DUPLICATE if found[0] == key and found[1:] == fact[1:] else REUSED
+            if ack is not None:
+                acks.append(ack)
+                if ack is SUPERSEDED:
+                    kept.append(item)
+                continue
+            if is_count:
+                on_hand[key] = self._count(key, order, quantity)
+            else:
+                on_hand[key] += quantity
+                self.after_count.setdefault(key, []).append((order, quantity))
+            self.feed_facts[(command.source, item.event_id)] = fact
+            moved[key] = moved.get(key, 0) + 1
+            acks.append(EventAck(AckStatus.APPLIED))
+            kept.append(item)
+        if not kept:
+            return Ingested(tuple(acks)), kept
+        for key in moved:
+            shelf = self.shelves.get(key)
+            if shelf is None:
+                self.shelves[key] = Shelf(on_hand[key], 0, 1)
+            elif shelf.on_hand != on_hand[key]:
+                shelf.on_hand, shelf.version = on_hand[key], shelf.version + 1
+        recorded = [k for k in judged if any(e.key == k for e in kept)]
+        over = [OverCommitted(k, o) for k in recorded if (o := self.over_commit(k)) is not None]
+        return Ingested(tuple(acks), tuple(over)), kept
 
     def over_commit(self, key: InventoryKey) -> OverCommit | None:
         """How far available is below zero, and the newest live reservations on the key
@@ -456,6 +587,8 @@ class PartitionMachine(RuleBasedStateMachine):
         self.checkpointed: Checkpointed | None = None
         self.next_key = 0
         self.steps = 0
+        self.sent_events: list[FeedEvent] = []
+        self.next_event = 0
 
     # ------------------------------------------------------------------------ helpers
 
@@ -481,6 +614,13 @@ class PartitionMachine(RuleBasedStateMachine):
         if isinstance(answer.outcome, Invalid):
             assert isinstance(step.outcome, Invalid), step.outcome
             assert step.outcome.field == answer.outcome.field, step.outcome
+        elif isinstance(answer.outcome, Ingested):
+            assert isinstance(step.outcome, Ingested), step.outcome
+            got = [(a.status, a.field) for a in step.outcome.acks]
+            assert got == [(a.status, a.field) for a in answer.outcome.acks], step.outcome
+            assert step.outcome.over_committed == answer.outcome.over_committed
+            for ack in step.outcome.acks:
+                event(f"ingest: {ack.status.value}")
         else:
             assert step.outcome == answer.outcome, (step.outcome, answer.outcome)
         assert [r.command for r in step.records] == answer.records, step.records
@@ -513,7 +653,7 @@ class PartitionMachine(RuleBasedStateMachine):
             )
             assert shadow_step == step, (shadow_step, step)
 
-        if not isinstance(command, Expire):
+        if not isinstance(command, Expire | Ingest):
             self.history.append(command)
         if isinstance(step.outcome, Reserved | Extended):
             reservation = step.outcome.reservation
@@ -529,12 +669,15 @@ class PartitionMachine(RuleBasedStateMachine):
         stock = dict(before.stock)
         for change in step.events:
             command = commands[change.lsn]
-            expected_reason = (
-                ChangeReason(command.reason.value)
-                if isinstance(command, AdjustStock)
-                else REASON_OF[type(command)]
-            )
-            assert change.reason == expected_reason, (change, command)
+            if isinstance(command, Ingest):
+                assert change.reason in FEED_REASONS, (change, command)
+            else:
+                expected_reason = (
+                    ChangeReason(command.reason.value)
+                    if isinstance(command, AdjustStock)
+                    else REASON_OF[type(command)]
+                )
+                assert change.reason == expected_reason, (change, command)
             assert change.partition == PARTITION
             assert change.recorded_at_ms == command.now_ms
             assert change.before == stock.get(change.key, StockRow())
@@ -719,6 +862,42 @@ class PartitionMachine(RuleBasedStateMachine):
         expected = self.draw_expected_version(data, key)
         idempotency_key = self.fresh_idempotency_key()
         self.do(SetSafetyStock(key, idempotency_key, safety_stock, expected, self.now_ms))
+
+    @rule(data=st.data())
+    def ingest(self, data: st.DataObject) -> None:
+        """A gateway's batch: new events, events sent before (again, or altered: the same id
+        for another event), and now and then a bad one; deltas and counts, some late."""
+        events: list[FeedEvent] = []
+        for _ in range(data.draw(st.integers(1, 4), label="events")):
+            choice = data.draw(st.integers(0, 9), label="which")
+            if self.sent_events and choice < 3:
+                event = data.draw(st.sampled_from(self.sent_events), label="again")
+                if choice == 0:
+                    event = replace(event, reason="altered", quantity=event.quantity + 1)
+            elif choice == 3:
+                bad = FeedEvent(f"ev-{self.next_event}", FeedEventKind.COUNT, KEYS[0], self.now_ms)
+                event = data.draw(
+                    st.sampled_from(
+                        [bad, replace(bad, count=-1), replace(bad, kind=None, count=2)]
+                    ),
+                    label="bad",
+                )
+            else:
+                self.next_event += 1
+                kind = data.draw(st.sampled_from(FeedEventKind), label="kind")
+                late_ms = data.draw(st.integers(-2_000, 30_000), label="late_ms")
+                event = FeedEvent(
+                    f"ev-{self.next_event}",
+                    kind,
+                    data.draw(st.sampled_from(KEYS), label="key"),
+                    self.now_ms - late_ms,
+                    quantity=0 if kind.is_count else data.draw(st.integers(1, 4), label="q"),
+                    count=data.draw(st.integers(0, 12), label="count") if kind.is_count else None,
+                )
+            events.append(event)
+        source = data.draw(st.sampled_from(SOURCES), label="source")
+        self.do(Ingest(MERCHANT, source, tuple(events), self.now_ms))
+        self.sent_events.extend(e for e in events if e.kind is not None and e.count != -1)
 
     @rule()
     def expire_due(self) -> None:

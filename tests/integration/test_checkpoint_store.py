@@ -153,7 +153,8 @@ def test_one_partitions_delta_is_written_in_bounded_transactions(
             records += a.apply(6, set_stock(key(6, f"sku-{index}"), 1, f"s{index}"))
         await a.flush(records)
         delta = live.take_checkpoint()
-        assert delta.row_count == 500  # a stock row and an answer per command
+        # Per command: a stock row, an answer, and the key's history (a count, for the feeds).
+        assert delta.row_count == 750
 
         written: list[int] = []
         write_rows = store._write_rows
@@ -166,7 +167,7 @@ def test_one_partitions_delta_is_written_in_bounded_transactions(
 
         monkeypatch.setattr(store, "_write_rows", counted)
         await store.write_checkpoint([delta], a.epochs, rows_per_transaction=120)
-        assert written == [120, 120, 120, 120, 20]
+        assert written == [120, 120, 120, 120, 120, 120, 30]
         await assert_loads_equal(store, live)
 
     run_with_store(database_url, body)
@@ -188,7 +189,7 @@ def test_a_checkpoint_encodes_nothing_on_the_event_loop(
         await store.write_checkpoint([first], a.epochs, rows_per_transaction=1000)
         await a.flush(a.apply(6, set_stock(key(6, "sku-1"), 2, "again")))
         delta = a.cores[6].take_checkpoint()
-        assert not delta.full and delta.row_count == 2
+        assert not delta.full and delta.row_count == 3  # its row, its answer, its history
 
         loop_thread = threading.get_ident()
         on_loop: list[object] = []

@@ -68,7 +68,8 @@ class AvailabilityChanged(_message.Message):
     """The key's version after the change (+1 per change): the order of a key's changes."""
     reason: _builtins.str
     """reservation, commit, release, expiry, receipt, sale, return, shrinkage, correction,
-    transfer, set_stock, set_safety_stock.
+    transfer, set_stock, set_safety_stock; from a feed: sale, return, receipt, adjustment,
+    count, or feed (several feed events of one ledger record moved the key).
     """
     partition: _builtins.int
     lsn: _builtins.int

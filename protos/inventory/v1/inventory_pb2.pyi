@@ -167,6 +167,105 @@ ADJUSTMENT_REASON_TRANSFER: AdjustmentReason.ValueType  # 6
 """moved between locations (+/-)"""
 Global___AdjustmentReason: _TypeAlias = AdjustmentReason  # noqa: Y015
 
+class _FeedEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeedEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeedEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEED_EVENT_KIND_UNSPECIFIED: _FeedEventKind.ValueType  # 0
+    """refused: say what happened"""
+    FEED_EVENT_KIND_SALE: _FeedEventKind.ValueType  # 1
+    """sold at the till: quantity units left the shelf"""
+    FEED_EVENT_KIND_RETURN: _FeedEventKind.ValueType  # 2
+    """a customer brought quantity units back"""
+    FEED_EVENT_KIND_RECEIPT: _FeedEventKind.ValueType  # 3
+    """a supplier delivered quantity units"""
+    FEED_EVENT_KIND_ADJUSTMENT: _FeedEventKind.ValueType  # 4
+    """a signed correction: shrinkage, damage, a transfer"""
+    FEED_EVENT_KIND_COUNT: _FeedEventKind.ValueType  # 5
+    """on_hand was `count` at occurred_at"""
+
+class FeedEventKind(_FeedEventKind, metaclass=_FeedEventKindEnumTypeWrapper):
+    """----------------------------------------------------------- feeds: POS and suppliers
+
+    A POS gateway or a supplier integration sends what happened at the store: sales, returns,
+    receipts, adjustments and counts, late, duplicated and out of order (DESIGN section 9).
+    Every event is acknowledged on its own once it is durable; see EventAck for what each
+    answer lets the sender drop from its own buffer.
+
+    Exact under any delivery order, within each key's history window:
+      - events are de-duplicated by (merchant, source, event_id);
+      - deltas (sale, return, receipt, adjustment) apply on arrival, in any order;
+      - a count means "on_hand was `count` at occurred_at": it is applied as that count plus
+        the deltas already applied that occurred after it (units picked for online orders
+        included); a delta that occurred before the last applied count is recorded but does
+        not move on_hand again; a count older than the last applied count is superseded.
+    Events are ordered by (occurred_at_ms, source, event_id), so ties end the same way.
+    The window per key: the deltas since its last count that occurred within the last 24 h,
+    at most 1024 of them. Past it a delta is REFUSED (it cannot be told from one already
+    applied: send a count) and a count is SUPERSEDED.
+    """
+
+FEED_EVENT_KIND_UNSPECIFIED: FeedEventKind.ValueType  # 0
+"""refused: say what happened"""
+FEED_EVENT_KIND_SALE: FeedEventKind.ValueType  # 1
+"""sold at the till: quantity units left the shelf"""
+FEED_EVENT_KIND_RETURN: FeedEventKind.ValueType  # 2
+"""a customer brought quantity units back"""
+FEED_EVENT_KIND_RECEIPT: FeedEventKind.ValueType  # 3
+"""a supplier delivered quantity units"""
+FEED_EVENT_KIND_ADJUSTMENT: FeedEventKind.ValueType  # 4
+"""a signed correction: shrinkage, damage, a transfer"""
+FEED_EVENT_KIND_COUNT: FeedEventKind.ValueType  # 5
+"""on_hand was `count` at occurred_at"""
+Global___FeedEventKind: _TypeAlias = FeedEventKind  # noqa: Y015
+
+class _EventAckStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventAckStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventAckStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_ACK_STATUS_UNSPECIFIED: _EventAckStatus.ValueType  # 0
+    EVENT_ACK_STATUS_APPLIED: _EventAckStatus.ValueType  # 1
+    """Durable, and on_hand moved as it says: drop it."""
+    EVENT_ACK_STATUS_DUPLICATE: _EventAckStatus.ValueType  # 2
+    """The same event (source, event_id) was recorded before: drop it."""
+    EVENT_ACK_STATUS_SUPERSEDED: _EventAckStatus.ValueType  # 3
+    """Durable in the ledger, but a later count already covers it, so on_hand did not move;
+    `reason` says why: drop it.
+    """
+    EVENT_ACK_STATUS_REFUSED: _EventAckStatus.ValueType  # 4
+    """Never applied (final): `field` and `reason` say what is wrong. Sending it again as it is
+    gets the same answer.
+    """
+    EVENT_ACK_STATUS_FAILED: _EventAckStatus.ValueType  # 5
+    """Not answered: `error` is the status (shard_router's error table) saying whether it may
+    have been applied. Either way, send it again: a duplicate is applied once.
+    """
+
+class EventAckStatus(_EventAckStatus, metaclass=_EventAckStatusEnumTypeWrapper): ...
+
+EVENT_ACK_STATUS_UNSPECIFIED: EventAckStatus.ValueType  # 0
+EVENT_ACK_STATUS_APPLIED: EventAckStatus.ValueType  # 1
+"""Durable, and on_hand moved as it says: drop it."""
+EVENT_ACK_STATUS_DUPLICATE: EventAckStatus.ValueType  # 2
+"""The same event (source, event_id) was recorded before: drop it."""
+EVENT_ACK_STATUS_SUPERSEDED: EventAckStatus.ValueType  # 3
+"""Durable in the ledger, but a later count already covers it, so on_hand did not move;
+`reason` says why: drop it.
+"""
+EVENT_ACK_STATUS_REFUSED: EventAckStatus.ValueType  # 4
+"""Never applied (final): `field` and `reason` say what is wrong. Sending it again as it is
+gets the same answer.
+"""
+EVENT_ACK_STATUS_FAILED: EventAckStatus.ValueType  # 5
+"""Not answered: `error` is the status (shard_router's error table) saying whether it may
+have been applied. Either way, send it again: a duplicate is applied once.
+"""
+Global___EventAckStatus: _TypeAlias = EventAckStatus  # noqa: Y015
+
 @_typing.final
 class InventoryKey(_message.Message):
     """Identifies one stock row. All three are opaque strings of 1 to 64 characters from
@@ -655,6 +754,11 @@ Global___OverCommit: _TypeAlias = OverCommit  # noqa: Y015
 
 @_typing.final
 class AdjustStockRequest(_message.Message):
+    """A manual or online correction, applied as of now: a late count from a feed accounts for
+    it. Facts that carry their own time (a till's sales, a supplier's receipts) belong in
+    Ingest, where occurred_at orders them against counts.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
@@ -666,7 +770,7 @@ class AdjustStockRequest(_message.Message):
     """Signed change of on_hand, non-zero, magnitude at most 1,000,000,000."""
     reason: Global___AdjustmentReason.ValueType
     occurred_at_ms: _builtins.int
-    """When the fact happened (Unix epoch ms); 0 means now."""
+    """When the fact happened (Unix epoch ms), kept for the audit trail; 0 means now."""
     idempotency_key: _builtins.str
     @_builtins.property
     def key(self) -> Global___InventoryKey: ...
@@ -693,6 +797,11 @@ class AdjustStockResponse(_message.Message):
 
     LEVEL_FIELD_NUMBER: _builtins.int
     OVER_COMMIT_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_FIELD_NUMBER: _builtins.int
+    superseded: _builtins.bool
+    """A count of a later time (from a feed whose clock runs ahead) already covers it: it is
+    recorded, and on_hand did not move.
+    """
     @_builtins.property
     def level(self) -> Global___StockLevel: ...
     @_builtins.property
@@ -704,10 +813,11 @@ class AdjustStockResponse(_message.Message):
         *,
         level: Global___StockLevel | None = ...,
         over_commit: Global___OverCommit | None = ...,
+        superseded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "over_commit", b"over_commit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "over_commit", b"over_commit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "over_commit", b"over_commit", "superseded", b"superseded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -752,6 +862,9 @@ class SetStockResponse(_message.Message):
 
     LEVEL_FIELD_NUMBER: _builtins.int
     OVER_COMMIT_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_FIELD_NUMBER: _builtins.int
+    superseded: _builtins.bool
+    """As in AdjustStockResponse: a feed's count of a later time covers it."""
     @_builtins.property
     def level(self) -> Global___StockLevel: ...
     @_builtins.property
@@ -761,10 +874,11 @@ class SetStockResponse(_message.Message):
         *,
         level: Global___StockLevel | None = ...,
         over_commit: Global___OverCommit | None = ...,
+        superseded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "over_commit", b"over_commit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "over_commit", b"over_commit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "over_commit", b"over_commit", "superseded", b"superseded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -889,6 +1003,200 @@ class ReserveOrderResponse(_message.Message):
 Global___ReserveOrderResponse: _TypeAlias = ReserveOrderResponse  # noqa: Y015
 
 @_typing.final
+class FeedEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_MS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique within the request's source (1 to 128 characters): the same event sent again,
+    in this request or any later one, is acknowledged DUPLICATE and applied once.
+    """
+    occurred_at_ms: _builtins.int
+    """When it happened at the store (Unix epoch ms, required), at most 5 minutes ahead of
+    the service's clock.
+    """
+    kind: Global___FeedEventKind.ValueType
+    quantity: _builtins.int
+    """Units: 1 to 1,000,000,000 for sale, return and receipt; signed and non-zero for an
+    adjustment; unset for a count.
+    """
+    count: _builtins.int
+    """A count's on_hand, 0 to 1,000,000,000 (required for a count, unset otherwise)."""
+    reason: _builtins.str
+    """Free text kept with the event in the ledger (at most 200 characters)."""
+    @_builtins.property
+    def key(self) -> Global___InventoryKey:
+        """A key of the request's merchant_id."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        occurred_at_ms: _builtins.int = ...,
+        kind: Global___FeedEventKind.ValueType = ...,
+        key: Global___InventoryKey | None = ...,
+        quantity: _builtins.int = ...,
+        count: _builtins.int | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "count", b"count", "key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "count", b"count", "event_id", b"event_id", "key", b"key", "kind", b"kind", "occurred_at_ms", b"occurred_at_ms", "quantity", b"quantity", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__count: _TypeAlias = _typing.Literal["count"]  # noqa: Y015
+    _WhichOneofArgType__count: _TypeAlias = _typing.Literal["_count", b"_count"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__count) -> _WhichOneofReturnType__count | None: ...
+
+Global___FeedEvent: _TypeAlias = FeedEvent  # noqa: Y015
+
+@_typing.final
+class IngestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    source: _builtins.str
+    """Who sends it: a POS gateway or supplier integration (an identifier, 1 to 64
+    characters). Event ids are unique per source.
+    """
+    batch_id: _builtins.str
+    """Optional: tags the ledger records of this request (a bulk import), so that a rebuild
+    can leave them out (an identifier).
+    """
+    sequence: _builtins.int
+    """Optional, chosen by the sender: echoed in the response (matches answers on a Stream)."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedEvent]:
+        """1 to 1000 events, in any order, for any keys of the merchant."""
+
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        events: _abc.Iterable[Global___FeedEvent] | None = ...,
+        batch_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "events", b"events", "merchant_id", b"merchant_id", "sequence", b"sequence", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestRequest: _TypeAlias = IngestRequest  # noqa: Y015
+
+@_typing.final
+class EventAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    status: Global___EventAckStatus.ValueType
+    field: _builtins.str
+    """REFUSED: the event's field ("quantity", "key.merchant_id") and the reason; the ack's
+    position says which event. SUPERSEDED: the reason.
+    """
+    reason: _builtins.str
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """FAILED: the status of the attempt (retryable or outcome_unknown)."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___EventAckStatus.ValueType = ...,
+        field: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "field", b"field", "reason", b"reason", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventAck: _TypeAlias = EventAck  # noqa: Y015
+
+@_typing.final
+class KeyOverCommit(_message.Message):
+    """A key that a physical fact took below zero available (DESIGN section 2)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    OVER_COMMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___InventoryKey: ...
+    @_builtins.property
+    def over_commit(self) -> Global___OverCommit: ...
+    def __init__(
+        self,
+        *,
+        key: Global___InventoryKey | None = ...,
+        over_commit: Global___OverCommit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "over_commit", b"over_commit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "over_commit", b"over_commit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyOverCommit: _TypeAlias = KeyOverCommit  # noqa: Y015
+
+@_typing.final
+class IngestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKS_FIELD_NUMBER: _builtins.int
+    OVER_COMMITTED_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The request's sequence, echoed."""
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventAck]:
+        """One per event of the request, in request order."""
+
+    @_builtins.property
+    def over_committed(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyOverCommit]:
+        """The keys of this request left over-committed: the till sold units promised online."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Ingest.Stream only: the request as a whole was refused or failed (then acks is empty);
+        Ingest.Send answers such a request with this status instead.
+        """
+
+    def __init__(
+        self,
+        *,
+        acks: _abc.Iterable[Global___EventAck] | None = ...,
+        over_committed: _abc.Iterable[Global___KeyOverCommit] | None = ...,
+        sequence: _builtins.int = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "error", b"error", "over_committed", b"over_committed", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestResponse: _TypeAlias = IngestResponse  # noqa: Y015
+
+@_typing.final
 class BatchItem(_message.Message):
     """One call inside a Batch stream. Each item keeps its own deadline and gets its own answer."""
 
@@ -926,6 +1234,7 @@ class BatchItem(_message.Message):
     ADJUST_STOCK_FIELD_NUMBER: _builtins.int
     SET_STOCK_FIELD_NUMBER: _builtins.int
     SET_SAFETY_STOCK_FIELD_NUMBER: _builtins.int
+    INGEST_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Chosen by the sender, unique among its items in flight on the stream; echoed back."""
     timeout_ms: _builtins.int
@@ -954,6 +1263,8 @@ class BatchItem(_message.Message):
     def set_stock(self) -> Global___SetStockRequest: ...
     @_builtins.property
     def set_safety_stock(self) -> Global___SetSafetyStockRequest: ...
+    @_builtins.property
+    def ingest(self) -> Global___IngestRequest: ...
     def __init__(
         self,
         *,
@@ -969,12 +1280,13 @@ class BatchItem(_message.Message):
         adjust_stock: Global___AdjustStockRequest | None = ...,
         set_stock: Global___SetStockRequest | None = ...,
         set_safety_stock: Global___SetSafetyStockRequest | None = ...,
+        ingest: Global___IngestRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "id", b"id", "metadata", b"metadata", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "metadata", b"metadata", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock"]  # noqa: Y015
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
@@ -995,6 +1307,7 @@ class BatchItemResult(_message.Message):
     ADJUST_STOCK_FIELD_NUMBER: _builtins.int
     SET_STOCK_FIELD_NUMBER: _builtins.int
     SET_SAFETY_STOCK_FIELD_NUMBER: _builtins.int
+    INGEST_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     @_builtins.property
     def error(self) -> _status_pb2.Status:
@@ -1018,6 +1331,8 @@ class BatchItemResult(_message.Message):
     def set_stock(self) -> Global___SetStockResponse: ...
     @_builtins.property
     def set_safety_stock(self) -> Global___SetSafetyStockResponse: ...
+    @_builtins.property
+    def ingest(self) -> Global___IngestResponse: ...
     def __init__(
         self,
         *,
@@ -1032,12 +1347,13 @@ class BatchItemResult(_message.Message):
         adjust_stock: Global___AdjustStockResponse | None = ...,
         set_stock: Global___SetStockResponse | None = ...,
         set_safety_stock: Global___SetSafetyStockResponse | None = ...,
+        ingest: Global___IngestResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "id", b"id", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

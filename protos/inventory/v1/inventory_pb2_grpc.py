@@ -536,3 +536,129 @@ class Inventory:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class IngestStub:
+    """For POS gateways and supplier integrations (see "feeds" above). Served by the router;
+    a shard serves it for the partitions it owns.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Send = channel.unary_unary(
+                '/inventory.v1.Ingest/Send',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.IngestRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.IngestResponse.FromString,
+                _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/inventory.v1.Ingest/Stream',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.IngestRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.IngestResponse.FromString,
+                _registered_method=True)
+
+
+class IngestServicer:
+    """For POS gateways and supplier integrations (see "feeds" above). Served by the router;
+    a shard serves it for the partitions it owns.
+    """
+
+    def Send(self, request, context):
+        """One request, one answer: every event acknowledged once it is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stream(self, request_iterator, context):
+        """A gateway's long-lived stream: it streams requests and reads an answer per request (by
+        its sequence) as soon as that request's events are durable, in the order they finish.
+        At most 16 requests of a stream are in progress at once; past that the stream reads no
+        more until answers are read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IngestServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Send': grpc.unary_unary_rpc_method_handler(
+                    servicer.Send,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.IngestRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.IngestResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.IngestRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.IngestResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'inventory.v1.Ingest', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('inventory.v1.Ingest', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Ingest:
+    """For POS gateways and supplier integrations (see "feeds" above). Served by the router;
+    a shard serves it for the partitions it owns.
+    """
+
+    @staticmethod
+    def Send(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.Ingest/Send',
+            inventory_dot_v1_dot_inventory__pb2.IngestRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.IngestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inventory.v1.Ingest/Stream',
+            inventory_dot_v1_dot_inventory__pb2.IngestRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.IngestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

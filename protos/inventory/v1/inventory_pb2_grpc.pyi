@@ -237,3 +237,64 @@ class InventoryServicer(metaclass=_abc_1.ABCMeta):
         """Reserve an order split across locations (saga with compensation). Router only."""
 
 def add_InventoryServicer_to_server(servicer: InventoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class IngestStub:
+    """For POS gateways and supplier integrations (see "feeds" above). Served by the router;
+    a shard serves it for the partitions it owns.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> IngestAsyncStub: ...
+    Send: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.IngestRequest, _inventory_pb2.IngestResponse]
+    """One request, one answer: every event acknowledged once it is durable."""
+    Stream: _grpc.StreamStreamMultiCallable[_inventory_pb2.IngestRequest, _inventory_pb2.IngestResponse]
+    """A gateway's long-lived stream: it streams requests and reads an answer per request (by
+    its sequence) as soon as that request's events are durable, in the order they finish.
+    At most 16 requests of a stream are in progress at once; past that the stream reads no
+    more until answers are read.
+    """
+
+@_typing.type_check_only
+class IngestAsyncStub(IngestStub):
+    """For POS gateways and supplier integrations (see "feeds" above). Served by the router;
+    a shard serves it for the partitions it owns.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Send: _aio.UnaryUnaryMultiCallable[_inventory_pb2.IngestRequest, _inventory_pb2.IngestResponse]  # type: ignore[assignment]
+    """One request, one answer: every event acknowledged once it is durable."""
+    Stream: _aio.StreamStreamMultiCallable[_inventory_pb2.IngestRequest, _inventory_pb2.IngestResponse]  # type: ignore[assignment]
+    """A gateway's long-lived stream: it streams requests and reads an answer per request (by
+    its sequence) as soon as that request's events are durable, in the order they finish.
+    At most 16 requests of a stream are in progress at once; past that the stream reads no
+    more until answers are read.
+    """
+
+class IngestServicer(metaclass=_abc_1.ABCMeta):
+    """For POS gateways and supplier integrations (see "feeds" above). Served by the router;
+    a shard serves it for the partitions it owns.
+    """
+
+    @_abc_1.abstractmethod
+    def Send(
+        self,
+        request: _inventory_pb2.IngestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.IngestResponse, _abc.Awaitable[_inventory_pb2.IngestResponse]]:
+        """One request, one answer: every event acknowledged once it is durable."""
+
+    @_abc_1.abstractmethod
+    def Stream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inventory_pb2.IngestRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inventory_pb2.IngestResponse], _abc.AsyncIterator[_inventory_pb2.IngestResponse]]:
+        """A gateway's long-lived stream: it streams requests and reads an answer per request (by
+        its sequence) as soon as that request's events are durable, in the order they finish.
+        At most 16 requests of a stream are in progress at once; past that the stream reads no
+        more until answers are read.
+        """
+
+def add_IngestServicer_to_server(servicer: IngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
