@@ -45,8 +45,6 @@ Order = tuple[int, str, str]  # (occurred_at_ms, source, event_id)
 # The source of the service's own facts (commit, AdjustStock, SetStock); a feed's source is
 # an identifier, never empty.
 OWN_SOURCE = ""
-# What a count fact's kind says.
-COUNT_KIND = "count"
 
 
 class Fact(NamedTuple):

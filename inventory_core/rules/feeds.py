@@ -16,13 +16,14 @@ service's own physical facts (a commit, ``AdjustStock``, ``SetStock``) go throug
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import _history as history_rules
 from .. import _limits as limits
 from .. import _validate
 from .._commands import FeedEvent, Ingest
-from .._history import COUNT_KIND, EMPTY_HISTORY, OWN_SOURCE, Fact, KeyHistory
+from .._history import EMPTY_HISTORY, OWN_SOURCE, Fact, KeyHistory
 from .._model import ChangeReason, FeedEventKind, InventoryKey, StockRow
 from .._outcomes import AckStatus, EventAck, Ingested, OverCommitted
 from .._state import Effects, PartitionState
@@ -163,17 +164,7 @@ class _Batch:
         if seen is not None:
             return seen
         on_hand = work.on_hand + fact.quantity
-        if abs(on_hand) > limits.stock_quantity_max:
-            reason = f"on_hand would leave ±{limits.stock_quantity_max}"
-            return EventAck(AckStatus.REFUSED, "quantity", reason)
-        refused = self._refuse_new_key(work)
-        if refused is not None:
-            return refused
-        work.on_hand = on_hand
-        work.history, dropped = history_rules.with_delta(work.history, fact, self._now_ms)
-        self._kept(key, fact, dropped)
-        work.moved(fact.kind)
-        return APPLIED
+        return self._move(work, key, fact, on_hand, field="quantity", keep=history_rules.with_delta)
 
     def _count(self, work: _Key, key: InventoryKey, fact: Fact) -> EventAck:
         seen = self._seen(key, fact)
@@ -184,16 +175,31 @@ class _Batch:
         if work.history.outside_window(fact, self._now_ms):
             return EventAck(AckStatus.SUPERSEDED, reason=_COUNT_OUTSIDE)
         on_hand = history_rules.on_hand_after_count(work.history, fact)
+        return self._move(work, key, fact, on_hand, field="count", keep=history_rules.with_count)
+
+    def _move(
+        self,
+        work: _Key,
+        key: InventoryKey,
+        fact: Fact,
+        on_hand: int,
+        *,
+        field: str,
+        keep: Callable[[KeyHistory, Fact, int], tuple[KeyHistory, list[Fact]]],
+    ) -> EventAck:
+        """Apply a judged fact: the key's on_hand becomes ``on_hand`` and its history keeps
+        the fact (``keep``); refused if that leaves the bounds or needs a key with no room."""
         if abs(on_hand) > limits.stock_quantity_max:
             reason = f"on_hand would leave ±{limits.stock_quantity_max}"
-            return EventAck(AckStatus.REFUSED, "count", reason)
+            return EventAck(AckStatus.REFUSED, field, reason)
         refused = self._refuse_new_key(work)
         if refused is not None:
             return refused
         work.on_hand = on_hand
-        work.history, dropped = history_rules.with_count(work.history, fact, self._now_ms)
-        self._kept(key, fact, dropped)
-        work.moved(COUNT_KIND)
+        work.history, dropped = keep(work.history, fact, self._now_ms)
+        self._state.index_facts(key, (fact,))  # then what the history dropped leaves it
+        self._state.unindex_facts(key, dropped)
+        work.moved(fact.kind)
         return APPLIED
 
     def _seen(self, key: InventoryKey, fact: Fact) -> EventAck | None:
@@ -228,13 +234,6 @@ class _Batch:
             return EventAck(AckStatus.REFUSED, "key", reason)
         self._new_keys += 1
         return None
-
-    def _kept(self, key: InventoryKey, fact: Fact, dropped: list[Fact]) -> None:
-        """The fact joins the index (if its history keeps it); what the history dropped
-        leaves it."""
-        state = self._state
-        state.index_facts(key, (fact,))
-        state.unindex_facts(key, dropped)
 
     def finish(self, state: PartitionState, at: Effects) -> tuple[OverCommitted, ...]:
         """Write each key's row and history once; the keys left over-committed."""
