@@ -1,4 +1,4 @@
-"""The load harness: ``inventory bench``, ``inventory bench-events``, ``python -m benchmarks``.
+"""The load harness: ``inventory bench``, ``bench-events`` and ``bench-ingest``.
 
 Public surface: ``main(argv)``, ``add_subcommand(subparsers)`` (``bench``),
 ``add_subcommands(subparsers)`` (``bench`` and ``bench-events``), ``require_extra(command)``;
@@ -14,6 +14,8 @@ standard library, and the subcommands are added without importing anything of th
 - ``bench-events`` has its real arguments when the extra is installed; without it the
   arguments cannot be built (``watch_load`` imports tqdm at the top), so ``--help`` shows the
   hint as its description and a run prints the hint and exits 2, whatever its arguments.
+- ``bench-ingest`` (``ingest_load``: feeds through the router against PostgreSQL) the same
+  way.
 """
 
 from __future__ import annotations
@@ -78,47 +80,60 @@ def add_subcommand(subparsers: Any, **parser_options: Any) -> argparse.ArgumentP
 def add_subcommands(
     subparsers: Any, *, events_arguments: bool = True, **parser_options: Any
 ) -> None:
-    """Add ``bench`` and ``bench-events`` to ``subparsers`` (see the module docstring).
+    """Add ``bench``, ``bench-events`` and ``bench-ingest`` to ``subparsers`` (see the module
+    docstring).
 
-    ``events_arguments=False`` adds ``bench-events`` without its arguments, for a command
-    line that will not run it: building them imports the event harness (~0.2 s).
+    ``events_arguments=False`` adds the last two without their arguments, for a command
+    line that will not run them: building them imports their harness (~0.2 s).
     """
     add_subcommand(subparsers, **parser_options)
-    help_text = "measure event lag and concurrent watchers (python -m benchmarks.watch_load)"
-    missing = missing_extra_modules()
-    events = subparsers.add_parser(
-        "bench-events",
-        help=f"{help_text} (needs the bench extra)" if missing else help_text,
-        description=extra_hint("inventory bench-events")
-        if missing
-        else "Availability events: lag under write load, concurrent Watch subscribers.",
-        **parser_options,
+    harnesses = (
+        (
+            "bench-events",
+            "measure event lag and concurrent watchers (python -m benchmarks.watch_load)",
+            "Availability events: lag under write load, concurrent Watch subscribers.",
+            "watch_load",
+        ),
+        (
+            "bench-ingest",
+            "measure POS feed ingest against PostgreSQL (python -m benchmarks.ingest_load)",
+            "POS and supplier feeds: events/s and lag through the router, against the "
+            "textbook PostgreSQL upsert.",
+            "ingest_load",
+        ),
     )
-    events.set_defaults(run=_run_events)
-    if missing:
-        # Whatever the arguments, the run prints the hint (the top-level parser lets the
-        # unknown ones through when it sees accepts_any_arguments).
-        events.add_argument(
-            "arguments", nargs=argparse.REMAINDER, help="not read: install the extra first"
+    missing = missing_extra_modules()
+    for name, help_text, description, module in harnesses:
+        parser = subparsers.add_parser(
+            name,
+            help=f"{help_text} (needs the bench extra)" if missing else help_text,
+            description=extra_hint(f"inventory {name}") if missing else description,
+            **parser_options,
         )
-        events.set_defaults(accepts_any_arguments=True)
-    elif events_arguments:
-        from . import watch_load
+        parser.set_defaults(run=_harness_runner(name, module))
+        if missing:
+            # Whatever the arguments, the run prints the hint (the top-level parser lets the
+            # unknown ones through when it sees accepts_any_arguments).
+            parser.add_argument(
+                "arguments", nargs=argparse.REMAINDER, help="not read: install the extra first"
+            )
+            parser.set_defaults(accepts_any_arguments=True)
+        elif events_arguments:
+            importlib.import_module(f"{__name__}.{module}").add_arguments(parser)
 
-        watch_load.add_arguments(events)
+
+def _harness_runner(name: str, module: str) -> Any:
+    def run(options: argparse.Namespace) -> None:
+        require_extra(f"inventory {name}")
+        importlib.import_module(f"{__name__}.{module}").run(options)
+
+    return run
 
 
 def _run_bench(options: argparse.Namespace) -> None:
     from .cli import _run  # checks the extra first
 
     _run(options)
-
-
-def _run_events(options: argparse.Namespace) -> None:
-    require_extra("inventory bench-events")
-    from . import watch_load
-
-    watch_load.run(options)
 
 
 __all__ = [

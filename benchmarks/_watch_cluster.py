@@ -68,6 +68,8 @@ class Servers:
     pids: dict[str, list[int]] = field(default_factory=dict)
     started: list[str] = field(default_factory=list)
     log_dir: str = ""
+    # The run's database (empty for a given router).
+    database_url: str = ""
 
 
 @contextlib.contextmanager
@@ -108,6 +110,7 @@ def servers(
         database = "inv_events_" + secrets.token_hex(6)
         url = asyncio.run(create_database(server_url, database))
         stack.callback(lambda: asyncio.run(drop_database(server_url, database)))
+        found.database_url = url
         events_url = redis_url
         if not events_url:
             redis_process = RedisServer(work / "redis", durable=False)

@@ -88,7 +88,15 @@ from ._outcomes import (
     is_accepted,
 )
 from ._partition import Partition, PartitionSnapshot, Record, Step, fingerprint
-from ._registry import REGISTRY, CommandKind, command_from_data, command_to_data, kind_of, validate
+from ._registry import (
+    REGISTRY,
+    CommandKind,
+    command_from_data,
+    command_to_data,
+    kind_of,
+    validate,
+    work_units,
+)
 from ._state import TABLES
 from ._tables import TableDelta, TableSchema
 from ._usage import ProcessUsage
@@ -189,4 +197,5 @@ __all__ = [
     "validate_key",
     "validate_read",
     "validate_watch_filter",
+    "work_units",
 ]

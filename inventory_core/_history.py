@@ -33,7 +33,8 @@ event_id) (``PartitionState.feed_ids``), rebuilt from this table on restore.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import bisect
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import _limits as limits
@@ -100,11 +101,33 @@ def with_delta(history: KeyHistory, fact: Fact, now_ms: int) -> tuple[KeyHistory
     if history.outside_window(fact, now_ms):
         return history, []
     deltas = history.deltas
-    if not deltas or deltas[-1].order < fact.order:
-        kept = (*deltas, fact)  # the usual case: facts arrive roughly in order
+    # A fact compares as its order (its first three fields, unique within a key's history),
+    # so the deltas stay sorted by bisecting on the facts themselves.
+    if not deltas or deltas[-1] < fact:
+        # The usual case: facts arrive roughly in order. (Concatenation: 3x faster than
+        # unpacking at a few hundred facts.)
+        kept = deltas + (fact,)  # noqa: RUF005
     else:
-        kept = tuple(sorted((*deltas, fact), key=_order))
-    return _bounded(replace(history, deltas=kept), now_ms)
+        at = bisect.bisect_right(deltas, fact)
+        kept = deltas[:at] + (fact,) + deltas[at:]  # noqa: RUF005
+    return _bounded(KeyHistory(history.count, kept, history.forgotten), now_ms)
+
+
+def with_deltas(
+    history: KeyHistory, facts: list[Fact], now_ms: int
+) -> tuple[KeyHistory, list[Fact]]:
+    """The history with applied deltas kept (those inside the window), and what it forgot.
+
+    Each fact is judged inside the window when it was applied; one that is not kept (the
+    window moved, or the bound dropped it as the oldest) is returned among the dropped.
+    """
+    new = sorted(facts)  # facts compare as their orders
+    deltas = history.deltas
+    if not deltas or deltas[-1] < new[0]:  # the usual case: later than all kept
+        merged = deltas + tuple(new)
+    else:
+        merged = tuple(sorted(deltas + tuple(new)))
+    return _bounded(KeyHistory(history.count, merged, history.forgotten), now_ms)
 
 
 def with_count(history: KeyHistory, fact: Fact, now_ms: int) -> tuple[KeyHistory, list[Fact]]:
@@ -131,8 +154,8 @@ def pruned(history: KeyHistory, now_ms: int) -> tuple[KeyHistory, list[Fact]]:
     if not deltas or deltas[0].occurred_at_ms >= horizon_ms:
         return history, []
     # Deltas are kept by order, whose first member is the time: the old ones lead.
-    cut = next((i for i, d in enumerate(deltas) if d.occurred_at_ms >= horizon_ms), len(deltas))
-    return replace(history, deltas=deltas[cut:]), list(deltas[:cut])
+    cut = bisect.bisect_left(deltas, (horizon_ms,))
+    return KeyHistory(history.count, deltas[cut:], history.forgotten), list(deltas[:cut])
 
 
 def _bounded(history: KeyHistory, now_ms: int) -> tuple[KeyHistory, list[Fact]]:
@@ -141,12 +164,8 @@ def _bounded(history: KeyHistory, now_ms: int) -> tuple[KeyHistory, list[Fact]]:
     if excess <= 0:
         return history, dropped
     forgotten = history.deltas[:excess]
-    history = replace(history, deltas=history.deltas[excess:], forgotten=forgotten[-1].order)
+    history = KeyHistory(history.count, history.deltas[excess:], forgotten[-1].order)
     return history, dropped + list(forgotten)
-
-
-def _order(fact: Fact) -> Order:
-    return fact.order
 
 
 # ----------------------------------------------------------------------------- table

@@ -49,6 +49,9 @@ class CommandKind(Generic[C]):
     remembered: bool = True
     # What an accepted outcome logs: the command itself unless this says otherwise.
     to_record: Callable[[C, Any], C | None] | None = None
+    # The work a command is, in units of a one-line request (what bounds a shell's batch):
+    # 1 unless this says otherwise.
+    units: Callable[[C], int] | None = None
 
     def record_of(self, command: C, outcome: Outcome) -> C | None:
         return command if self.to_record is None else self.to_record(command, outcome)
@@ -78,7 +81,13 @@ REGISTRY: tuple[CommandKind[Any], ...] = (
     ),
     CommandKind("expire", Expire, _validate.expire, reservations.expire, from_caller=False),
     CommandKind(
-        "ingest", Ingest, _validate.ingest, feeds.ingest, remembered=False, to_record=_ingest_record
+        "ingest",
+        Ingest,
+        _validate.ingest,
+        feeds.ingest,
+        remembered=False,
+        to_record=_ingest_record,
+        units=lambda command: max(len(command.events), 1),
     ),
 )
 BY_TYPE: dict[type[Any], CommandKind[Any]] = {row.type: row for row in REGISTRY}
@@ -88,6 +97,13 @@ assert len(BY_TYPE) == len(BY_NAME) == len(REGISTRY), "one row per kind and per 
 
 def kind_of(command: Command) -> str:
     return BY_TYPE[type(command)].name
+
+
+def work_units(command: Command) -> int:
+    """How much work a command is, in units of a one-line request: a feed's batch counts
+    each of its events."""
+    units = BY_TYPE[type(command)].units
+    return 1 if units is None else units(command)
 
 
 def validate(command: Command) -> Invalid | None:

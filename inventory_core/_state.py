@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from . import _limits as limits
@@ -78,6 +78,7 @@ TABLES: dict[str, TableSchema[Any, Any]] = {
     schema.name: schema for schema in (STOCK, RESERVATIONS, IDEMPOTENCY, FEED)
 }
 FeedId = tuple[str, str, str]  # (merchant_id, source, event_id)
+_COUNTS = frozenset({"on_hand", "reserved", "safety_stock"})
 
 
 @dataclass(slots=True)
@@ -178,7 +179,13 @@ class PartitionState:
         if found is None:
             self.usage.keys += 1
         before = found or EMPTY_ROW
-        after = replace(before, version=before.version + 1, **counts)
+        after = StockRow(  # not dataclasses.replace: ~4x slower, on every change of a key
+            counts.get("on_hand", before.on_hand),
+            counts.get("reserved", before.reserved),
+            counts.get("safety_stock", before.safety_stock),
+            before.version + 1,
+        )
+        assert counts.keys() <= _COUNTS, counts
         if after.reserved < 0:
             raise AssertionError(f"reserved of {key} would go negative: {after}")
         self.stock.put(key, after)

@@ -124,13 +124,26 @@ def validate_feed_event(
 
     ``partition``: the one its key must be in (None: any). An event claims a time no later
     than ``feed_clock_skew_ms_max`` after ``now_ms``."""
-    problem = validate_feed_key(event.key, merchant_id)
-    if problem is not None:
-        return problem
-    if partition is not None and partition_of(event.key.merchant_id, event.key.location_id) != (
-        partition
-    ):
+    return validate_feed_event_key(event.key, merchant_id, partition) or validate_feed_fields(
+        event, now_ms
+    )
+
+
+def validate_feed_event_key(
+    key: InventoryKey, merchant_id: str, partition: int | None
+) -> Invalid | None:
+    """An event's key: well-formed, at the batch's merchant, in ``partition`` (None: any)."""
+    problem = validate_feed_key(key, merchant_id)
+    elsewhere = (
+        partition is not None and partition_of(key.merchant_id, key.location_id) != partition
+    )
+    if problem is None and elsewhere:
         return Invalid("key", f"not in partition {partition}")
+    return problem
+
+
+def validate_feed_fields(event: FeedEvent, now_ms: int) -> Invalid | None:
+    """An event's fields but its key (``validate_feed_event_key``)."""
     if not event.event_id:
         return Invalid("event_id", "must not be empty: it is what duplicates are found by")
     if len(event.event_id) > limits.event_id_length_max:

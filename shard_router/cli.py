@@ -159,7 +159,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from benchmarks import add_subcommands
 
     add_subcommands(
-        commands, events_arguments=command in (None, "bench-events"), formatter_class=HelpFormatter
+        commands,
+        events_arguments=command in (None, "bench-events", "bench-ingest"),
+        formatter_class=HelpFormatter,
     )
     return parser
 

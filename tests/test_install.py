@@ -18,7 +18,7 @@ import pytest
 from benchmarks import EXTRA_MODULES, extra_hint
 from shard_router.cli import build_parser, main
 
-SUBCOMMANDS = ("up", "router", "shard", "migrate", "bench", "bench-events")
+SUBCOMMANDS = ("up", "router", "shard", "migrate", "bench", "bench-events", "bench-ingest")
 # A child interpreter starts in about half a second; this is generous for a shared machine.
 CHILD_TIMEOUT_S = 60.0
 WITHOUT_EXTRA = (
@@ -120,7 +120,7 @@ def test_service_subcommands_import_nothing_of_the_bench_extra() -> None:
     assert found.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("command", ["up", "router", "shard", "migrate", "bench", "bench-events"])
+@pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_without_the_extra_every_help_still_works(command: str) -> None:
     answer = _run_without_extra(command, "--help")
     assert answer.returncode == 0, answer.stderr
@@ -131,7 +131,13 @@ def test_without_the_extra_every_help_still_works(command: str) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["bench"], ["bench", "--smoke"], ["bench-events"], ["bench-events", "--rate", "5", "x"]],
+    [
+        ["bench"],
+        ["bench", "--smoke"],
+        ["bench-events"],
+        ["bench-events", "--rate", "5", "x"],
+        ["bench-ingest", "--rates", "5"],
+    ],
 )
 def test_without_the_extra_a_harness_run_says_which_extra_in_one_line(argv: list[str]) -> None:
     answer = _run_without_extra(*argv)

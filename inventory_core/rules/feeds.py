@@ -16,25 +16,26 @@ service's own physical facts (a commit, ``AdjustStock``, ``SetStock``) go throug
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import _history as history_rules
 from .. import _limits as limits
 from .. import _validate
 from .._commands import FeedEvent, Ingest
 from .._history import EMPTY_HISTORY, OWN_SOURCE, Fact, KeyHistory
-from .._model import ChangeReason, FeedEventKind, InventoryKey, StockRow
-from .._outcomes import AckStatus, EventAck, Ingested, OverCommitted
+from .._model import ChangeReason, FeedEventKind, InventoryKey, StockRow, partition_of
+from .._outcomes import AckStatus, EventAck, Ingested, Invalid, OverCommitted
 from .._state import Effects, PartitionState
 
 APPLIED = EventAck(AckStatus.APPLIED)
 DUPLICATE = EventAck(AckStatus.DUPLICATE)
-RECORDED = frozenset({AckStatus.APPLIED, AckStatus.SUPERSEDED})
+RECORDED = frozenset({AckStatus.APPLIED, AckStatus.SUPERSEDED})  # what a record keeps
 _COVERED = "occurred before the key's last applied count, which already includes it"
 _COUNT_COVERED = "older than the key's last applied count"
 _COUNT_OUTSIDE = "older than the key's history window: the deltas after it are no longer all known"
 _REASONS = {kind.value: ChangeReason(kind.value) for kind in FeedEventKind}
+_UNCHECKED = Invalid("", "")  # a key not checked yet in this batch
+_UNCHECKED = Invalid("", "")  # a key not checked yet in this batch
 
 
 def ingest(state: PartitionState, command: Ingest, at: Effects) -> Ingested:
@@ -112,6 +113,10 @@ class _Key:
     row: StockRow | None  # as the record found it
     on_hand: int
     history: KeyHistory
+    found: KeyHistory  # the history as the record found it
+    # Deltas applied by this record, not yet merged into ``history`` (merged once, at the
+    # end or before a count: rebuilding the history per event cost O(history) each).
+    pending: list[Fact] = field(default_factory=list)
     recorded: bool = False
     # The kind of the first event applied to it, and whether others were applied too.
     first_kind: str = ""
@@ -129,78 +134,112 @@ class _Batch:
         self._state = state
         self._now_ms = now_ms
         self._keys: dict[InventoryKey, _Key] = {}
+        self._key_problems: dict[InventoryKey, Invalid | None] = {}
+        self._recorded: list[tuple[InventoryKey, _Key]] = []
+        self._locations: dict[str, bool] = {}  # location -> in this partition (the batch's)
         self._new_keys = 0
 
     def judge(self, event: FeedEvent, command: Ingest) -> EventAck:
         state = self._state
-        problem = _validate.validate_feed_event(
-            event, command.merchant_id, state.partition, self._now_ms
-        )
-        if problem is not None:
-            return EventAck(AckStatus.REFUSED, problem.field, problem.reason)
-        assert event.kind is not None, "validated"
         key = event.key
+        # A batch's events share few keys: each key is checked (and hashed) once.
         work = self._keys.get(key)
         if work is None:
+            problem = self._key_problems.get(key, _UNCHECKED)
+            if problem is _UNCHECKED:
+                problem = self._key_problems[key] = self._key_problem(key, command)
+            problem = problem or _validate.validate_feed_fields(event, self._now_ms)
+            if problem is not None:
+                return EventAck(AckStatus.REFUSED, problem.field, problem.reason)
             row = state.stock.get(key)
             found = state.feed.get(key) or EMPTY_HISTORY
-            work = self._keys[key] = _Key(row, row.on_hand if row else 0, found)
-        quantity = event.count if event.kind.is_count else event.quantity * event.kind.sign
-        assert quantity is not None, "validated"
-        fact = Fact(
-            event.occurred_at_ms, command.source, event.event_id, quantity, event.kind.value
-        )
-        judge = self._count if event.kind.is_count else self._delta
-        ack = judge(work, key, fact)
-        work.recorded |= ack.status in RECORDED
+            work = self._keys[key] = _Key(row, row.on_hand if row else 0, found, found)
+        else:
+            problem = _validate.validate_feed_fields(event, self._now_ms)
+            if problem is not None:
+                return EventAck(AckStatus.REFUSED, problem.field, problem.reason)
+        kind = event.kind
+        assert kind is not None, "validated"
+        if kind.is_count:
+            assert event.count is not None, "validated"
+            fact = Fact(event.occurred_at_ms, command.source, event.event_id, event.count, "count")
+            ack = self._count(work, key, fact)
+        else:
+            quantity = event.quantity * kind.sign
+            fact = Fact(event.occurred_at_ms, command.source, event.event_id, quantity, kind.value)
+            ack = self._delta(work, key, fact)
+        if not work.recorded and (ack is APPLIED or ack.status is AckStatus.SUPERSEDED):
+            work.recorded = True
+            self._recorded.append((key, work))
         return ack
 
+    def _key_problem(self, key: InventoryKey, command: Ingest) -> Invalid | None:
+        """The key's checks, its partition's hashed once per location of the batch."""
+        problem = _validate.validate_feed_key(key, command.merchant_id)
+        if problem is not None:
+            return problem
+        here = self._locations.get(key.location_id)
+        if here is None:
+            partition = partition_of(key.merchant_id, key.location_id)
+            here = self._locations[key.location_id] = partition == self._state.partition
+        return None if here else Invalid("key", f"not in partition {self._state.partition}")
+
     def _delta(self, work: _Key, key: InventoryKey, fact: Fact) -> EventAck:
-        if work.history.covered_by_count(fact.order):
+        history = work.history
+        if history.count is not None and fact <= history.count:  # facts compare as orders
             return EventAck(AckStatus.SUPERSEDED, reason=_COVERED)
-        if work.history.outside_window(fact, self._now_ms):
+        if history.outside_window(fact, self._now_ms):
             return EventAck(AckStatus.REFUSED, "occurred_at_ms", _OUTSIDE_WINDOW)
         seen = self._seen(key, fact)
         if seen is not None:
             return seen
         on_hand = work.on_hand + fact.quantity
-        return self._move(work, key, fact, on_hand, field="quantity", keep=history_rules.with_delta)
+        refused = self._refused(work, on_hand, "quantity")
+        if refused is not None:
+            return refused
+        work.on_hand = on_hand
+        work.pending.append(fact)
+        self._state.feed_ids[(key.merchant_id, fact.source, fact.event_id)] = (key, fact)
+        work.moved(fact.kind)
+        return APPLIED
 
     def _count(self, work: _Key, key: InventoryKey, fact: Fact) -> EventAck:
         seen = self._seen(key, fact)
         if seen is not None:
             return seen
-        if work.history.covered_by_count(fact.order):
+        self._merge(key, work)
+        history = work.history
+        if history.covered_by_count(fact.order):
             return EventAck(AckStatus.SUPERSEDED, reason=_COUNT_COVERED)
-        if work.history.outside_window(fact, self._now_ms):
+        if history.outside_window(fact, self._now_ms):
             return EventAck(AckStatus.SUPERSEDED, reason=_COUNT_OUTSIDE)
-        on_hand = history_rules.on_hand_after_count(work.history, fact)
-        return self._move(work, key, fact, on_hand, field="count", keep=history_rules.with_count)
-
-    def _move(
-        self,
-        work: _Key,
-        key: InventoryKey,
-        fact: Fact,
-        on_hand: int,
-        *,
-        field: str,
-        keep: Callable[[KeyHistory, Fact, int], tuple[KeyHistory, list[Fact]]],
-    ) -> EventAck:
-        """Apply a judged fact: the key's on_hand becomes ``on_hand`` and its history keeps
-        the fact (``keep``); refused if that leaves the bounds or needs a key with no room."""
-        if abs(on_hand) > limits.stock_quantity_max:
-            reason = f"on_hand would leave ±{limits.stock_quantity_max}"
-            return EventAck(AckStatus.REFUSED, field, reason)
-        refused = self._refuse_new_key(work)
+        on_hand = history_rules.on_hand_after_count(history, fact)
+        refused = self._refused(work, on_hand, "count")
         if refused is not None:
             return refused
         work.on_hand = on_hand
-        work.history, dropped = keep(work.history, fact, self._now_ms)
+        work.history, dropped = history_rules.with_count(history, fact, self._now_ms)
         self._state.index_facts(key, (fact,))  # then what the history dropped leaves it
         self._state.unindex_facts(key, dropped)
         work.moved(fact.kind)
         return APPLIED
+
+    def _refused(self, work: _Key, on_hand: int, field: str) -> EventAck | None:
+        """Why a judged fact cannot apply: on_hand out of bounds, or no room for its key."""
+        if abs(on_hand) > limits.stock_quantity_max:
+            reason = f"on_hand would leave ±{limits.stock_quantity_max}"
+            return EventAck(AckStatus.REFUSED, field, reason)
+        return self._refuse_new_key(work)
+
+    def _merge(self, key: InventoryKey, work: _Key) -> None:
+        """The record's pending deltas join the key's history (within its window and bound);
+        what the history drops leaves the index."""
+        if work.pending:
+            work.history, dropped = history_rules.with_deltas(
+                work.history, work.pending, self._now_ms
+            )
+            work.pending = []
+            self._state.unindex_facts(key, dropped)
 
     def _seen(self, key: InventoryKey, fact: Fact) -> EventAck | None:
         """DUPLICATE if this very event is kept, REFUSED if its id names another event;
@@ -238,10 +277,11 @@ class _Batch:
     def finish(self, state: PartitionState, at: Effects) -> tuple[OverCommitted, ...]:
         """Write each key's row and history once; the keys left over-committed."""
         over_committed = []
-        for key, work in self._keys.items():
-            if not work.recorded:
-                continue
-            if work.history != (state.feed.get(key) or EMPTY_HISTORY):
+        # In the order of each key's first recorded event: the order a replay of the record
+        # (which holds only those) sees them in, so events and answers replay the same.
+        for key, work in self._recorded:
+            self._merge(key, work)
+            if work.history is not work.found:
                 state.feed.put(key, work.history)
             row = work.row
             if work.first_kind and (row is None or work.on_hand != row.on_hand):

@@ -188,7 +188,10 @@ class _Stream:
             for item in items:
                 item.flight = flight
                 self._in_flight[item.id] = item
-                timeout_ms = min(TIMEOUT_MS_MAX, max(1, math.ceil((item.deadline - now) * 1000)))
+                # Rounded to the microsecond first: 0.3 s left can read 300.00000000001 ms
+                # in floats, which must not be sent as 301.
+                left_ms = round((item.deadline - now) * 1000, 3)
+                timeout_ms = min(TIMEOUT_MS_MAX, max(1, math.ceil(left_ms)))
                 entry = request.items.add(id=item.id, timeout_ms=timeout_ms)
                 entry.metadata.update(item.metadata)
                 getattr(entry, item.field_name).CopyFrom(item.request)

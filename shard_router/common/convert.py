@@ -153,19 +153,21 @@ def adjust_stock(request: pb.AdjustStockRequest) -> AdjustStock:
 def ingest(request: pb.IngestRequest) -> Ingest:
     """An unset or unknown kind becomes ``kind=None``, which the core refuses."""
     kinds = KIND_FROM_PROTO
-    events = tuple(
-        FeedEvent(
-            e.event_id,
-            kinds.get(e.kind),
-            InventoryKey(e.key.merchant_id, e.key.sku_id, e.key.location_id),
-            e.occurred_at_ms,
-            e.quantity,
-            e.count if e.HasField("count") else None,
-            e.reason,
+    keys: dict[tuple[str, str, str], InventoryKey] = {}  # a store's events share few keys
+    events = []
+    for e in request.events:
+        k = e.key
+        parts = (k.merchant_id, k.sku_id, k.location_id)
+        key = keys.get(parts)
+        if key is None:
+            key = keys[parts] = InventoryKey(*parts)
+        count = e.count if e.HasField("count") else None
+        events.append(
+            FeedEvent(
+                e.event_id, kinds.get(e.kind), key, e.occurred_at_ms, e.quantity, count, e.reason
+            )
         )
-        for e in request.events
-    )
-    return Ingest(request.merchant_id, request.source, events, 0, request.batch_id)
+    return Ingest(request.merchant_id, request.source, tuple(events), 0, request.batch_id)
 
 
 def feed_event_to_proto(event: FeedEvent) -> pb.FeedEvent:

@@ -11,7 +11,9 @@ it came. An event whose key cannot be routed (malformed, or another merchant's) 
 here with the core's own check; every other check is the owner's (``inventory_core``), so
 the router reads only the routing fields. A part that gets no answer has each of its events
 acknowledged FAILED with the status, whose class says whether it may have been applied:
-sending the events again is always safe, since they are de-duplicated by event id.
+sending the events again is always safe, since they are de-duplicated by event id. A
+request of one partition (what a router forwards) that gets no answer fails as a whole,
+with the status itself, so that the router retries a redirect as it does any call.
 
 ``serve_stream`` answers an ``Ingest.Stream``: each request as its own call, at most
 ``STREAM_REQUESTS_IN_FLIGHT_MAX`` at once, answered in the order they finish.
@@ -37,7 +39,7 @@ from inventory_core import (
 )
 
 from . import convert, errors
-from .calls import CALL_TIMEOUT_S_DEFAULT, check, refusal_status
+from .calls import CALL_TIMEOUT_S_DEFAULT, Refusal, check, refusal_status
 
 log = structlog.get_logger(__name__)
 
@@ -60,26 +62,29 @@ class Part:
 
 def split(request: pb.IngestRequest) -> tuple[dict[int, pb.EventAck], list[Part]]:
     """The events refused for their routing fields, and the rest by partition (first-seen
-    order). Raises ``Refusal`` when the request as a whole is malformed."""
-    check(
-        validate_ingest_request(
-            request.merchant_id, request.source, len(request.events), request.batch_id
-        )
-    )
+    order). Raises ``Refusal`` when the request as a whole is malformed.
+
+    Routing reads only the merchant (it must be the request's) and the location (the
+    partition is hashed once per location); every other check is the owner's.
+    """
+    merchant_id = request.merchant_id
+    events = request.events
+    check(validate_ingest_request(merchant_id, request.source, len(events), request.batch_id))
     refused: dict[int, pb.EventAck] = {}
     parts: dict[int, Part] = {}
-    merchant_id = request.merchant_id
-    for index, event in enumerate(request.events):
+    by_location: dict[str, Part] = {}
+    for index, event in enumerate(events):
         proto_key = event.key
-        key = InventoryKey(proto_key.merchant_id, proto_key.sku_id, proto_key.location_id)
-        problem = validate_feed_key(key, merchant_id)
-        if problem is not None:
-            refused[index] = convert.refused_ack(problem.field, problem.reason)
+        if proto_key.merchant_id != merchant_id:
+            refused[index] = _unroutable(proto_key, merchant_id)
             continue
-        partition = partition_of(merchant_id, key.location_id)
-        part = parts.get(partition)
+        part = by_location.get(proto_key.location_id)
         if part is None:
-            part = parts[partition] = Part(partition)
+            partition = partition_of(merchant_id, proto_key.location_id)
+            part = parts.get(partition)
+            if part is None:
+                part = parts[partition] = Part(partition)
+            by_location[proto_key.location_id] = part
         part.indexes.append(index)
     if len(parts) == 1 and not refused:  # one location, as a store sends: forward it as is
         (part,) = parts.values()
@@ -88,8 +93,15 @@ def split(request: pb.IngestRequest) -> tuple[dict[int, pb.EventAck], list[Part]
     for part in parts.values():
         sub = part.request
         sub.merchant_id, sub.source, sub.batch_id = merchant_id, request.source, request.batch_id
-        sub.events.extend(request.events[i] for i in part.indexes)
+        sub.events.extend(events[i] for i in part.indexes)
     return refused, list(parts.values())
+
+
+def _unroutable(proto_key: pb.InventoryKey, merchant_id: str) -> pb.EventAck:
+    key = InventoryKey(proto_key.merchant_id, proto_key.sku_id, proto_key.location_id)
+    problem = validate_feed_key(key, merchant_id)
+    assert problem is not None, "a key of another merchant is refused"
+    return convert.refused_ack(problem.field, problem.reason)
 
 
 def merge(
@@ -126,7 +138,12 @@ async def ingest(
     refused, parts = split(request)
     when = time.monotonic() + CALL_TIMEOUT_S_DEFAULT if deadline is None else deadline
     if len(parts) == 1:
-        answers = [await apply(parts[0], when)]
+        answer = await apply(parts[0], when)
+        if isinstance(answer, status_pb2.Status) and not refused:
+            # The request was one partition's: its failure is the call's, so that whoever
+            # forwarded it sees the status itself (a router retries a redirect).
+            raise Refusal(answer)
+        answers = [answer]
     else:
         answers = list(await asyncio.gather(*(apply(part, when) for part in parts)))
     return merge(request, refused, parts, answers)

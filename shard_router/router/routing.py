@@ -169,7 +169,9 @@ def _settle_error(forwarded: Forwarded, status: status_pb2.Status) -> None:
 
 
 def _timeout_ms(left_s: float) -> int:
-    return min(TIMEOUT_MS_MAX, max(1, math.ceil(left_s * 1000)))
+    # Rounded to the microsecond first: 0.3 s left can read 300.00000000001 ms in floats,
+    # which must not become 301.
+    return min(TIMEOUT_MS_MAX, max(1, math.ceil(round(left_s * 1000, 3))))
 
 
 class _Stream:

@@ -68,6 +68,7 @@ from inventory_core import (
     Reservation,
     Step,
     StockLevel,
+    work_units,
 )
 
 log = structlog.get_logger(__name__)
@@ -169,9 +170,12 @@ class OwnerLimits:
     # Requests waiting for the loop. At ~20k requests/s per process, 10,000 is half a second
     # of work: beyond that, answering RESOURCE_EXHAUSTED beats queueing past deadlines.
     request_queue_max: int = 10_000
-    # Requests per batch (one flush). Bounds a transaction to a few MiB and a batch's
-    # latency to a few milliseconds of core work.
-    flush_batch_requests_max: int = 2_000
+    # Work per batch (one flush), in units of a one-line request: a feed's batch counts
+    # each of its events (inventory_core.work_units), which cost the core about what a
+    # one-line reservation does (~10 µs). Bounds a transaction to a few MiB and the time one
+    # batch holds the loop to some tens of milliseconds of core work: counted in requests,
+    # 2,000 feed batches of 500 events held it for seconds.
+    flush_batch_units_max: int = 2_000
     # The expiry timer's period: expired units return to sale within about this long.
     expiry_tick_s: float = 0.2
     # Checkpoint when this many records were flushed since the last one, or this long passed:
@@ -507,8 +511,11 @@ class Owner:
                 return []
         else:
             batch = [await self._queue.get()]
-        while len(batch) < self.limits.flush_batch_requests_max and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+        units = _units(batch[0])
+        while units < self.limits.flush_batch_units_max and not self._queue.empty():
+            work = self._queue.get_nowait()
+            batch.append(work)
+            units += _units(work)
         return batch
 
     def _apply(self, items: list[_Item]) -> _Batch:
@@ -826,6 +833,10 @@ def _kind(work: _Item) -> str:
             return "levels"
         case _ReadReservation():
             return "reservation"
+
+
+def _units(work: _Item) -> int:
+    return work_units(work.command) if isinstance(work, _Mutate) else 1
 
 
 def _reads_first(work: _Item) -> int:

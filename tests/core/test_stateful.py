@@ -480,7 +480,7 @@ class Model:
                 self.shelves[key] = Shelf(on_hand[key], 0, 1)
             elif shelf.on_hand != on_hand[key]:
                 shelf.on_hand, shelf.version = on_hand[key], shelf.version + 1
-        recorded = [k for k in judged if any(e.key == k for e in kept)]
+        recorded = list(dict.fromkeys(e.key for e in kept))  # by first recorded event
         over = [OverCommitted(k, o) for k in recorded if (o := self.over_commit(k)) is not None]
         return Ingested(tuple(acks), tuple(over)), kept
 

@@ -25,6 +25,9 @@ from inventory_core import (
     CheckpointDelta,
     Command,
     Expire,
+    FeedEvent,
+    FeedEventKind,
+    Ingest,
     InventoryKey,
     Line,
     Outcome,
@@ -36,6 +39,7 @@ from inventory_core import (
     SetStock,
     Step,
     StockChanged,
+    partition_of,
 )
 from persistence.store import FencedOut
 from shard_router.shard import owner as owner_module
@@ -254,7 +258,7 @@ def reserve(key: InventoryKey, quantity: int, idem: str, ttl_s: int = 60) -> Res
     return Reserve(key.merchant_id, idem, (Line(key, quantity),), ttl_s, 0)
 
 
-def mutate(r: Rig, partition: int, command: SetStock | Reserve) -> asyncio.Task[Outcome]:
+def mutate(r: Rig, partition: int, command: SetStock | Reserve | Ingest) -> asyncio.Task[Outcome]:
     return asyncio.create_task(r.owner.mutate(partition, command, None))
 
 
@@ -614,11 +618,9 @@ def test_submit_beyond_request_queue_max_is_shed_at_once(queue_max: int) -> None
 
 
 @pytest.mark.parametrize(("batch_max", "requests"), [(1, 3), (4, 10), (5, 5)])
-def test_flush_holds_at_most_flush_batch_requests_max_requests(
-    batch_max: int, requests: int
-) -> None:
+def test_flush_holds_at_most_flush_batch_units_max_requests(batch_max: int, requests: int) -> None:
     async def body() -> None:
-        limits = OwnerLimits(flush_batch_requests_max=batch_max, expiry_tick_s=3600)
+        limits = OwnerLimits(flush_batch_units_max=batch_max, expiry_tick_s=3600)
         async with rig(limits, start=False) as r:
             tasks = [mutate(r, 3, set_stock(APPLE, i + 1, f"s{i}")) for i in range(requests)]
             await settle()
@@ -628,6 +630,29 @@ def test_flush_holds_at_most_flush_batch_requests_max_requests(
             full, rest = divmod(requests, batch_max)
             assert sizes == [batch_max] * full + ([rest] if rest else [])
             assert r.owner.stats.records_flushed == requests
+
+    run(body)
+
+
+def test_a_feed_batch_counts_each_of_its_events_against_flush_batch_units_max() -> None:
+    partition = partition_of(APPLE.merchant_id, APPLE.location_id)
+
+    def feed(batch: int) -> Ingest:
+        events = tuple(
+            FeedEvent(f"b{batch}-{i}", FeedEventKind.RECEIPT, APPLE, T0_MS, quantity=1)
+            for i in range(6)
+        )
+        return Ingest(APPLE.merchant_id, "pos", events, 0)
+
+    async def body() -> None:
+        limits = OwnerLimits(flush_batch_units_max=10, expiry_tick_s=3600)
+        async with rig(limits, partitions=(partition,), start=False) as r:
+            tasks = [mutate(r, partition, feed(batch)) for batch in range(3)]
+            await settle()
+            r.start()
+            await asyncio.gather(*tasks)
+            # 6 + 6 units reach the bound of 10: the third batch waits for the next flush.
+            assert [len(call) for call in r.store.flush_calls] == [2, 1]
 
     run(body)
 
