@@ -154,6 +154,37 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_database_argument(migrate)
     migrate.set_defaults(run=_migrate)
 
+    stock_import = add(
+        "import", "import a stock-take (CSV or JSON lines of absolute counts) as one batch"
+    )
+    stock_import.add_argument(
+        "file", type=Path, help="the counts: CSV with a header, or JSON lines"
+    )
+    stock_import.add_argument("--merchant-id", required=True, help="whose stock it is")
+    stock_import.add_argument(
+        "--address",
+        default=env("ADDRESS", "127.0.0.1:50051"),
+        help="the router [INVENTORY_ADDRESS]",
+    )
+    stock_import.add_argument(
+        "--batch-id",
+        default="",
+        help="tags every ledger record of the import (default: import-<hash of the file>)",
+    )
+    stock_import.add_argument(
+        "--format", choices=["csv", "json"], default="", help="default: by suffix"
+    )
+    stock_import.add_argument(
+        "--counted-at-ms",
+        type=int,
+        default=0,
+        help="when lines without counted_at_ms were counted (Unix ms; default: the file's "
+        "modification time)",
+    )
+    stock_import.add_argument("--report", type=Path, help="write the summary as JSON here")
+    stock_import.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stock_import.set_defaults(run=_import)
+
     # The load harness: imports nothing of the `bench` extra here; each command says which
     # extra to install when it is missing.
     from benchmarks import add_subcommands
@@ -174,6 +205,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown and not getattr(options, "accepts_any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     options.run(options)
+
+
+def _import(options: argparse.Namespace) -> None:
+    from .importer import run_import
+
+    try:
+        summary = asyncio.run(
+            run_import(
+                options.file,
+                address=options.address,
+                merchant_id=options.merchant_id,
+                batch_id=options.batch_id,
+                file_format=options.format,
+                counted_at_ms=options.counted_at_ms,
+                progress=not options.no_progress,
+            )
+        )
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USAGE) from None
+    print(summary.text(), flush=True)
+    if options.report:
+        options.report.write_text(json.dumps(summary.as_data(), indent=2) + "\n")
+    raise SystemExit(0 if summary.complete else EXIT_FAILED)
 
 
 def _shard(options: argparse.Namespace) -> None:

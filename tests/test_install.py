@@ -18,7 +18,16 @@ import pytest
 from benchmarks import EXTRA_MODULES, extra_hint
 from shard_router.cli import build_parser, main
 
-SUBCOMMANDS = ("up", "router", "shard", "migrate", "bench", "bench-events", "bench-ingest")
+SUBCOMMANDS = (
+    "up",
+    "router",
+    "shard",
+    "migrate",
+    "import",
+    "bench",
+    "bench-events",
+    "bench-ingest",
+)
 # A child interpreter starts in about half a second; this is generous for a shared machine.
 CHILD_TIMEOUT_S = 60.0
 WITHOUT_EXTRA = (
