@@ -48,6 +48,8 @@ idempotency_keys_max: Final = 500_000
 
 # Keys per GetAvailability batch: a page of a catalogue, and a bounded reply size.
 availability_keys_max: Final = 1000
+# Locations per GetOverCommitted: a region's stores at once; each names one partition to ask.
+over_committed_locations_max: Final = 100
 
 # One expiry record lists at most this many reservations; more due ones spill into the
 # next record, so a record's size stays bounded after a long pause.

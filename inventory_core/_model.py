@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -33,6 +34,15 @@ def partition_of(merchant_id: str, location_id: str, partition_count: int = PART
     """
     digest = hashlib.blake2b(f"{merchant_id}\x1f{location_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % partition_count
+
+
+def locations_by_partition(merchant_id: str, location_ids: Iterable[str]) -> dict[int, list[str]]:
+    """A merchant's locations grouped by their partition (each location once, first-seen
+    order): one request per partition owner."""
+    grouped: dict[int, list[str]] = {}
+    for location_id in dict.fromkeys(location_ids):
+        grouped.setdefault(partition_of(merchant_id, location_id), []).append(location_id)
+    return grouped
 
 
 @dataclass(frozen=True, slots=True)

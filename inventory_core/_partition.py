@@ -34,7 +34,7 @@ from ._model import (
     StockLevel,
     StockRow,
 )
-from ._outcomes import Accepted, Expired, Outcome, is_accepted
+from ._outcomes import Accepted, Expired, Outcome, OverCommitted, is_accepted
 from ._registry import BY_TYPE, kind_of
 from ._state import Effects, PartitionState
 from ._usage import ProcessUsage
@@ -203,7 +203,25 @@ class Partition:
     @property
     def over_committed_count(self) -> int:
         """How many keys are over-committed now (kept as they change: O(1))."""
-        return self._state.over_committed_keys
+        return len(self._state.over_committed)
+
+    def over_committed_at(
+        self, merchant_id: str, location_ids: Iterable[str]
+    ) -> tuple[OverCommitted, ...]:
+        """The merchant's over-committed keys at these locations, in key order: each one's
+        exposure and the live reservations at risk, newest first (DESIGN section 2)."""
+        state, locations = self._state, set(location_ids)
+        found = sorted(
+            key
+            for key in state.over_committed
+            if key.merchant_id == merchant_id and key.location_id in locations
+        )
+        answer = []
+        for key in found:
+            over = state.over_commit(key)
+            assert over is not None, key
+            answer.append(OverCommitted(key, over))
+        return tuple(answer)
 
     def over_committed(self) -> dict[InventoryKey, int]:
         """Exposure (-available) of every over-committed key."""

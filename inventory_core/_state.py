@@ -12,6 +12,7 @@ Indexes derived from the tables, rebuilt by ``rebuild_indexes`` after a restore:
     expiry         live reservations by expiry (``ExpiryIndex``)
     holds          per key, the live reservations holding it and how much, oldest first
     finished       finished reservations in the order they finished, oldest first
+    over_committed the keys whose available is below zero, in key order on demand
     feed_ids       (merchant_id, source, event_id) -> (key, fact) of every feed fact kept
 
 Invariants (``check_invariants``), true after every step:
@@ -101,7 +102,7 @@ class PartitionState:
         "holds",
         "idempotency",
         "live_apply",
-        "over_committed_keys",
+        "over_committed",
         "partition",
         "reservations",
         "stock",
@@ -123,9 +124,9 @@ class PartitionState:
         self.attached = False
         # False while replaying: per-process bounds refuse only live commands.
         self.live_apply = True
-        # Keys whose available is below zero (sold offline, adjusted down): counted as they
-        # change, so that watching it costs nothing per key.
-        self.over_committed_keys = 0
+        # Keys whose available is below zero (sold offline, adjusted down), kept as they
+        # change: watching them costs nothing per key, and listing them scans only them.
+        self.over_committed: dict[InventoryKey, None] = {}
 
     @property
     def tables(self) -> dict[str, Table[Any, Any]]:
@@ -189,7 +190,10 @@ class PartitionState:
         if after.reserved < 0:
             raise AssertionError(f"reserved of {key} would go negative: {after}")
         self.stock.put(key, after)
-        self.over_committed_keys += (after.available < 0) - (before.available < 0)
+        if after.available < 0:
+            self.over_committed[key] = None
+        elif before.available < 0:
+            del self.over_committed[key]
         at.events.append(
             AvailabilityChanged(key, self.partition, at.lsn, reason, before, after, at.now_ms)
         )
@@ -310,7 +314,7 @@ class PartitionState:
             self.expiry.set(reservation.reservation_id, reservation.expires_at_ms)
             self.hold(reservation)
         self.usage = ProcessUsage(len(self.stock), len(live), len(self.idempotency))
-        self.over_committed_keys = sum(row.available < 0 for row in self.stock.values())
+        self.over_committed = {k: None for k, row in self.stock.items() if row.available < 0}
 
     # ---------------------------------------------------------------------- invariants
 
@@ -343,7 +347,7 @@ class PartitionState:
         assert len(self.stock) <= limits.partition_keys_max
         assert len(self.idempotency) <= limits.idempotency_keys_max
         assert len(self.finished) <= limits.reservations_finished_max + 1
-        assert self.over_committed_keys == sum(row.available < 0 for row in self.stock.values())
+        assert set(self.over_committed) == {k for k, r in self.stock.items() if r.available < 0}
         self._check_feed()
         if not self.attached:  # a private usage counts exactly this partition
             own = (len(self.stock), live, len(self.idempotency))

@@ -210,6 +210,18 @@ def validate_read(keys: Sequence[InventoryKey]) -> Invalid | None:
     return None
 
 
+def validate_over_committed_read(merchant_id: str, location_ids: Sequence[str]) -> Invalid | None:
+    """A query of over-committed keys: a merchant and 1 to ``over_committed_locations_max``
+    locations of it."""
+    count_max = limits.over_committed_locations_max
+    if not 0 < len(location_ids) <= count_max:
+        return Invalid("location_ids", f"1 to {count_max} locations, got {len(location_ids)}")
+    problem = _identifier("merchant_id", merchant_id)
+    for index, location_id in enumerate(location_ids):
+        problem = problem or _identifier(f"location_ids[{index}]", location_id)
+    return problem
+
+
 def validate_watch_filter(
     merchant_id: str,
     location_ids: Sequence[str],

@@ -263,6 +263,14 @@ class InventoryClient:
         )
         return await self._call(rpcs.SET_SAFETY_STOCK, request, timeout_s)
 
+    async def get_over_committed(
+        self, merchant_id: str, location_ids: Iterable[str], *, timeout_s: float | None = None
+    ) -> pb.GetOverCommittedResponse:
+        """The over-committed keys at these locations, each with its exposure and the live
+        reservations at risk, newest first: what to cancel or source elsewhere."""
+        request = pb.GetOverCommittedRequest(merchant_id=merchant_id, location_ids=location_ids)
+        return await self._call(rpcs.GET_OVER_COMMITTED, request, timeout_s)
+
     async def ingest(
         self,
         merchant_id: str,

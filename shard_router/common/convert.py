@@ -6,6 +6,8 @@ them. Field checks are the core's (``inventory_core.validate``); this module onl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from inventory.v1 import inventory_pb2 as pb
 
 from inventory_core import (
@@ -21,6 +23,7 @@ from inventory_core import (
     InventoryKey,
     Line,
     OverCommit,
+    OverCommitted,
     Release,
     Reservation,
     ReservationState,
@@ -214,6 +217,7 @@ def level_to_proto(level: StockLevel) -> pb.StockLevel:
         sellable=level.sellable,
         version=level.version,
         exists=level.exists,
+        exposure=max(-level.available, 0),
     )
 
 
@@ -244,11 +248,16 @@ def ingested_to_proto(outcome: Ingested) -> pb.IngestResponse:
             acks.append(pb.EventAck(status=ACK_STATUS_TO_PROTO[ack.status], reason=ack.reason))
         else:
             acks.append(_PLAIN_ACKS[ack.status])
-    over_committed = [
+    return pb.IngestResponse(
+        acks=acks, over_committed=over_committed_to_proto(outcome.over_committed)
+    )
+
+
+def over_committed_to_proto(found: Iterable[OverCommitted]) -> list[pb.KeyOverCommit]:
+    return [
         pb.KeyOverCommit(key=key_to_proto(o.key), over_commit=over_commit_to_proto(o.over_commit))
-        for o in outcome.over_committed
+        for o in found
     ]
-    return pb.IngestResponse(acks=acks, over_committed=over_committed)
 
 
 def over_commit_to_proto(over: OverCommit | None) -> pb.OverCommit | None:

@@ -86,6 +86,13 @@ SET_SAFETY_STOCK = Rpc(
     pb.SetSafetyStockResponse,
     mutating=True,
 )
+GET_OVER_COMMITTED = Rpc(
+    "GetOverCommitted",
+    "get_over_committed",
+    pb.GetOverCommittedRequest,
+    pb.GetOverCommittedResponse,
+    mutating=False,
+)
 # A feed's events, de-duplicated by event id (its unary RPC is Ingest.Send).
 INGEST = Rpc(
     "Send",
@@ -117,6 +124,7 @@ CALLS: tuple[Rpc[Any, Any], ...] = (
     SET_STOCK,
     SET_SAFETY_STOCK,
     INGEST,
+    GET_OVER_COMMITTED,
 )
 UNARY: tuple[Rpc[Any, Any], ...] = (*CALLS, RESERVE_ORDER)
 BY_FIELD: Mapping[str, Rpc[Any, Any]] = {rpc.field: rpc for rpc in UNARY}

@@ -34,10 +34,12 @@ from inventory_core import (
     InventoryKey,
     Release,
     ReservationNotFound,
+    locations_by_partition,
     orders,
     partition_of,
     partition_of_reservation,
     validate,
+    validate_over_committed_read,
     validate_read,
 )
 
@@ -208,6 +210,32 @@ class RouterCalls:
         self, request: pb.SetSafetyStockRequest, deadline: float | None
     ) -> pb.SetSafetyStockResponse:
         return await self._routed(rpcs.SET_SAFETY_STOCK, request, deadline)
+
+    async def get_over_committed(
+        self, request: pb.GetOverCommittedRequest, deadline: float | None
+    ) -> pb.GetOverCommittedResponse:
+        """One request per partition of the locations, to its owner; keys by location, then
+        SKU. A read: any failure is the call's (retryable), never a partial answer."""
+        merchant_id = request.merchant_id
+        check(validate_over_committed_read(merchant_id, request.location_ids))
+        answers = await asyncio.gather(
+            *(
+                self._forward(
+                    partition,
+                    rpcs.GET_OVER_COMMITTED,
+                    pb.GetOverCommittedRequest(merchant_id=merchant_id, location_ids=locations),
+                    deadline,
+                )
+                for partition, locations in locations_by_partition(
+                    merchant_id, request.location_ids
+                ).items()
+            )
+        )
+        keys = sorted(
+            (k for answer in answers for k in answer.keys),
+            key=lambda k: (k.key.location_id, k.key.sku_id),
+        )
+        return pb.GetOverCommittedResponse(keys=keys)
 
     async def ingest(self, request: pb.IngestRequest, deadline: float | None) -> pb.IngestResponse:
         """A feed's events, each partition's part forwarded to its owner (common/ingest.py)."""

@@ -62,6 +62,7 @@ from inventory_core import (
     ClientCommand,
     InventoryKey,
     Outcome,
+    OverCommitted,
     Partition,
     ProcessUsage,
     Record,
@@ -248,9 +249,17 @@ class _ReadReservation(_Work[Reservation | None]):
     reservation_id: str
 
 
-_Item = _Mutate | _ExpireTick | _ReadLevels | _ReadReservation
+@dataclass(slots=True, kw_only=True)
+class _Query(_Work[Any]):
+    """A read of the partition's state by the core's own function (``query(core, now_ms)``)."""
+
+    name: str
+    query: Callable[[Partition, int], Any]
+
+
+_Item = _Mutate | _ExpireTick | _ReadLevels | _ReadReservation | _Query
 _Write = _Mutate | _ExpireTick
-_Read = _ReadLevels | _ReadReservation
+_Read = _ReadLevels | _ReadReservation | _Query
 # What a batch applied, per partition: each write with its step, in order.
 _Writes = dict[int, list[tuple[_Write, Step]]]
 
@@ -287,6 +296,8 @@ class _Batch:
             case _ReadReservation():
                 found = core.reservation(work.merchant_id, work.reservation_id, now_ms)
                 self._answer(work, found, held)
+            case _Query():
+                self._answer(work, work.query(core, now_ms), held)
             case _Mutate():
                 self._join(owned, work, core.apply(replace(work.command, now_ms=now_ms)))
             case _ExpireTick():
@@ -420,6 +431,28 @@ class Owner:
         )
         self._submit(work)
         return await future
+
+    async def over_committed(
+        self, partition: int, merchant_id: str, location_ids: Sequence[str], deadline: float | None
+    ) -> tuple[OverCommitted, ...]:
+        """The merchant's over-committed keys at these locations of the partition."""
+        future: asyncio.Future[Any] = _new_future()
+        locations = tuple(location_ids)
+
+        def query(core: Partition, now_ms: int) -> tuple[OverCommitted, ...]:
+            return core.over_committed_at(merchant_id, locations)
+
+        self._submit(
+            _Query(
+                partition=partition,
+                deadline=deadline,
+                name="over_committed",
+                query=query,
+                future=future,
+            )
+        )
+        found: tuple[OverCommitted, ...] = await future
+        return found
 
     def owns(self, partition: int) -> bool:
         return partition in self._owned
@@ -833,6 +866,8 @@ def _kind(work: _Item) -> str:
             return "levels"
         case _ReadReservation():
             return "reservation"
+        case _Query():
+            return work.name
 
 
 def _units(work: _Item) -> int:
@@ -840,7 +875,7 @@ def _units(work: _Item) -> int:
 
 
 def _reads_first(work: _Item) -> int:
-    return 0 if isinstance(work, _ReadLevels | _ReadReservation) else 1
+    return 0 if isinstance(work, _ReadLevels | _ReadReservation | _Query) else 1
 
 
 def _reply(work: _Work[T], value: T) -> None:

@@ -29,14 +29,17 @@ from inventory_core import (
     Ingested,
     InventoryKey,
     Outcome,
+    OverCommitted,
     Released,
     ReservationNotFound,
     Reserved,
     StockChanged,
     is_accepted,
+    locations_by_partition,
     partition_of,
     partition_of_reservation,
     validate,
+    validate_over_committed_read,
     validate_read,
 )
 
@@ -126,6 +129,23 @@ class Calls:
         self, request: pb.SetSafetyStockRequest, deadline: float | None
     ) -> pb.SetSafetyStockResponse:
         return await self._call(SET_SAFETY_STOCK, request, deadline)
+
+    async def get_over_committed(
+        self, request: pb.GetOverCommittedRequest, deadline: float | None
+    ) -> pb.GetOverCommittedResponse:
+        """Each location's partition asked of its owner; keys by location, then SKU."""
+        merchant_id = request.merchant_id
+        check(validate_over_committed_read(merchant_id, request.location_ids))
+        answers = await asyncio.gather(
+            *(
+                _guard(self._owner.over_committed(p, merchant_id, locations, deadline))
+                for p, locations in locations_by_partition(
+                    merchant_id, request.location_ids
+                ).items()
+            )
+        )
+        found = sorted((o for answer in answers for o in answer), key=_by_location)
+        return pb.GetOverCommittedResponse(keys=convert.over_committed_to_proto(found))
 
     async def ingest(self, request: pb.IngestRequest, deadline: float | None) -> pb.IngestResponse:
         """A feed's events, each part applied by the owner of its partition."""
@@ -218,6 +238,10 @@ class _Mutation(Generic[R]):
             raise Refusal.of(outcome)  # type: ignore[arg-type]
         assert isinstance(outcome, self.accepted), outcome
         return self.to_response(outcome)
+
+
+def _by_location(found: OverCommitted) -> tuple[str, str]:
+    return (found.key.location_id, found.key.sku_id)
 
 
 def _cart_partition(command: Any) -> int:

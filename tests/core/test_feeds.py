@@ -378,3 +378,21 @@ def test_a_replayed_ingest_rebuilds_the_same_state() -> None:
         records.extend(partition.apply(ingest(events, now_ms)).records)
     assert on_hand(partition) == 4 - 1 - 2
     assert replayed(records).snapshot() == partition.snapshot()
+
+
+def test_the_over_committed_keys_of_a_location_are_listed_with_their_reservations_at_risk() -> None:
+    partition = Partition(PARTITION)
+    other_merchant = InventoryKey("m2", "milk", LOCATION)
+    send(partition, [receipt("r1", 2, T0_MS), receipt("r2", 5, T0_MS, key=KEYS[1])], T0_MS)
+    partition.apply(SetStock(other_merchant, "set-m2", 0, None, T0_MS))
+    held = partition.apply(Reserve(MERCHANT, "cart-1", (Line(KEYS[0], 2),), 0, T0_MS + 1))
+    assert isinstance(held.outcome, Reserved)
+    assert partition.over_committed_at(MERCHANT, [LOCATION]) == ()
+    send(partition, [sale("s1", 1, T0_MS + 2), sale("s2", 1, T0_MS + 3, key=KEYS[1])], T0_MS + 5)
+    (found,) = partition.over_committed_at(MERCHANT, [LOCATION, "elsewhere"])
+    assert found.key == KEYS[0]
+    assert found.over_commit.exposure == 1
+    assert found.over_commit.reservations_at_risk == (held.outcome.reservation.reservation_id,)
+    assert partition.over_committed_at("m2", [LOCATION]) == ()
+    send(partition, [receipt("r3", 1, T0_MS + 6)], T0_MS + 7)  # covered again
+    assert partition.over_committed_at(MERCHANT, [LOCATION]) == ()

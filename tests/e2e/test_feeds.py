@@ -280,3 +280,65 @@ def test_bad_events_are_refused_one_by_one_and_the_rest_of_the_request_applies(
             assert "source" in (refused.value.details() or "")
 
     asyncio.run(run())
+
+
+def test_sales_at_the_till_over_commit_and_the_order_service_lists_the_reservations_at_risk(
+    cluster2: Cluster,
+) -> None:
+    now_ms = int(time.time() * 1000)
+    milk, eggs = key("milk", "store-x"), key("eggs", "store-y")
+
+    def event(event_id: str, k: pb.InventoryKey, **fields: int) -> pb.FeedEvent:
+        return pb.FeedEvent(event_id=event_id, occurred_at_ms=now_ms, key=k, **fields)
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(cluster2.router.address) as channel:
+            ingest, stub = pb_grpc.IngestStub(channel), pb_grpc.InventoryStub(channel)
+            counts = [
+                event("count-milk", milk, kind=pb.FEED_EVENT_KIND_COUNT, count=3),
+                event("count-eggs", eggs, kind=pb.FEED_EVENT_KIND_COUNT, count=2),
+            ]
+            await ingest.Send(
+                pb.IngestRequest(merchant_id=MERCHANT, source="pos", events=counts),
+                timeout=CALL_TIMEOUT_S,
+            )
+            carts = []
+            for index in range(3):
+                held = await stub.Reserve(
+                    pb.ReserveRequest(
+                        lines=[pb.ReservationLine(key=milk, quantity=1)],
+                        idempotency_key=f"cart-{index}",
+                    ),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                carts.append(held.reservation.reservation_id)
+            sales = [
+                event("sale-1", milk, kind=pb.FEED_EVENT_KIND_SALE, quantity=2),
+                event("sale-2", eggs, kind=pb.FEED_EVENT_KIND_SALE, quantity=1),
+            ]
+            answer = await ingest.Send(
+                pb.IngestRequest(merchant_id=MERCHANT, source="pos", events=sales),
+                timeout=CALL_TIMEOUT_S,
+            )
+            assert [a.status for a in answer.acks] == [pb.EVENT_ACK_STATUS_APPLIED] * 2
+            (reported,) = answer.over_committed
+            assert reported.key == milk and reported.over_commit.exposure == 2
+            listed = await stub.GetOverCommitted(
+                pb.GetOverCommittedRequest(
+                    merchant_id=MERCHANT, location_ids=["store-x", "store-y"]
+                ),
+                timeout=CALL_TIMEOUT_S,
+            )
+            (found,) = listed.keys
+            assert found.key == milk
+            assert found.over_commit.exposure == 2  # on_hand 1, 3 reserved
+            assert list(found.over_commit.reservations_at_risk) == [carts[2], carts[1]]
+            levels = await stub.GetAvailability(
+                pb.GetAvailabilityRequest(keys=[milk, eggs]), timeout=CALL_TIMEOUT_S
+            )
+            assert [(lv.available, lv.exposure, lv.sellable) for lv in levels.levels] == [
+                (-2, 2, 0),
+                (1, 0, 1),
+            ]
+
+    asyncio.run(run())

@@ -309,6 +309,7 @@ class StockLevel(_message.Message):
     SELLABLE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     EXISTS_FIELD_NUMBER: _builtins.int
+    EXPOSURE_FIELD_NUMBER: _builtins.int
     on_hand: _builtins.int
     reserved: _builtins.int
     safety_stock: _builtins.int
@@ -320,6 +321,11 @@ class StockLevel(_message.Message):
     """+1 on every change of the key; 0 for a key never written."""
     exists: _builtins.bool
     """False when the key has never been written (all counts are zero)."""
+    exposure: _builtins.int
+    """Units promised online that are not on the shelf: -available when available is below
+    zero (a sale at the till took them), else 0. GetOverCommitted lists the reservations at
+    risk.
+    """
     @_builtins.property
     def key(self) -> Global___InventoryKey: ...
     def __init__(
@@ -333,10 +339,11 @@ class StockLevel(_message.Message):
         sellable: _builtins.int = ...,
         version: _builtins.int = ...,
         exists: _builtins.bool = ...,
+        exposure: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "exists", b"exists", "key", b"key", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "exists", b"exists", "exposure", b"exposure", "key", b"key", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1197,6 +1204,60 @@ class IngestResponse(_message.Message):
 Global___IngestResponse: _TypeAlias = IngestResponse  # noqa: Y015
 
 @_typing.final
+class GetOverCommittedRequest(_message.Message):
+    """The keys a physical fact (a till's sale, a count) took below zero available, and the live
+    reservations at risk on each: the order service's list to act on (cancel, substitute,
+    source elsewhere) after an offline store's backlog arrives.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    LOCATION_IDS_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    @_builtins.property
+    def location_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 100 of the merchant's locations."""
+
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        location_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["location_ids", b"location_ids", "merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOverCommittedRequest: _TypeAlias = GetOverCommittedRequest  # noqa: Y015
+
+@_typing.final
+class GetOverCommittedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyOverCommit]:
+        """Every over-committed key at those locations, by location then SKU: its exposure
+        (-available) and the live reservations holding it, newest first, until they cover it.
+        """
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___KeyOverCommit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOverCommittedResponse: _TypeAlias = GetOverCommittedResponse  # noqa: Y015
+
+@_typing.final
 class BatchItem(_message.Message):
     """One call inside a Batch stream. Each item keeps its own deadline and gets its own answer."""
 
@@ -1235,6 +1296,7 @@ class BatchItem(_message.Message):
     SET_STOCK_FIELD_NUMBER: _builtins.int
     SET_SAFETY_STOCK_FIELD_NUMBER: _builtins.int
     INGEST_FIELD_NUMBER: _builtins.int
+    GET_OVER_COMMITTED_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Chosen by the sender, unique among its items in flight on the stream; echoed back."""
     timeout_ms: _builtins.int
@@ -1265,6 +1327,8 @@ class BatchItem(_message.Message):
     def set_safety_stock(self) -> Global___SetSafetyStockRequest: ...
     @_builtins.property
     def ingest(self) -> Global___IngestRequest: ...
+    @_builtins.property
+    def get_over_committed(self) -> Global___GetOverCommittedRequest: ...
     def __init__(
         self,
         *,
@@ -1281,12 +1345,13 @@ class BatchItem(_message.Message):
         set_stock: Global___SetStockRequest | None = ...,
         set_safety_stock: Global___SetSafetyStockRequest | None = ...,
         ingest: Global___IngestRequest | None = ...,
+        get_over_committed: Global___GetOverCommittedRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "metadata", b"metadata", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "metadata", b"metadata", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest"]  # noqa: Y015
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
@@ -1308,6 +1373,7 @@ class BatchItemResult(_message.Message):
     SET_STOCK_FIELD_NUMBER: _builtins.int
     SET_SAFETY_STOCK_FIELD_NUMBER: _builtins.int
     INGEST_FIELD_NUMBER: _builtins.int
+    GET_OVER_COMMITTED_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     @_builtins.property
     def error(self) -> _status_pb2.Status:
@@ -1333,6 +1399,8 @@ class BatchItemResult(_message.Message):
     def set_safety_stock(self) -> Global___SetSafetyStockResponse: ...
     @_builtins.property
     def ingest(self) -> Global___IngestResponse: ...
+    @_builtins.property
+    def get_over_committed(self) -> Global___GetOverCommittedResponse: ...
     def __init__(
         self,
         *,
@@ -1348,12 +1416,13 @@ class BatchItemResult(_message.Message):
         set_stock: Global___SetStockResponse | None = ...,
         set_safety_stock: Global___SetSafetyStockResponse | None = ...,
         ingest: Global___IngestResponse | None = ...,
+        get_over_committed: Global___GetOverCommittedResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

@@ -89,6 +89,11 @@ class InventoryStub:
                 request_serializer=inventory_dot_v1_dot_inventory__pb2.ReserveOrderRequest.SerializeToString,
                 response_deserializer=inventory_dot_v1_dot_inventory__pb2.ReserveOrderResponse.FromString,
                 _registered_method=True)
+        self.GetOverCommitted = channel.unary_unary(
+                '/inventory.v1.Inventory/GetOverCommitted',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.GetOverCommittedRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.GetOverCommittedResponse.FromString,
+                _registered_method=True)
 
 
 class InventoryServicer:
@@ -171,6 +176,13 @@ class InventoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOverCommitted(self, request, context):
+        """The over-committed keys at some locations, with the reservations at risk (STRONG).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InventoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +240,11 @@ def add_InventoryServicer_to_server(servicer, server):
                     servicer.ReserveOrder,
                     request_deserializer=inventory_dot_v1_dot_inventory__pb2.ReserveOrderRequest.FromString,
                     response_serializer=inventory_dot_v1_dot_inventory__pb2.ReserveOrderResponse.SerializeToString,
+            ),
+            'GetOverCommitted': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOverCommitted,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.GetOverCommittedRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.GetOverCommittedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -527,6 +544,33 @@ class Inventory:
             '/inventory.v1.Inventory/ReserveOrder',
             inventory_dot_v1_dot_inventory__pb2.ReserveOrderRequest.SerializeToString,
             inventory_dot_v1_dot_inventory__pb2.ReserveOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOverCommitted(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.Inventory/GetOverCommitted',
+            inventory_dot_v1_dot_inventory__pb2.GetOverCommittedRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.GetOverCommittedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -118,6 +118,8 @@ class InventoryStub:
     """
     ReserveOrder: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.ReserveOrderRequest, _inventory_pb2.ReserveOrderResponse]
     """Reserve an order split across locations (saga with compensation). Router only."""
+    GetOverCommitted: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.GetOverCommittedRequest, _inventory_pb2.GetOverCommittedResponse]
+    """The over-committed keys at some locations, with the reservations at risk (STRONG)."""
 
 @_typing.type_check_only
 class InventoryAsyncStub(InventoryStub):
@@ -145,6 +147,8 @@ class InventoryAsyncStub(InventoryStub):
     """
     ReserveOrder: _aio.UnaryUnaryMultiCallable[_inventory_pb2.ReserveOrderRequest, _inventory_pb2.ReserveOrderResponse]  # type: ignore[assignment]
     """Reserve an order split across locations (saga with compensation). Router only."""
+    GetOverCommitted: _aio.UnaryUnaryMultiCallable[_inventory_pb2.GetOverCommittedRequest, _inventory_pb2.GetOverCommittedResponse]  # type: ignore[assignment]
+    """The over-committed keys at some locations, with the reservations at risk (STRONG)."""
 
 class InventoryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -235,6 +239,14 @@ class InventoryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inventory_pb2.ReserveOrderResponse, _abc.Awaitable[_inventory_pb2.ReserveOrderResponse]]:
         """Reserve an order split across locations (saga with compensation). Router only."""
+
+    @_abc_1.abstractmethod
+    def GetOverCommitted(
+        self,
+        request: _inventory_pb2.GetOverCommittedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.GetOverCommittedResponse, _abc.Awaitable[_inventory_pb2.GetOverCommittedResponse]]:
+        """The over-committed keys at some locations, with the reservations at risk (STRONG)."""
 
 def add_InventoryServicer_to_server(servicer: InventoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
