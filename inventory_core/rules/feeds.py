@@ -35,7 +35,6 @@ _COUNT_COVERED = "older than the key's last applied count"
 _COUNT_OUTSIDE = "older than the key's history window: the deltas after it are no longer all known"
 _REASONS = {kind.value: ChangeReason(kind.value) for kind in FeedEventKind}
 _UNCHECKED = Invalid("", "")  # a key not checked yet in this batch
-_UNCHECKED = Invalid("", "")  # a key not checked yet in this batch
 
 
 def ingest(state: PartitionState, command: Ingest, at: Effects) -> Ingested:

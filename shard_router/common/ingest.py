@@ -7,13 +7,14 @@ each part applied by its owner, and merge the acknowledgements back in request o
 
 A request names one merchant and any of its keys, so it may span partitions (a merchant's
 locations); a store's gateway usually sends one location, which is one part, forwarded as
-it came. An event whose key cannot be routed (malformed, or another merchant's) is refused
-here with the core's own check; every other check is the owner's (``inventory_core``), so
-the router reads only the routing fields. A part that gets no answer has each of its events
-acknowledged FAILED with the status, whose class says whether it may have been applied:
-sending the events again is always safe, since they are de-duplicated by event id. A
-request of one partition (what a router forwards) that gets no answer fails as a whole,
-with the status itself, so that the router retries a redirect as it does any call.
+it came. Routing reads only the key's merchant and location: an event of another
+merchant's key is refused here, with the core's own check and reason; every other check
+(a malformed key included) is the owner's (``inventory_core``). A part that gets no answer
+has each of its events acknowledged FAILED with the status, whose class says whether it
+may have been applied: sending the events again is always safe, since they are
+de-duplicated by event id. A request of one partition (what a router forwards) that gets
+no answer fails as a whole, with the status itself, so that the router retries a redirect
+as it does any call.
 
 ``serve_stream`` answers an ``Ingest.Stream``: each request as its own call, at most
 ``STREAM_REQUESTS_IN_FLIGHT_MAX`` at once, answered in the order they finish.
