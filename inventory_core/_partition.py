@@ -224,8 +224,9 @@ class Partition:
         return tuple(answer)
 
     def over_committed(self) -> dict[InventoryKey, int]:
-        """Exposure (-available) of every over-committed key."""
-        return {k: -row.available for k, row in self._state.stock.items() if row.available < 0}
+        """Exposure (-available) of every over-committed key (from the index: no scan)."""
+        stock = self._state.stock
+        return {key: -stock[key].available for key in self._state.over_committed}
 
     # ----------------------------------------------------------------------- the pipeline
 

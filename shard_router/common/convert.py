@@ -58,7 +58,6 @@ KIND_FROM_PROTO = {
     pb.FEED_EVENT_KIND_ADJUSTMENT: FeedEventKind.ADJUSTMENT,
     pb.FEED_EVENT_KIND_COUNT: FeedEventKind.COUNT,
 }
-KIND_TO_PROTO = {v: k for k, v in KIND_FROM_PROTO.items()}
 ACK_STATUS_TO_PROTO = {
     AckStatus.APPLIED: pb.EVENT_ACK_STATUS_APPLIED,
     AckStatus.DUPLICATE: pb.EVENT_ACK_STATUS_DUPLICATE,
@@ -171,23 +170,6 @@ def ingest(request: pb.IngestRequest) -> Ingest:
             )
         )
     return Ingest(request.merchant_id, request.source, tuple(events), 0, request.batch_id)
-
-
-def feed_event_to_proto(event: FeedEvent) -> pb.FeedEvent:
-    """The event as a sender would send it (tests, tools)."""
-    proto = pb.FeedEvent(
-        event_id=event.event_id,
-        occurred_at_ms=event.occurred_at_ms,
-        kind=KIND_TO_PROTO.get(event.kind, pb.FEED_EVENT_KIND_UNSPECIFIED)
-        if event.kind is not None
-        else pb.FEED_EVENT_KIND_UNSPECIFIED,
-        key=key_to_proto(event.key),
-        quantity=event.quantity,
-        reason=event.reason,
-    )
-    if event.count is not None:
-        proto.count = event.count
-    return proto
 
 
 def set_stock(request: pb.SetStockRequest) -> SetStock:

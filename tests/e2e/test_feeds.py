@@ -23,9 +23,9 @@ import pytest
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from inventory_core import Ingest, partition_of
-from persistence.ledger import decode_records
+from inventory_core import partition_of
 from tests.conftest import Cluster, start_cluster
+from tests.e2e.ledger import ingest_records
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg]
 
@@ -91,21 +91,8 @@ async def owner_of(database_url: str, store: str) -> str:
 
 async def recorded_event_ids(database_url: str) -> Counter[str]:
     """How many times each event id is in the ledger."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        rows = await connection.fetch(
-            "SELECT partition, first_lsn, last_lsn, records FROM ledger_batches"
-        )
-    finally:
-        await connection.close()
-    seen: Counter[str] = Counter()
-    for row in rows:
-        for record in decode_records(
-            row["partition"], row["first_lsn"], row["last_lsn"], row["records"]
-        ):
-            if isinstance(record.command, Ingest):
-                seen.update(event.event_id for event in record.command.events)
-    return seen
+    records = await ingest_records(database_url)
+    return Counter(event.event_id for record in records for event in record.events)
 
 
 class Gateway:

@@ -17,16 +17,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from inventory_core import Ingest
-from persistence.ledger import decode_records
 from shard_router.importer import run_import
 from tests.conftest import Cluster, start_cluster
+from tests.e2e.ledger import ingest_records
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg]
 
@@ -91,21 +89,7 @@ async def levels(address: str, wanted: list[tuple[str, str]]) -> dict[tuple[str,
 
 
 async def batch_ids_in_ledger(database_url: str) -> set[str]:
-    connection = await asyncpg.connect(database_url)
-    try:
-        rows = await connection.fetch(
-            "SELECT partition, first_lsn, last_lsn, records FROM ledger_batches"
-        )
-    finally:
-        await connection.close()
-    found = set()
-    for row in rows:
-        for record in decode_records(
-            row["partition"], row["first_lsn"], row["last_lsn"], row["records"]
-        ):
-            if isinstance(record.command, Ingest):
-                found.add(record.command.batch_id)
-    return found
+    return {record.batch_id for record in await ingest_records(database_url)}
 
 
 def test_a_stock_take_imports_as_one_batch_refuses_bad_lines_and_imports_again_as_a_no_op(
