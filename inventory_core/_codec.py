@@ -32,6 +32,7 @@ from ._model import (
     AvailabilityChanged,
     ChangeReason,
     FeedEventKind,
+    FeedLocation,
     InventoryKey,
     Line,
     Reservation,
@@ -60,12 +61,27 @@ def key_from_data(data: Any) -> InventoryKey:
 
 
 def row_to_data(row: StockRow) -> list[int]:
-    return [row.on_hand, row.reserved, row.safety_stock, row.version]
+    """``[on_hand, reserved, safety_stock, version]``, then ``stale_buffer, stale_since_ms``
+    only while the key's location is stale (rows written before staleness decode as live)."""
+    data = [row.on_hand, row.reserved, row.safety_stock, row.version]
+    if row.stale_since_ms:
+        data += (row.stale_buffer, row.stale_since_ms)
+    return data
 
 
 def row_from_data(data: Any) -> StockRow:
-    on_hand, reserved, safety_stock, version = (_int(v) for v in data)
-    return StockRow(on_hand, reserved, safety_stock, version)
+    if len(data) not in (4, 6):
+        raise ValueError(f"a stock row has 4 or 6 fields, got {data!r}")
+    return StockRow(*(_int(v) for v in data))
+
+
+def location_to_data(location: FeedLocation) -> list[str]:
+    return [location.merchant_id, location.location_id]
+
+
+def location_from_data(data: Any) -> FeedLocation:
+    merchant_id, location_id = data
+    return FeedLocation(_str(merchant_id), _str(location_id))
 
 
 def _line_to_data(line: Line) -> list[Any]:
@@ -79,6 +95,8 @@ def _line_from_data(data: Any) -> Line:
 
 def _level_to_data(level: StockLevel) -> Data:
     row = [level.on_hand, level.reserved, level.safety_stock, level.version]
+    if level.stale_since_ms:
+        row += (level.stale_buffer, level.stale_since_ms)
     return {"key": key_to_data(level.key), "row": row, "exists": level.exists}
 
 
@@ -142,6 +160,7 @@ _COMPACT: dict[type[Any], tuple[Encode, Decode]] = {
     StockLevel: (_level_to_data, _level_from_data),
     OverCommit: (_over_commit_to_data, _over_commit_from_data),
     FeedEvent: (_feed_event_to_data, _feed_event_from_data),
+    FeedLocation: (location_to_data, location_from_data),
 }
 
 

@@ -3,7 +3,8 @@
 A command carries the time it is applied at (``now_ms``, Unix epoch milliseconds, stamped by
 the shell) so that applying it is deterministic; the ledger stores the command itself, and
 replay applies the same command again. ``Expire`` is issued by the core itself when a
-command finds reservations past their expiry, and by the shell's expiry timer.
+command finds reservations past their expiry, and by the shell's expiry timer; ``MarkStale``
+by the shell's timer when locations' feeds have fallen silent.
 
 Each kind has one row in ``_registry.py`` (its name, validator and handler); its encoding is
 derived from its fields (``_codec.py``), so a field added with a default changes neither old
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._model import AdjustmentReason, FeedEventKind, InventoryKey, Line
+from ._model import AdjustmentReason, FeedEventKind, FeedLocation, InventoryKey, Line
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,21 @@ class Ingest:
     now_ms: int
     # Tags the records of a bulk import, so that a rebuild can leave them out ("" for none).
     batch_id: str = ""
+    # A heartbeat: the merchant's locations (of this partition) the source is up at, with
+    # nothing more to send; it keeps them from going stale (``_health.py``).
+    alive_at: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MarkStale:
+    """The feed timer's: hold back a buffer at these locations, silent past the threshold.
+
+    Issued by the shell's timer with the locations the core found due (``stale_due``);
+    each is checked again when applied, and the record keeps only those it marked.
+    """
+
+    locations: tuple[FeedLocation, ...]
+    now_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,4 +160,4 @@ class Expire:
 KeyedCommand = Reserve | Commit | Release | Extend | AdjustStock | SetStock | SetSafetyStock
 # Commands a client sends; each is scoped to a merchant.
 ClientCommand = KeyedCommand | Ingest
-Command = ClientCommand | Expire
+Command = ClientCommand | Expire | MarkStale

@@ -103,3 +103,20 @@ feed_history_retention_ms: Final = 24 * 60 * 60 * 1000
 # counts fits; past it the oldest are forgotten and an event older than them is treated as
 # outside the window. Bounds one key's history (~0.2 KiB a delta) at ~200 KiB.
 feed_history_per_key_max: Final = 1024
+# Feed health (``_health.py``). A location none of whose feeds has been heard from for this
+# long is stale: its tills are taken to be selling offline. A POS gateway sends its events
+# within seconds, or a heartbeat when it has none; five minutes of silence is an outage, not
+# a quiet spell, and short enough that an hour offline is mostly covered by the buffer.
+feed_silence_stale_ms: Final = 5 * 60 * 1000
+# A heartbeat is recorded at most this often per source and location (a gateway may send one
+# every few seconds): well inside feed_silence_stale_ms, so a live gateway never goes stale.
+feed_heartbeat_interval_ms: Final = 60 * 1000
+# While stale, each key holds back what its tills sold in this long before the feed went
+# silent (sales at the till, in the key's history): the expected sales of an hour offline,
+# the outage the design plans for (DESIGN section 9).
+feed_sales_rate_window_ms: Final = 60 * 60 * 1000
+# Sources one location keeps health for: a store's POS gateway and its suppliers. An event
+# of one more source is refused, so the per-location record stays small.
+feed_sources_per_location_max: Final = 16
+# Locations one heartbeat names (``Ingest.alive_at``): a gateway's stores in one region.
+feed_heartbeat_locations_max: Final = 100

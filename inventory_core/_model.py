@@ -27,6 +27,13 @@ class InventoryKey(NamedTuple):
     location_id: str
 
 
+class FeedLocation(NamedTuple):
+    """A merchant's location, as its feeds' health is kept (DESIGN section 9)."""
+
+    merchant_id: str
+    location_id: str
+
+
 def partition_of(merchant_id: str, location_id: str, partition_count: int = PARTITION_COUNT) -> int:
     """The partition of every key at one merchant's location (stable across processes).
 
@@ -51,10 +58,19 @@ class StockRow:
     reserved: int = 0
     safety_stock: int = 0
     version: int = 0
+    # While the key's location is stale (its feeds silent, DESIGN section 9): units held back
+    # from shoppers for what the tills may have sold meanwhile, and since when (0: live).
+    stale_buffer: int = 0
+    stale_since_ms: int = 0
 
     @property
     def available(self) -> int:
         return self.on_hand - self.reserved - self.safety_stock
+
+    @property
+    def offered(self) -> int:
+        """What may be promised online now: available less the stale buffer."""
+        return self.on_hand - self.reserved - self.safety_stock - self.stale_buffer
 
 
 EMPTY_ROW = StockRow()
@@ -70,20 +86,36 @@ class StockLevel:
     safety_stock: int
     version: int
     exists: bool
+    stale_buffer: int = 0
+    stale_since_ms: int = 0
 
     @property
     def available(self) -> int:
         return self.on_hand - self.reserved - self.safety_stock
 
     @property
+    def degraded(self) -> bool:
+        """The location's feeds are silent: what shoppers see holds back ``stale_buffer``."""
+        return self.stale_since_ms != 0
+
+    @property
     def sellable(self) -> int:
-        """What shoppers see: never below zero."""
-        return max(self.available, 0)
+        """What shoppers see: available less the stale buffer, never below zero."""
+        return max(self.available - self.stale_buffer, 0)
 
     @staticmethod
     def of(key: InventoryKey, row: StockRow | None) -> StockLevel:
         r = row or EMPTY_ROW
-        return StockLevel(key, r.on_hand, r.reserved, r.safety_stock, r.version, row is not None)
+        return StockLevel(
+            key,
+            r.on_hand,
+            r.reserved,
+            r.safety_stock,
+            r.version,
+            row is not None,
+            r.stale_buffer,
+            r.stale_since_ms,
+        )
 
 
 class ReservationState(enum.Enum):
@@ -122,6 +154,9 @@ class ChangeReason(enum.Enum):
     ADJUSTMENT = "adjustment"
     COUNT = "count"
     FEED = "feed"
+    # The location's feeds fell silent (a stale buffer is held back), and came back.
+    FEED_STALE = "feed_stale"
+    FEED_RESUMED = "feed_resumed"
 
 
 class FeedEventKind(enum.Enum):

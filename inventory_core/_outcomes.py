@@ -13,8 +13,9 @@ first that applies.
     InsufficientStock       a reserve line exceeds available (requested and available per line)
 
 Accepted outcomes: ``Reserved``, ``Committed``, ``Released``, ``Extended``, ``StockChanged``,
-``Expired``, ``Ingested``. An ``Ingested`` answers each event of a feed batch on its own
-(``EventAck``): applied, duplicate, superseded, or refused with the field and the reason.
+``Expired``, ``Ingested``, ``MarkedStale``. An ``Ingested`` answers each event of a feed
+batch on its own (``EventAck``): applied, duplicate, superseded, or refused with the field
+and the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import enum
 from dataclasses import dataclass
 from typing import get_args
 
-from ._model import InventoryKey, Reservation, ReservationState, StockLevel
+from ._model import FeedLocation, InventoryKey, Reservation, ReservationState, StockLevel
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +160,16 @@ class Ingested:
     acks: tuple[EventAck, ...]
     # The keys of this batch whose available is below zero after it, in first-seen order.
     over_committed: tuple[OverCommitted, ...] = ()
+    # The heartbeat's locations whose health the record keeps (a heartbeat soon after the
+    # last one changes nothing and is not kept).
+    alive_at: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MarkedStale:
+    """The locations the timer's record marked stale (none: nothing was due after all)."""
+
+    locations: tuple[FeedLocation, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +177,9 @@ class Expired:
     reservation_ids: tuple[str, ...]
 
 
-Accepted = Reserved | Committed | Released | Extended | StockChanged | Expired | Ingested
+Accepted = (
+    Reserved | Committed | Released | Extended | StockChanged | Expired | Ingested | MarkedStale
+)
 Outcome = Accepted | Rejection
 
 

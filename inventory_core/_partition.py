@@ -24,10 +24,12 @@ from typing import Any
 from . import _checkpoint, _idempotency
 from . import _limits as limits
 from ._checkpoint import CheckpointDelta
-from ._commands import Command, Expire, KeyedCommand
+from ._commands import Command, Expire, KeyedCommand, MarkStale
+from ._health import LocationHealth
 from ._idempotency import IdempotencyEntry, Scope, legacy_fingerprint
 from ._model import (
     AvailabilityChanged,
+    FeedLocation,
     InventoryKey,
     Reservation,
     ReservationState,
@@ -38,6 +40,7 @@ from ._outcomes import Accepted, Expired, Outcome, OverCommitted, is_accepted
 from ._registry import BY_TYPE, kind_of
 from ._state import Effects, PartitionState
 from ._usage import ProcessUsage
+from .rules import staleness
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +154,18 @@ class Partition:
         """The expiry timer's command: expire everything due at now_ms."""
         return self.apply(Expire((), now_ms))
 
+    def on_timer(self, now_ms: int) -> Step:
+        """The shell's timer: expire what is due, and mark the locations whose feeds have
+        been silent past the threshold stale (DESIGN section 9)."""
+        due = staleness.stale_due(self._state, now_ms)
+        return self.apply(MarkStale(due, now_ms)) if due else self.expire_due(now_ms)
+
+    def next_timer_ms(self) -> int | None:
+        """When the timer next has work: a reservation expires or a location goes stale."""
+        times = (self._state.expiry.next_due_ms(), staleness.next_stale_ms(self._state))
+        due = [t for t in times if t is not None]
+        return min(due) if due else None
+
     # ----------------------------------------------------------------------------- reads
 
     def levels(self, keys: Iterable[InventoryKey], now_ms: int) -> tuple[StockLevel, ...]:
@@ -221,6 +236,21 @@ class Partition:
             over = state.over_commit(key)
             assert over is not None, key
             answer.append(OverCommitted(key, over))
+        return tuple(answer)
+
+    def feed_health(
+        self, merchant_id: str, location_ids: Iterable[str], now_ms: int
+    ) -> tuple[LocationHealth, ...]:
+        """The merchant's fed locations among these (in the order asked; a location that
+        never had a feed is left out): each source's last event, arrival and lag, and since
+        when the location is stale."""
+        feeds = self._state.feed_locations
+        answer = []
+        for location_id in dict.fromkeys(location_ids):
+            location = FeedLocation(merchant_id, location_id)
+            feed = feeds.get(location)
+            if feed is not None:
+                answer.append(LocationHealth(location, feed, now_ms))
         return tuple(answer)
 
     def over_committed(self) -> dict[InventoryKey, int]:

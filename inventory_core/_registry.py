@@ -25,14 +25,15 @@ from ._commands import (
     Expire,
     Extend,
     Ingest,
+    MarkStale,
     Release,
     Reserve,
     SetSafetyStock,
     SetStock,
 )
-from ._outcomes import Ingested, Invalid, Outcome
+from ._outcomes import Ingested, Invalid, MarkedStale, Outcome
 from ._state import Effects, PartitionState
-from .rules import counts, feeds, reservations
+from .rules import counts, feeds, reservations, staleness
 
 C = TypeVar("C")
 
@@ -62,11 +63,25 @@ class CommandKind(Generic[C]):
 
 
 def _ingest_record(command: Ingest, outcome: Ingested) -> Ingest | None:
-    """Only the events it recorded (applied or superseded); nothing if there are none."""
+    """Only the events it recorded (applied or superseded) and the heartbeat's locations it
+    kept; nothing if there are none."""
     kept = feeds.recorded_events(command, outcome)
-    if not kept:
+    if not kept and not outcome.alive_at:
         return None
-    return command if len(kept) == len(command.events) else replace(command, events=kept)
+    if len(kept) == len(command.events) and outcome.alive_at == command.alive_at:
+        return command
+    return replace(command, events=kept, alive_at=outcome.alive_at)
+
+
+def _mark_stale_record(command: MarkStale, outcome: MarkedStale) -> MarkStale | None:
+    """Only the locations it marked; nothing if none was still due."""
+    if not outcome.locations:
+        return None
+    return (
+        command
+        if outcome.locations == command.locations
+        else replace(command, locations=outcome.locations)
+    )
 
 
 REGISTRY: tuple[CommandKind[Any], ...] = (
@@ -88,6 +103,15 @@ REGISTRY: tuple[CommandKind[Any], ...] = (
         remembered=False,
         to_record=_ingest_record,
         units=lambda command: max(len(command.events), 1),
+    ),
+    CommandKind(
+        "mark_stale",
+        MarkStale,
+        _validate.mark_stale,
+        staleness.mark_stale,
+        from_caller=False,
+        remembered=False,
+        to_record=_mark_stale_record,
     ),
 )
 BY_TYPE: dict[type[Any], CommandKind[Any]] = {row.type: row for row in REGISTRY}

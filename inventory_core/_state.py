@@ -7,6 +7,7 @@ over ``TABLES`` by name, with no code per table):
     reservations   reservation_id -> Reservation             live and recently finished
     idempotency    (merchant_id, idempotency_key) -> entry   original answers, oldest first
     feed           InventoryKey -> KeyHistory                last count, deltas after it
+    feed_locations FeedLocation -> LocationFeed              each source's health, staleness
 
 Indexes derived from the tables, rebuilt by ``rebuild_indexes`` after a restore:
     expiry         live reservations by expiry (``ExpiryIndex``)
@@ -14,11 +15,14 @@ Indexes derived from the tables, rebuilt by ``rebuild_indexes`` after a restore:
     finished       finished reservations in the order they finished, oldest first
     over_committed the keys whose available is below zero, in key order on demand
     feed_ids       (merchant_id, source, event_id) -> (key, fact) of every feed fact kept
+    silence        the live (not stale) fed locations, least recently heard from first
+    stale_keys     per stale location, the keys flagged stale (every row of it)
 
 Invariants (``check_invariants``), true after every step:
   - reserved of a key equals the sum of the live reservation lines holding it;
   - no live reservation holds a non-positive quantity; reserved >= 0; safety_stock >= 0;
   - a key's feed history is in order, after its count, and within its bound;
+  - a row is flagged stale (with its location's time) exactly while its location is stale;
   - the indexes agree with the tables; every bound holds.
 """
 
@@ -32,12 +36,14 @@ from typing import Any
 from . import _limits as limits
 from ._codec import dataclass_codec, key_from_data, key_to_data, row_from_data, row_to_data
 from ._expiry import ExpiryIndex
+from ._health import FEED_LOCATIONS, LocationFeed
 from ._history import FEED, Fact, KeyHistory
 from ._idempotency import IDEMPOTENCY, IdempotencyEntry, Scope
 from ._model import (
     EMPTY_ROW,
     AvailabilityChanged,
     ChangeReason,
+    FeedLocation,
     InventoryKey,
     Reservation,
     ReservationState,
@@ -76,10 +82,10 @@ RESERVATIONS: TableSchema[str, Reservation] = TableSchema(
 
 # Every table, by name: what a checkpoint writes and a restore reads.
 TABLES: dict[str, TableSchema[Any, Any]] = {
-    schema.name: schema for schema in (STOCK, RESERVATIONS, IDEMPOTENCY, FEED)
+    schema.name: schema for schema in (STOCK, RESERVATIONS, IDEMPOTENCY, FEED, FEED_LOCATIONS)
 }
 FeedId = tuple[str, str, str]  # (merchant_id, source, event_id)
-_COUNTS = frozenset({"on_hand", "reserved", "safety_stock"})
+_COUNTS = frozenset({"on_hand", "reserved", "safety_stock", "stale_buffer", "stale_since_ms"})
 
 
 @dataclass(slots=True)
@@ -98,6 +104,7 @@ class PartitionState:
         "expiry",
         "feed",
         "feed_ids",
+        "feed_locations",
         "finished",
         "holds",
         "idempotency",
@@ -105,6 +112,8 @@ class PartitionState:
         "over_committed",
         "partition",
         "reservations",
+        "silence",
+        "stale_keys",
         "stock",
         "usage",
     )
@@ -116,6 +125,9 @@ class PartitionState:
         self.idempotency: Table[Scope, IdempotencyEntry] = Table(IDEMPOTENCY)
         self.feed: Table[InventoryKey, KeyHistory] = Table(FEED)
         self.feed_ids: dict[FeedId, tuple[InventoryKey, Fact]] = {}
+        self.feed_locations: Table[FeedLocation, LocationFeed] = Table(FEED_LOCATIONS)
+        self.silence: dict[FeedLocation, None] = {}
+        self.stale_keys: dict[FeedLocation, dict[InventoryKey, None]] = {}
         self.expiry = ExpiryIndex()
         self.holds: dict[InventoryKey, dict[str, int]] = {}
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -130,7 +142,7 @@ class PartitionState:
 
     @property
     def tables(self) -> dict[str, Table[Any, Any]]:
-        tables = (self.stock, self.reservations, self.idempotency, self.feed)
+        tables = (self.stock, self.reservations, self.idempotency, self.feed, self.feed_locations)
         return {t.schema.name: t for t in tables}
 
     @property
@@ -175,20 +187,29 @@ class PartitionState:
     def change(
         self, key: InventoryKey, at: Effects, reason: ChangeReason, **counts: int
     ) -> StockRow:
-        """Set some counts of a key, bump its version and emit the change event."""
+        """Set some counts of a key, bump its version and emit the change event. A new key at
+        a stale location is flagged stale with it (with no buffer: it has no sales yet)."""
         found = self.stock.get(key)
         if found is None:
             self.usage.keys += 1
-        before = found or EMPTY_ROW
+            before = EMPTY_ROW
+            stale_since_ms = self._stale_since(key) if self.stale_keys else 0
+        else:
+            before = found
+            stale_since_ms = found.stale_since_ms
         after = StockRow(  # not dataclasses.replace: ~4x slower, on every change of a key
             counts.get("on_hand", before.on_hand),
             counts.get("reserved", before.reserved),
             counts.get("safety_stock", before.safety_stock),
             before.version + 1,
+            counts.get("stale_buffer", before.stale_buffer),
+            counts.get("stale_since_ms", stale_since_ms),
         )
         assert counts.keys() <= _COUNTS, counts
         if after.reserved < 0:
             raise AssertionError(f"reserved of {key} would go negative: {after}")
+        if after.stale_since_ms != before.stale_since_ms:
+            self._flag_stale(key, after.stale_since_ms != 0)
         self.stock.put(key, after)
         if after.available < 0:
             self.over_committed[key] = None
@@ -198,6 +219,20 @@ class PartitionState:
             AvailabilityChanged(key, self.partition, at.lsn, reason, before, after, at.now_ms)
         )
         return after
+
+    def _stale_since(self, key: InventoryKey) -> int:
+        """When the key's location went stale (0: it is live)."""
+        if (key.merchant_id, key.location_id) not in self.stale_keys:
+            return 0
+        feed = self.feed_locations[FeedLocation(key.merchant_id, key.location_id)]
+        return feed.stale_since_ms
+
+    def _flag_stale(self, key: InventoryKey, stale: bool) -> None:
+        flagged = self.stale_keys[FeedLocation(key.merchant_id, key.location_id)]
+        if stale:
+            flagged[key] = None
+        else:
+            del flagged[key]
 
     def level(self, key: InventoryKey) -> StockLevel:
         return StockLevel.of(key, self.stock.get(key))
@@ -304,6 +339,16 @@ class PartitionState:
         self.feed_ids = {}
         for key, history in self.feed.items():
             self.index_facts(key, history.facts)
+        self.silence = {}
+        self.stale_keys = {}
+        for location, feed in self.feed_locations.items():  # least recently heard first
+            if feed.stale_since_ms:
+                self.stale_keys[location] = {}
+            else:
+                self.silence[location] = None
+        for key, row in self.stock.items():
+            if row.stale_since_ms:
+                self.stale_keys[FeedLocation(key.merchant_id, key.location_id)][key] = None
         live = []
         for reservation in self.reservations.values():  # in restore order (by finish)
             if reservation.state is ReservationState.ACTIVE:
@@ -372,6 +417,33 @@ class PartitionState:
                     found = self.feed_ids.get((key.merchant_id, fact.source, fact.event_id))
                     assert found == (key, fact), (key, fact, found)
         assert indexed == len(self.feed_ids), "the feed index holds a fact no history keeps"
+        self._check_staleness()
+
+    def _check_staleness(self) -> None:
+        flagged: dict[FeedLocation, set[InventoryKey]] = {}
+        for key, row in self.stock.items():
+            assert row.stale_buffer >= 0, (key, row)
+            if not row.stale_since_ms:
+                assert row.stale_buffer == 0, (key, row)
+                continue
+            location = FeedLocation(key.merchant_id, key.location_id)
+            feed = self.feed_locations.get(location)
+            assert feed is not None and feed.stale_since_ms == row.stale_since_ms, (key, row)
+            flagged.setdefault(location, set()).add(key)
+        stale = {loc for loc, feed in self.feed_locations.items() if feed.stale_since_ms}
+        assert set(self.stale_keys) == stale, (set(self.stale_keys), stale)
+        for location in stale:
+            assert set(self.stale_keys[location]) == flagged.get(location, set()), location
+        heard = [
+            (feed.last_received_at_ms, loc)
+            for loc, feed in self.feed_locations.items()
+            if not feed.stale_since_ms
+        ]
+        assert set(self.silence) == {loc for _, loc in heard}
+        times = [self.feed_locations[loc].last_received_at_ms for loc in self.silence]
+        assert times == sorted(times), "the silence index is least recently heard first"
+        for feed in self.feed_locations.values():
+            assert 0 < len(feed.sources) <= limits.feed_sources_per_location_max, feed
 
 
 def levels_of(state: PartitionState, keys: Iterable[InventoryKey]) -> tuple[StockLevel, ...]:

@@ -19,6 +19,7 @@ from ._commands import (
     Extend,
     FeedEvent,
     Ingest,
+    MarkStale,
     Release,
     Reserve,
     SetSafetyStock,
@@ -99,22 +100,43 @@ def set_safety_stock(command: SetSafetyStock) -> Invalid | None:
 def ingest(command: Ingest) -> Invalid | None:
     """The batch as a whole; each event is judged on its own when applied (``feed_event``)."""
     return validate_ingest_request(
-        command.merchant_id, command.source, len(command.events), command.batch_id
+        command.merchant_id,
+        command.source,
+        len(command.events),
+        command.batch_id,
+        command.alive_at,
     )
 
 
 def validate_ingest_request(
-    merchant_id: str, source: str, event_count: int, batch_id: str
+    merchant_id: str,
+    source: str,
+    event_count: int,
+    batch_id: str,
+    alive_at: Sequence[str] = (),
 ) -> Invalid | None:
-    """What a feed's request needs as a whole: its merchant, its source, 1 to
-    ``ingest_events_max`` events, and a well-formed batch id if it names one."""
-    if not 0 < event_count <= limits.ingest_events_max:
-        return Invalid("events", f"1 to {limits.ingest_events_max} events, got {event_count}")
-    return (
+    """What a feed's request needs as a whole: its merchant, its source, up to
+    ``ingest_events_max`` events and up to ``feed_heartbeat_locations_max`` heartbeat
+    locations (at least one of either), and a well-formed batch id if it names one."""
+    if len(alive_at) > limits.feed_heartbeat_locations_max:
+        count_max = limits.feed_heartbeat_locations_max
+        return Invalid("alive_at", f"at most {count_max} locations, got {len(alive_at)}")
+    if not (0 if alive_at else 1) <= event_count <= limits.ingest_events_max:
+        count = f"1 to {limits.ingest_events_max} events (or a heartbeat's alive_at)"
+        return Invalid("events", f"{count}, got {event_count}")
+    problem = (
         _identifier("merchant_id", merchant_id)
         or _identifier("source", source)
         or (_identifier("batch_id", batch_id) if batch_id else None)
     )
+    for index, location_id in enumerate(alive_at):
+        problem = problem or _identifier(f"alive_at[{index}]", location_id)
+    return problem
+
+
+def mark_stale(command: MarkStale) -> Invalid | None:
+    """Issued by the shell's timer, never by a caller."""
+    return None
 
 
 def validate_feed_event(

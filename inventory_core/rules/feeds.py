@@ -23,9 +23,10 @@ from .. import _limits as limits
 from .. import _validate
 from .._commands import FeedEvent, Ingest
 from .._history import EMPTY_HISTORY, OWN_SOURCE, Fact, KeyHistory
-from .._model import ChangeReason, FeedEventKind, InventoryKey, StockRow, partition_of
+from .._model import ChangeReason, FeedEventKind, FeedLocation, InventoryKey, StockRow, partition_of
 from .._outcomes import AckStatus, EventAck, Ingested, Invalid, OverCommitted
 from .._state import Effects, PartitionState
+from . import staleness
 
 APPLIED = EventAck(AckStatus.APPLIED)
 DUPLICATE = EventAck(AckStatus.DUPLICATE)
@@ -37,10 +38,14 @@ _REASONS = {kind.value: ChangeReason(kind.value) for kind in FeedEventKind}
 _UNCHECKED = Invalid("", "")  # a key not checked yet in this batch
 
 
-def ingest(state: PartitionState, command: Ingest, at: Effects) -> Ingested:
+def ingest(state: PartitionState, command: Ingest, at: Effects) -> Ingested | Invalid:
+    for index, location_id in enumerate(command.alive_at):
+        if partition_of(command.merchant_id, location_id) != state.partition:
+            return Invalid(f"alive_at[{index}]", f"not in partition {state.partition}")
     batch = _Batch(state, at.now_ms)
     acks = tuple(batch.judge(event, command) for event in command.events)
-    return Ingested(acks, batch.finish(state, at))
+    alive_at = batch.heartbeats(command)
+    return Ingested(acks, batch.finish(state, at, command.source), alive_at)
 
 
 def recorded_events(command: Ingest, outcome: Ingested) -> tuple[FeedEvent, ...]:
@@ -135,8 +140,11 @@ class _Batch:
         self._keys: dict[InventoryKey, _Key] = {}
         self._key_problems: dict[InventoryKey, Invalid | None] = {}
         self._recorded: list[tuple[InventoryKey, _Key]] = []
-        self._locations: dict[str, bool] = {}  # location -> in this partition (the batch's)
+        # location -> why its events are refused (None: they are not), checked once a batch
+        self._locations: dict[str, Invalid | None] = {}
         self._new_keys = 0
+        # The locations heard from: the newest occurred_at of the events recorded at each.
+        self._heard: dict[FeedLocation, int] = {}
 
     def judge(self, event: FeedEvent, command: Ingest) -> EventAck:
         state = self._state
@@ -167,21 +175,42 @@ class _Batch:
             quantity = event.quantity * kind.sign
             fact = Fact(event.occurred_at_ms, command.source, event.event_id, quantity, kind.value)
             ack = self._delta(work, key, fact)
-        if not work.recorded and (ack is APPLIED or ack.status is AckStatus.SUPERSEDED):
-            work.recorded = True
-            self._recorded.append((key, work))
+        if ack is APPLIED or ack.status is AckStatus.SUPERSEDED:
+            if not work.recorded:
+                work.recorded = True
+                self._recorded.append((key, work))
+            location = FeedLocation(key.merchant_id, key.location_id)
+            if location not in self._heard or self._heard[location] < event.occurred_at_ms:
+                self._heard[location] = event.occurred_at_ms
         return ack
+
+    def heartbeats(self, command: Ingest) -> tuple[str, ...]:
+        """The heartbeat's locations whose health the record keeps; each is heard from."""
+        kept = []
+        for location_id in command.alive_at:
+            location = FeedLocation(command.merchant_id, location_id)
+            if location in self._heard:
+                continue  # its events were heard already
+            if staleness.heartbeat_kept(self._state, location, command.source, self._now_ms):
+                kept.append(location_id)
+                self._heard[location] = 0
+        return tuple(kept)
 
     def _key_problem(self, key: InventoryKey, command: Ingest) -> Invalid | None:
         """The key's checks, its partition's hashed once per location of the batch."""
         problem = _validate.validate_feed_key(key, command.merchant_id)
         if problem is not None:
             return problem
-        here = self._locations.get(key.location_id)
-        if here is None:
-            partition = partition_of(key.merchant_id, key.location_id)
-            here = self._locations[key.location_id] = partition == self._state.partition
-        return None if here else Invalid("key", f"not in partition {self._state.partition}")
+        if key.location_id not in self._locations:
+            self._locations[key.location_id] = self._location_problem(key, command.source)
+        return self._locations[key.location_id]
+
+    def _location_problem(self, key: InventoryKey, source: str) -> Invalid | None:
+        if partition_of(key.merchant_id, key.location_id) != self._state.partition:
+            return Invalid("key", f"not in partition {self._state.partition}")
+        location = FeedLocation(key.merchant_id, key.location_id)
+        full = staleness.source_problem(self._state, location, source)
+        return None if full is None else Invalid("source", full)
 
     def _delta(self, work: _Key, key: InventoryKey, fact: Fact) -> EventAck:
         history = work.history
@@ -273,9 +302,12 @@ class _Batch:
         self._new_keys += 1
         return None
 
-    def finish(self, state: PartitionState, at: Effects) -> tuple[OverCommitted, ...]:
-        """Write each key's row and history once; the keys left over-committed."""
+    def finish(self, state: PartitionState, at: Effects, source: str) -> tuple[OverCommitted, ...]:
+        """Write each key's row and history once, clear the flags of the stale locations
+        heard from, keep the source's health; the keys left over-committed."""
         over_committed = []
+        resuming = staleness.resuming(state, self._heard)
+        changed: set[InventoryKey] = set()
         # In the order of each key's first recorded event: the order a replay of the record
         # (which holds only those) sees them in, so events and answers replay the same.
         for key, work in self._recorded:
@@ -283,14 +315,25 @@ class _Batch:
             if work.history is not work.found:
                 state.feed.put(key, work.history)
             row = work.row
-            if work.first_kind and (row is None or work.on_hand != row.on_hand):
-                reason = ChangeReason.FEED if work.several else _REASONS[work.first_kind]
-                safety_stock = row.safety_stock if row else 0
-                state.change(key, at, reason, on_hand=work.on_hand, safety_stock=safety_stock)
+            moved = work.first_kind and (row is None or work.on_hand != row.on_hand)
+            resumed = bool(resuming) and (key.merchant_id, key.location_id) in resuming
+            if moved or (resumed and row is not None):
+                if moved:
+                    reason = ChangeReason.FEED if work.several else _REASONS[work.first_kind]
+                else:
+                    reason = ChangeReason.FEED_RESUMED
+                counts = {"on_hand": work.on_hand, "safety_stock": row.safety_stock if row else 0}
+                if resumed:
+                    counts |= {"stale_buffer": 0, "stale_since_ms": 0}
+                state.change(key, at, reason, **counts)
+                changed.add(key)
             if key in state.stock:
                 over = state.over_commit(key)
                 if over is not None:
                     over_committed.append(OverCommitted(key, over))
+        if resuming:
+            staleness.resume(state, at, resuming, changed)
+        staleness.heard(state, at, source, self._heard)
         return tuple(over_committed)
 
 

@@ -2,7 +2,8 @@
 
 - A reservation is admitted only if every line fits in available at that instant (two
   lines of one key are checked against their sum); nothing else raises reserved, so
-  online demand never takes available below zero.
+  online demand never takes available below zero. While a location is stale, its buffer
+  is held back too: a line must fit in available less the buffer (``StockRow.offered``).
 - Commit takes up to the held quantity out of on_hand and releases the rest; release and
   expiry return the held units.
 - Commit, release and extend of a reservation that is not live fail precisely: its state
@@ -49,9 +50,10 @@ def reserve(state: PartitionState, command: Reserve, at: Effects) -> Outcome:
     for line in command.lines:  # two lines on one key are checked against their sum
         wanted[line.key] = wanted.get(line.key, 0) + line.quantity
     rows = {key: state.stock.get(key) or EMPTY_ROW for key in wanted}
-    if any(quantity > rows[key].available for key, quantity in wanted.items()):
+    # What is offered: a stale location's buffer is not promised online (DESIGN section 9).
+    if any(quantity > rows[key].offered for key, quantity in wanted.items()):
         return InsufficientStock(
-            tuple(ShortLine(k, q, max(rows[k].available, 0)) for k, q in wanted.items())
+            tuple(ShortLine(k, q, max(rows[k].offered, 0)) for k, q in wanted.items())
         )
     first = command.lines[0].key
     reservation = Reservation(

@@ -29,10 +29,13 @@ from inventory_core import (
     Extended,
     FeedEvent,
     FeedEventKind,
+    FeedLocation,
     Ingest,
     Ingested,
     InventoryKey,
     Line,
+    MarkedStale,
+    MarkStale,
     OverCommit,
     OverCommitted,
     Release,
@@ -76,7 +79,11 @@ ints = st.integers(-(2**53), 2**53)
 naturals = st.integers(0, 2**53)
 keys = st.builds(InventoryKey, strings, strings, strings)
 lines = st.lists(st.builds(Line, keys, naturals), max_size=4).map(tuple)
-rows = st.builds(StockRow, ints, naturals, naturals, naturals)
+# A row is live (no buffer) or stale since a time, with a buffer held back.
+rows = st.builds(StockRow, ints, naturals, naturals, naturals) | st.builds(
+    StockRow, ints, naturals, naturals, naturals, naturals, st.integers(1, 2**53)
+)
+locations = st.builds(FeedLocation, strings, strings)
 versions = st.none() | naturals
 
 COMMAND_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
@@ -109,7 +116,9 @@ COMMAND_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         ).map(tuple),
         naturals,
         strings,
+        st.lists(strings, max_size=3).map(tuple),
     ),
+    MarkStale: st.builds(MarkStale, st.lists(locations, max_size=3).map(tuple), naturals),
 }
 commands: st.SearchStrategy[Command] = st.one_of(*COMMAND_STRATEGIES.values())
 
@@ -154,7 +163,9 @@ OUTCOME_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
             st.builds(OverCommitted, keys, over_commits.filter(lambda o: o is not None)),
             max_size=3,
         ).map(tuple),
+        st.lists(strings, max_size=3).map(tuple),
     ),
+    MarkedStale: st.builds(MarkedStale, st.lists(locations, max_size=3).map(tuple)),
 }
 outcomes = st.one_of(*OUTCOME_STRATEGIES.values())
 events = st.builds(

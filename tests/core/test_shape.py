@@ -15,6 +15,9 @@ from inventory_core import (
     Command,
     Expire,
     Extend,
+    FeedEvent,
+    FeedEventKind,
+    Ingest,
     Invalid,
     InventoryKey,
     Line,
@@ -55,15 +58,20 @@ def test_every_command_type_has_exactly_one_registry_row_with_today_s_names() ->
         "set_safety_stock",
         "expire",
         "ingest",
+        "mark_stale",
     ]
-    assert [row.name for row in REGISTRY if not row.from_caller] == ["expire"]
+    assert [row.name for row in REGISTRY if not row.from_caller] == ["expire", "mark_stale"]
 
 
 def test_every_table_round_trips_its_keys_and_rows_through_its_schema() -> None:
     partition = Partition(P)
     partition.apply(SetStock(key("a"), "s", 5, None, T0))
     partition.apply(Reserve(M, "r", (Line(key("a"), 2),), 60, T0 + 1))
+    sale = FeedEvent("e1", FeedEventKind.SALE, key("a"), T0, quantity=1)
+    partition.apply(Ingest(M, "pos", (sale,), T0 + 2))
+    partition.on_timer(T0 + 2 + limits.feed_silence_stale_ms)  # a stale location, stale rows
     snapshot = partition.snapshot()
+    assert snapshot.stock[key("a")].stale_since_ms
     assert set(snapshot.tables) == set(TABLES)
     for name, rows in snapshot.tables.items():
         schema = TABLES[name]
