@@ -111,7 +111,7 @@ from ._validate import (
     validate_identifier,
     validate_ingest_request,
     validate_key,
-    validate_over_committed_read,
+    validate_locations_read,
     validate_read,
     validate_watch_filter,
 )
@@ -208,7 +208,7 @@ __all__ = [
     "validate_identifier",
     "validate_ingest_request",
     "validate_key",
-    "validate_over_committed_read",
+    "validate_locations_read",
     "validate_read",
     "validate_watch_filter",
     "work_units",

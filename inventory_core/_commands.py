@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import _limits as limits
 from ._model import AdjustmentReason, FeedEventKind, FeedLocation, InventoryKey, Line
 
 
@@ -146,6 +147,9 @@ class MarkStale:
 
     locations: tuple[FeedLocation, ...]
     now_ms: int
+    # The silence that makes a location stale: the deployment's setting, kept in the record
+    # so that a replay under another setting marks the same locations.
+    silent_ms: int = limits.feed_silence_stale_ms
 
 
 @dataclass(frozen=True, slots=True)

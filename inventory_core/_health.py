@@ -7,8 +7,9 @@ or a heartbeat (an ``Ingest`` naming the location in ``alive_at``: the gateway i
 nothing to send). Heartbeats are kept at most once per ``feed_heartbeat_interval_ms`` per
 source, so a gateway's heartbeat every few seconds costs no ledger record each.
 
-A location is **stale** when no source has been heard from for ``feed_silence_stale_ms``:
-the timer's ``MarkStale`` record then holds back a buffer on each of its keys
+A location is **stale** when no source has been heard from for the deployment's threshold
+(``feed_silence_stale_ms`` by default; carried in each ``MarkStale`` record, so a replay
+marks the same): the timer's ``MarkStale`` record then holds back a buffer on each of its keys
 (``rules/staleness.py``) until a source is heard from again. Only a location that has had a
 feed can go stale: an online-only dark store never does.
 """

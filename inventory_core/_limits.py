@@ -48,8 +48,9 @@ idempotency_keys_max: Final = 500_000
 
 # Keys per GetAvailability batch: a page of a catalogue, and a bounded reply size.
 availability_keys_max: Final = 1000
-# Locations per GetOverCommitted: a region's stores at once; each names one partition to ask.
-over_committed_locations_max: Final = 100
+# Locations per GetOverCommitted or GetFeedHealth: a region's stores at once; each names one
+# partition to ask.
+locations_read_max: Final = 100
 
 # One expiry record lists at most this many reservations; more due ones spill into the
 # next record, so a record's size stays bounded after a long pause.
@@ -107,6 +108,7 @@ feed_history_per_key_max: Final = 1024
 # long is stale: its tills are taken to be selling offline. A POS gateway sends its events
 # within seconds, or a heartbeat when it has none; five minutes of silence is an outage, not
 # a quiet spell, and short enough that an hour offline is mostly covered by the buffer.
+# The default of the shard's --feed-stale-after-s (tests compress time with a smaller one).
 feed_silence_stale_ms: Final = 5 * 60 * 1000
 # A heartbeat is recorded at most this often per source and location (a gateway may send one
 # every few seconds): well inside feed_silence_stale_ms, so a live gateway never goes stale.

@@ -154,15 +154,18 @@ class Partition:
         """The expiry timer's command: expire everything due at now_ms."""
         return self.apply(Expire((), now_ms))
 
-    def on_timer(self, now_ms: int) -> Step:
-        """The shell's timer: expire what is due, and mark the locations whose feeds have
-        been silent past the threshold stale (DESIGN section 9)."""
-        due = staleness.stale_due(self._state, now_ms)
-        return self.apply(MarkStale(due, now_ms)) if due else self.expire_due(now_ms)
+    def on_timer(self, now_ms: int, silent_ms: int = limits.feed_silence_stale_ms) -> Step:
+        """The shell's timer: expire what is due, and mark stale the locations whose feeds
+        have been silent for ``silent_ms`` (DESIGN section 9)."""
+        due = staleness.stale_due(self._state, now_ms, silent_ms)
+        if not due:
+            return self.expire_due(now_ms)
+        return self.apply(MarkStale(due, now_ms, silent_ms))
 
-    def next_timer_ms(self) -> int | None:
+    def next_timer_ms(self, silent_ms: int = limits.feed_silence_stale_ms) -> int | None:
         """When the timer next has work: a reservation expires or a location goes stale."""
-        times = (self._state.expiry.next_due_ms(), staleness.next_stale_ms(self._state))
+        stale_ms = staleness.next_stale_ms(self._state, silent_ms)
+        times = (self._state.expiry.next_due_ms(), stale_ms)
         due = [t for t in times if t is not None]
         return min(due) if due else None
 
@@ -219,6 +222,11 @@ class Partition:
     def over_committed_count(self) -> int:
         """How many keys are over-committed now (kept as they change: O(1))."""
         return len(self._state.over_committed)
+
+    @property
+    def stale_location_count(self) -> int:
+        """How many locations are stale now (their feeds silent): O(1)."""
+        return len(self._state.stale_keys)
 
     def over_committed_at(
         self, merchant_id: str, location_ids: Iterable[str]

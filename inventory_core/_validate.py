@@ -135,7 +135,9 @@ def validate_ingest_request(
 
 
 def mark_stale(command: MarkStale) -> Invalid | None:
-    """Issued by the shell's timer, never by a caller."""
+    """Issued by the shell's timer, never by a caller: its threshold must be positive."""
+    if command.silent_ms <= 0:
+        return Invalid("silent_ms", f"must be positive, got {command.silent_ms}")
     return None
 
 
@@ -232,10 +234,10 @@ def validate_read(keys: Sequence[InventoryKey]) -> Invalid | None:
     return None
 
 
-def validate_over_committed_read(merchant_id: str, location_ids: Sequence[str]) -> Invalid | None:
-    """A query of over-committed keys: a merchant and 1 to ``over_committed_locations_max``
-    locations of it."""
-    count_max = limits.over_committed_locations_max
+def validate_locations_read(merchant_id: str, location_ids: Sequence[str]) -> Invalid | None:
+    """A query by location (over-committed keys, feed health): a merchant and 1 to
+    ``locations_read_max`` locations of it."""
+    count_max = limits.locations_read_max
     if not 0 < len(location_ids) <= count_max:
         return Invalid("location_ids", f"1 to {count_max} locations, got {len(location_ids)}")
     problem = _identifier("merchant_id", merchant_id)

@@ -91,6 +91,8 @@ class ServiceProcess:
     port: int = field(default_factory=free_port)
     lease_s: float = 3.0
     redis_url: str = ""
+    # More flags of this process (a shard's --feed-stale-after-s, say).
+    extra_arguments: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -114,8 +116,8 @@ class ServiceProcess:
             self.redis_url,
         ]
         if self.role == "shard":
-            return ["shard", "--shard-id", self.shard_id, *common]
-        return ["router", *common]
+            return ["shard", "--shard-id", self.shard_id, *common, *self.extra_arguments]
+        return ["router", *common, *self.extra_arguments]
 
     def start(self, wait: bool = True) -> None:
         self.starts += 1
@@ -194,12 +196,22 @@ class Cluster:
 
 
 def start_cluster(
-    database_url: str, log_dir: Path, shards: int, lease_s: float = 2.0, redis_url: str = ""
+    database_url: str,
+    log_dir: Path,
+    shards: int,
+    lease_s: float = 2.0,
+    redis_url: str = "",
+    shard_arguments: tuple[str, ...] = (),
 ) -> Cluster:
     """Shards first (the first one migrates), then the router once all have joined."""
     members = [
         ServiceProcess(
-            database_url, log_dir, shard_id=f"shard-{i}", lease_s=lease_s, redis_url=redis_url
+            database_url,
+            log_dir,
+            shard_id=f"shard-{i}",
+            lease_s=lease_s,
+            redis_url=redis_url,
+            extra_arguments=shard_arguments,
         )
         for i in range(shards)
     ]

@@ -2,7 +2,8 @@
 
 While a store's tills sell offline, the service cannot see those sales; online shoppers
 would be promised units already gone. So when no feed of a location has been heard from for
-``feed_silence_stale_ms`` (``_health.py``), the timer's ``MarkStale`` record flags every key
+``MarkStale.silent_ms`` (the deployment's setting, ``feed_silence_stale_ms`` by default;
+``_health.py``), the timer's ``MarkStale`` record flags every key
 there as stale, since that moment, and holds back a **buffer** on each: the units its tills
 sold in the ``feed_sales_rate_window_ms`` before the feed's newest event (from the key's
 history), the expected sales of an hour offline. Reads and Watch show ``sellable`` less the
@@ -29,12 +30,12 @@ from .._state import Effects, PartitionState
 MARK_STALE_LOCATIONS_MAX = 100
 
 
-def stale_due(state: PartitionState, now_ms: int) -> tuple[FeedLocation, ...]:
-    """The live locations silent for the threshold at ``now_ms``, in location order."""
+def stale_due(state: PartitionState, now_ms: int, silent_ms: int) -> tuple[FeedLocation, ...]:
+    """The live locations silent for ``silent_ms`` at ``now_ms``, in location order."""
     due = []
     for location in state.silence:  # least recently heard from first
         feed = state.feed_locations[location]
-        if now_ms - feed.last_received_at_ms < limits.feed_silence_stale_ms:
+        if now_ms - feed.last_received_at_ms < silent_ms:
             break
         due.append(location)
         if len(due) == MARK_STALE_LOCATIONS_MAX:
@@ -42,10 +43,10 @@ def stale_due(state: PartitionState, now_ms: int) -> tuple[FeedLocation, ...]:
     return tuple(sorted(due))
 
 
-def next_stale_ms(state: PartitionState) -> int | None:
+def next_stale_ms(state: PartitionState, silent_ms: int) -> int | None:
     """When the least recently heard from live location goes stale (None: none is fed)."""
     for location in state.silence:
-        return state.feed_locations[location].last_received_at_ms + limits.feed_silence_stale_ms
+        return state.feed_locations[location].last_received_at_ms + silent_ms
     return None
 
 
@@ -53,9 +54,7 @@ def mark_stale(state: PartitionState, command: MarkStale, at: Effects) -> Marked
     marked = []
     for location in command.locations:
         feed = state.feed_locations.get(location)
-        silent = feed is not None and (
-            at.now_ms - feed.last_received_at_ms >= limits.feed_silence_stale_ms
-        )
+        silent = feed is not None and (at.now_ms - feed.last_received_at_ms >= command.silent_ms)
         if feed is None or feed.stale_since_ms or not silent:
             continue  # heard from since it was found due (or never fed): nothing to do
         marked.append(location)

@@ -271,6 +271,13 @@ class InventoryClient:
         request = pb.GetOverCommittedRequest(merchant_id=merchant_id, location_ids=location_ids)
         return await self._call(rpcs.GET_OVER_COMMITTED, request, timeout_s)
 
+    async def get_feed_health(
+        self, merchant_id: str, location_ids: Iterable[str], *, timeout_s: float | None = None
+    ) -> pb.GetFeedHealthResponse:
+        """Each fed location's sources (last event, arrival, lag) and whether it is stale."""
+        request = pb.GetFeedHealthRequest(merchant_id=merchant_id, location_ids=location_ids)
+        return await self._call(rpcs.GET_FEED_HEALTH, request, timeout_s)
+
     async def ingest(
         self,
         merchant_id: str,
@@ -278,14 +285,22 @@ class InventoryClient:
         events: Iterable[pb.FeedEvent],
         *,
         batch_id: str = "",
+        alive_at: Iterable[str] = (),
         timeout_s: float | None = None,
     ) -> pb.IngestResponse:
         """Send a feed's events (a POS gateway's, a supplier's): one acknowledgement per
         event, in order. Events acknowledged FAILED are sent again (always safe: they are
         de-duplicated by event id) until answered or the attempts run out; what is still
-        FAILED then carries the status of its last attempt."""
+        FAILED then carries the status of its last attempt.
+
+        ``alive_at``: a heartbeat, the locations this source is up at (events may then be
+        empty); it keeps them from going stale. It is not sent again: the next one will be."""
         request = pb.IngestRequest(
-            merchant_id=merchant_id, source=source, events=events, batch_id=batch_id
+            merchant_id=merchant_id,
+            source=source,
+            events=events,
+            batch_id=batch_id,
+            alive_at=alive_at,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._timeout_s_default if timeout_s is None else timeout_s)

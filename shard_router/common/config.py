@@ -36,6 +36,8 @@ class ShardConfig:
     stats_interval_s: float = 10.0
     # A checkpoint at least this often while anything changed (OwnerLimits).
     checkpoint_interval_s: float = 30.0
+    # A location none of whose feeds is heard from for this long is stale (OwnerLimits).
+    feed_stale_after_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +213,15 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
         "records, which bounds the ledger tail a recovery replays "
         "[INVENTORY_CHECKPOINT_INTERVAL_S]",
     )
+    parser.add_argument(
+        "--feed-stale-after-s",
+        type=_positive_float,
+        default=env("FEED_STALE_AFTER_S", "300.0"),
+        help="a location none of whose feeds (events or heartbeats) is heard from for this "
+        "long is stale: shoppers see its availability degraded until a feed is heard from "
+        "again. Heartbeats are recorded at most once a minute, so below 120 s a gateway "
+        "that only sends heartbeats goes stale between them [INVENTORY_FEED_STALE_AFTER_S]",
+    )
 
 
 def add_database_argument(
@@ -244,4 +255,5 @@ def shard_config(options: argparse.Namespace) -> ShardConfig:
         redis_url=options.redis_url,
         stats_interval_s=options.stats_interval_s,
         checkpoint_interval_s=options.checkpoint_interval_s,
+        feed_stale_after_s=options.feed_stale_after_s,
     )

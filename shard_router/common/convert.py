@@ -22,6 +22,7 @@ from inventory_core import (
     Ingested,
     InventoryKey,
     Line,
+    LocationHealth,
     OverCommit,
     OverCommitted,
     Release,
@@ -169,7 +170,14 @@ def ingest(request: pb.IngestRequest) -> Ingest:
                 e.event_id, kinds.get(e.kind), key, e.occurred_at_ms, e.quantity, count, e.reason
             )
         )
-    return Ingest(request.merchant_id, request.source, tuple(events), 0, request.batch_id)
+    return Ingest(
+        request.merchant_id,
+        request.source,
+        tuple(events),
+        0,
+        request.batch_id,
+        tuple(request.alive_at),
+    )
 
 
 def set_stock(request: pb.SetStockRequest) -> SetStock:
@@ -200,6 +208,9 @@ def level_to_proto(level: StockLevel) -> pb.StockLevel:
         version=level.version,
         exists=level.exists,
         exposure=max(-level.available, 0),
+        degraded=level.degraded,
+        stale_buffer=level.stale_buffer,
+        stale_since_ms=level.stale_since_ms,
     )
 
 
@@ -233,6 +244,27 @@ def ingested_to_proto(outcome: Ingested) -> pb.IngestResponse:
     return pb.IngestResponse(
         acks=acks, over_committed=over_committed_to_proto(outcome.over_committed)
     )
+
+
+def feed_health_to_proto(found: Iterable[LocationHealth]) -> list[pb.LocationFeedHealth]:
+    return [
+        pb.LocationFeedHealth(
+            location_id=health.location.location_id,
+            sources=[
+                pb.SourceHealth(
+                    source=s.source,
+                    last_event_at_ms=s.last_occurred_at_ms,
+                    last_received_at_ms=s.last_received_at_ms,
+                    lag_ms=s.lag_ms,
+                )
+                for s in health.feed.sources
+            ],
+            silent_for_ms=health.silent_for_ms,
+            stale=health.feed.stale_since_ms != 0,
+            stale_since_ms=health.feed.stale_since_ms,
+        )
+        for health in found
+    ]
 
 
 def over_committed_to_proto(found: Iterable[OverCommitted]) -> list[pb.KeyOverCommit]:

@@ -7,7 +7,8 @@ each part applied by its owner, and merge the acknowledgements back in request o
 
 A request names one merchant and any of its keys, so it may span partitions (a merchant's
 locations); a store's gateway usually sends one location, which is one part, forwarded as
-it came. Routing reads only the key's merchant and location: an event of another
+it came; a heartbeat's locations (``alive_at``) join the parts of their partitions.
+Routing reads only the key's merchant and location: an event of another
 merchant's key is refused here, with the core's own check and reason; every other check
 (a malformed key included) is the owner's (``inventory_core``). A part that gets no answer
 has each of its events acknowledged FAILED with the status, whose class says whether it
@@ -54,10 +55,12 @@ Apply = Callable[["Part", float], Awaitable["pb.IngestResponse | status_pb2.Stat
 
 @dataclass(slots=True)
 class Part:
-    """The events of one partition: their positions in the request, and the request to send."""
+    """The events of one partition: their positions in the request, its heartbeat's
+    locations, and the request to send."""
 
     partition: int
     indexes: list[int] = field(default_factory=list)
+    alive_at: list[str] = field(default_factory=list)
     request: pb.IngestRequest = field(default_factory=pb.IngestRequest)
 
 
@@ -70,23 +73,33 @@ def split(request: pb.IngestRequest) -> tuple[dict[int, pb.EventAck], list[Part]
     """
     merchant_id = request.merchant_id
     events = request.events
-    check(validate_ingest_request(merchant_id, request.source, len(events), request.batch_id))
+    check(
+        validate_ingest_request(
+            merchant_id, request.source, len(events), request.batch_id, request.alive_at
+        )
+    )
     refused: dict[int, pb.EventAck] = {}
     parts: dict[int, Part] = {}
     by_location: dict[str, Part] = {}
+
+    def part_of(location_id: str) -> Part:
+        part = by_location.get(location_id)
+        if part is None:
+            partition = partition_of(merchant_id, location_id)
+            part = parts.get(partition)
+            if part is None:
+                part = parts[partition] = Part(partition)
+            by_location[location_id] = part
+        return part
+
     for index, event in enumerate(events):
         proto_key = event.key
         if proto_key.merchant_id != merchant_id:
             refused[index] = _unroutable(proto_key, merchant_id)
             continue
-        part = by_location.get(proto_key.location_id)
-        if part is None:
-            partition = partition_of(merchant_id, proto_key.location_id)
-            part = parts.get(partition)
-            if part is None:
-                part = parts[partition] = Part(partition)
-            by_location[proto_key.location_id] = part
-        part.indexes.append(index)
+        part_of(proto_key.location_id).indexes.append(index)
+    for location_id in dict.fromkeys(request.alive_at):
+        part_of(location_id).alive_at.append(location_id)
     if len(parts) == 1 and not refused:  # one location, as a store sends: forward it as is
         (part,) = parts.values()
         part.request = request
@@ -95,6 +108,7 @@ def split(request: pb.IngestRequest) -> tuple[dict[int, pb.EventAck], list[Part]
         sub = part.request
         sub.merchant_id, sub.source, sub.batch_id = merchant_id, request.source, request.batch_id
         sub.events.extend(events[i] for i in part.indexes)
+        sub.alive_at.extend(part.alive_at)
     return refused, list(parts.values())
 
 

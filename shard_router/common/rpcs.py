@@ -93,6 +93,13 @@ GET_OVER_COMMITTED = Rpc(
     pb.GetOverCommittedResponse,
     mutating=False,
 )
+GET_FEED_HEALTH = Rpc(
+    "GetFeedHealth",
+    "get_feed_health",
+    pb.GetFeedHealthRequest,
+    pb.GetFeedHealthResponse,
+    mutating=False,
+)
 # A feed's events, de-duplicated by event id (its unary RPC is Ingest.Send).
 INGEST = Rpc(
     "Send",
@@ -125,6 +132,7 @@ CALLS: tuple[Rpc[Any, Any], ...] = (
     SET_SAFETY_STOCK,
     INGEST,
     GET_OVER_COMMITTED,
+    GET_FEED_HEALTH,
 )
 UNARY: tuple[Rpc[Any, Any], ...] = (*CALLS, RESERVE_ORDER)
 BY_FIELD: Mapping[str, Rpc[Any, Any]] = {rpc.field: rpc for rpc in UNARY}

@@ -39,7 +39,7 @@ from inventory_core import (
     partition_of,
     partition_of_reservation,
     validate,
-    validate_over_committed_read,
+    validate_locations_read,
     validate_read,
 )
 
@@ -216,26 +216,44 @@ class RouterCalls:
     ) -> pb.GetOverCommittedResponse:
         """One request per partition of the locations, to its owner; keys by location, then
         SKU. A read: any failure is the call's (retryable), never a partial answer."""
-        merchant_id = request.merchant_id
-        check(validate_over_committed_read(merchant_id, request.location_ids))
-        answers = await asyncio.gather(
-            *(
-                self._forward(
-                    partition,
-                    rpcs.GET_OVER_COMMITTED,
-                    pb.GetOverCommittedRequest(merchant_id=merchant_id, location_ids=locations),
-                    deadline,
-                )
-                for partition, locations in locations_by_partition(
-                    merchant_id, request.location_ids
-                ).items()
-            )
-        )
+        answers = await self._by_location(rpcs.GET_OVER_COMMITTED, request, deadline)
         keys = sorted(
             (k for answer in answers for k in answer.keys),
             key=lambda k: (k.key.location_id, k.key.sku_id),
         )
         return pb.GetOverCommittedResponse(keys=keys)
+
+    async def get_feed_health(
+        self, request: pb.GetFeedHealthRequest, deadline: float | None
+    ) -> pb.GetFeedHealthResponse:
+        """One request per partition of the locations, to its owner; in the order asked."""
+        answers = await self._by_location(rpcs.GET_FEED_HEALTH, request, deadline)
+        found = {h.location_id: h for answer in answers for h in answer.locations}
+        ordered = [found[i] for i in dict.fromkeys(request.location_ids) if i in found]
+        return pb.GetFeedHealthResponse(locations=ordered)
+
+    async def _by_location(
+        self, rpc: rpcs.Rpc[Any, ResponseT], request: Any, deadline: float | None
+    ) -> list[ResponseT]:
+        """A read by location (merchant_id, location_ids): one request per partition of the
+        locations, to its owner. Any failure is the call's (retryable), never a partial answer."""
+        merchant_id = request.merchant_id
+        check(validate_locations_read(merchant_id, request.location_ids))
+        return list(
+            await asyncio.gather(
+                *(
+                    self._forward(
+                        partition,
+                        rpc,
+                        rpc.request_type(merchant_id=merchant_id, location_ids=locations),
+                        deadline,
+                    )
+                    for partition, locations in locations_by_partition(
+                        merchant_id, request.location_ids
+                    ).items()
+                )
+            )
+        )
 
     async def ingest(self, request: pb.IngestRequest, deadline: float | None) -> pb.IngestResponse:
         """A feed's events, each partition's part forwarded to its owner (common/ingest.py)."""

@@ -55,7 +55,12 @@ async def serve(config: ShardConfig) -> None:
         if config.redis_url:
             publisher = EventPublisher(config.redis_url, pool, config.shard_id)
         owner = Owner(
-            store, publisher, OwnerLimits(checkpoint_interval_s=config.checkpoint_interval_s)
+            store,
+            publisher,
+            OwnerLimits(
+                checkpoint_interval_s=config.checkpoint_interval_s,
+                feed_stale_after_s=config.feed_stale_after_s,
+            ),
         )
         server, health_servicer, port = create_server(config.listen, SERVICE_NAMES)
         serve_inventory(server, InventoryService(owner))

@@ -33,12 +33,12 @@ Checkpoints are taken when memory equals what is durable (the loop waits for the
 flight first: one pipeline bubble per checkpoint) and written in the background, in bounded
 transactions that the flush never waits for (persistence/store.py).
 
-Every task the owner starts has an owner: the expiry timer lives in ``run``'s task group,
-and so does the flush in flight; checkpoint writers and recoveries live in ``_Background``,
-which ``close`` cancels and awaits. Shutdown, in order: stop taking RPCs, ``drain`` (what is
-queued is answered), cancel ``run``, ``checkpoint_now`` (the last checkpoint), ``close``
-(refuse anything still queued, finish the checkpoint in flight, cancel and await
-recoveries).
+Every task the owner starts has an owner: the timer (expiries, stale feeds) lives in
+``run``'s task group, and so does the flush in flight; checkpoint writers and recoveries
+live in ``_Background``, which ``close`` cancels and awaits. Shutdown, in order: stop
+taking RPCs, ``drain`` (what is queued is answered), cancel ``run``, ``checkpoint_now``
+(the last checkpoint), ``close`` (refuse anything still queued, finish the checkpoint in
+flight, cancel and await recoveries).
 
 What each refusal tells the caller (the service maps them to statuses):
   NotOwner, Overloaded, DeadlineExpired   not applied: retry (elsewhere, later, afresh)
@@ -61,6 +61,7 @@ from inventory_core import (
     CheckpointDelta,
     ClientCommand,
     InventoryKey,
+    LocationHealth,
     Outcome,
     OverCommitted,
     Partition,
@@ -177,8 +178,11 @@ class OwnerLimits:
     # batch holds the loop to some tens of milliseconds of core work: counted in requests,
     # 2,000 feed batches of 500 events held it for seconds.
     flush_batch_units_max: int = 2_000
-    # The expiry timer's period: expired units return to sale within about this long.
-    expiry_tick_s: float = 0.2
+    # The timer's period: expired units return to sale, and a location whose feeds fell
+    # silent is marked stale (inventory_core's on_timer), within about this long.
+    timer_tick_s: float = 0.2
+    # A location none of whose feeds is heard from for this long is marked stale.
+    feed_stale_after_s: float = 300.0
     # Checkpoint when this many records were flushed since the last one, or this long passed:
     # bounds the ledger tail replayed at recovery (20,000 records: under a second). A
     # checkpoint costs rows for every key changed since the last (keys changed again in the
@@ -234,8 +238,11 @@ class _Mutate(_Work[Outcome]):
 
 
 @dataclass(slots=True, kw_only=True)
-class _ExpireTick(_Work[Outcome]):
-    """The timer's: nobody awaits it, so it is never refused with an exception."""
+class _TimerTick(_Work[Outcome]):
+    """The timer's (expiries, stale locations): nobody awaits it, so it is never refused
+    with an exception."""
+
+    silent_ms: int  # the silence that makes a location stale
 
 
 @dataclass(slots=True, kw_only=True)
@@ -257,8 +264,8 @@ class _Query(_Work[Any]):
     query: Callable[[Partition, int], Any]
 
 
-_Item = _Mutate | _ExpireTick | _ReadLevels | _ReadReservation | _Query
-_Write = _Mutate | _ExpireTick
+_Item = _Mutate | _TimerTick | _ReadLevels | _ReadReservation | _Query
+_Write = _Mutate | _TimerTick
 _Read = _ReadLevels | _ReadReservation | _Query
 # What a batch applied, per partition: each write with its step, in order.
 _Writes = dict[int, list[tuple[_Write, Step]]]
@@ -300,8 +307,8 @@ class _Batch:
                 self._answer(work, work.query(core, now_ms), held)
             case _Mutate():
                 self._join(owned, work, core.apply(replace(work.command, now_ms=now_ms)))
-            case _ExpireTick():
-                self._join(owned, work, core.expire_due(now_ms))
+            case _TimerTick():
+                self._join(owned, work, core.on_timer(now_ms, work.silent_ms))
 
     def _answer(self, work: _Read, value: Any, held: bool) -> None:
         if held:
@@ -389,6 +396,7 @@ class Owner:
         self.lease_valid_until = math.inf
         # Partitions with an expiry tick waiting in the queue (one each at most).
         self._ticks_queued: set[int] = set()
+        self._silent_ms = round(self.limits.feed_stale_after_s * 1000)
         # Keys, live reservations and idempotency entries of every partition owned here,
         # against the per-process bounds (inventory_core.limits.process_*).
         self.usage = ProcessUsage()
@@ -436,23 +444,42 @@ class Owner:
         self, partition: int, merchant_id: str, location_ids: Sequence[str], deadline: float | None
     ) -> tuple[OverCommitted, ...]:
         """The merchant's over-committed keys at these locations of the partition."""
-        future: asyncio.Future[Any] = _new_future()
         locations = tuple(location_ids)
 
         def query(core: Partition, now_ms: int) -> tuple[OverCommitted, ...]:
             return core.over_committed_at(merchant_id, locations)
 
-        self._submit(
-            _Query(
-                partition=partition,
-                deadline=deadline,
-                name="over_committed",
-                query=query,
-                future=future,
-            )
+        found: tuple[OverCommitted, ...] = await self._query(
+            partition, "over_committed", query, deadline
         )
-        found: tuple[OverCommitted, ...] = await future
         return found
+
+    async def feed_health(
+        self, partition: int, merchant_id: str, location_ids: Sequence[str], deadline: float | None
+    ) -> tuple[LocationHealth, ...]:
+        """The feeds' health at these locations of the partition, as of now."""
+        locations = tuple(location_ids)
+
+        def query(core: Partition, now_ms: int) -> tuple[LocationHealth, ...]:
+            return core.feed_health(merchant_id, locations, now_ms)
+
+        found: tuple[LocationHealth, ...] = await self._query(
+            partition, "feed_health", query, deadline
+        )
+        return found
+
+    async def _query(
+        self,
+        partition: int,
+        name: str,
+        query: Callable[[Partition, int], Any],
+        deadline: float | None,
+    ) -> Any:
+        future: asyncio.Future[Any] = _new_future()
+        self._submit(
+            _Query(partition=partition, deadline=deadline, name=name, query=query, future=future)
+        )
+        return await future
 
     def owns(self, partition: int) -> bool:
         return partition in self._owned
@@ -489,7 +516,7 @@ class Owner:
         """The loop, its flush in flight and its expiry timer; runs until cancelled.
         ``close()`` follows it."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._expiry_timer())
+            group.create_task(self._timer())
             while True:
                 if self._checkpoint_due():
                     await self._settle()  # memory == durable: the checkpoint's moment
@@ -559,7 +586,7 @@ class Owner:
         in_flight = self._in_flight
         unsettled = in_flight.touched if in_flight and not in_flight.settled else set()
         for work in items:
-            if isinstance(work, _ExpireTick):
+            if isinstance(work, _TimerTick):
                 self._ticks_queued.discard(work.partition)
         for work in sorted(items, key=_reads_first):
             owned = None if lease_lapsed else self._owned.get(work.partition)
@@ -703,16 +730,16 @@ class Owner:
 
     # ---------------------------------------------------------------- timer and recovery
 
-    async def _expiry_timer(self) -> None:
+    async def _timer(self) -> None:
         while True:
-            await asyncio.sleep(self.limits.expiry_tick_s)
+            await asyncio.sleep(self.limits.timer_tick_s)
             now_ms = self._now_ms()
             for partition, owned in list(self._owned.items()):
                 try:
-                    due = owned.core.next_expiry_ms()
-                except Exception:  # the tick's expire_due will fail-stop it, in the loop
+                    due = owned.core.next_timer_ms(self._silent_ms)
+                except Exception:  # the tick's on_timer will fail-stop it, in the loop
                     log.error(
-                        "core_failed", partition=partition, kind="next_expiry_ms", exc_info=True
+                        "core_failed", partition=partition, kind="next_timer_ms", exc_info=True
                     )
                     due = now_ms
                 if due is None or due > now_ms or partition in self._ticks_queued:
@@ -720,7 +747,9 @@ class Owner:
                 if self._queue.full():
                     break  # any command expires what is due first; the next tick retries
                 self._ticks_queued.add(partition)  # at most one tick per partition queued
-                self._queue.put_nowait(_ExpireTick(partition=partition, deadline=None))
+                self._queue.put_nowait(
+                    _TimerTick(partition=partition, deadline=None, silent_ms=self._silent_ms)
+                )
 
     def _fail_stop(self, partitions: list[int]) -> None:
         for partition in partitions:
@@ -827,6 +856,7 @@ class Owner:
             "live_reservations": self.usage.reservations_live,
             "idempotency_entries": self.usage.idempotency_entries,
             "over_committed_keys": sum(core.over_committed_count for core in cores),
+            "stale_locations": sum(core.stale_location_count for core in cores),
         }
 
     def queue_depth(self) -> int:
@@ -860,8 +890,8 @@ def _kind(work: _Item) -> str:
     match work:
         case _Mutate():
             return type(work.command).__name__
-        case _ExpireTick():
-            return "Expire"
+        case _TimerTick():
+            return "Timer"
         case _ReadLevels():
             return "levels"
         case _ReadReservation():

@@ -39,7 +39,7 @@ from inventory_core import (
     partition_of,
     partition_of_reservation,
     validate,
-    validate_over_committed_read,
+    validate_locations_read,
     validate_read,
 )
 
@@ -134,18 +134,39 @@ class Calls:
         self, request: pb.GetOverCommittedRequest, deadline: float | None
     ) -> pb.GetOverCommittedResponse:
         """Each location's partition asked of its owner; keys by location, then SKU."""
-        merchant_id = request.merchant_id
-        check(validate_over_committed_read(merchant_id, request.location_ids))
-        answers = await asyncio.gather(
-            *(
-                _guard(self._owner.over_committed(p, merchant_id, locations, deadline))
-                for p, locations in locations_by_partition(
-                    merchant_id, request.location_ids
-                ).items()
-            )
-        )
+        answers = await self._by_location(self._owner.over_committed, request, deadline)
         found = sorted((o for answer in answers for o in answer), key=_by_location)
         return pb.GetOverCommittedResponse(keys=convert.over_committed_to_proto(found))
+
+    async def get_feed_health(
+        self, request: pb.GetFeedHealthRequest, deadline: float | None
+    ) -> pb.GetFeedHealthResponse:
+        """Each location's partition asked of its owner; in the order asked."""
+        answers = await self._by_location(self._owner.feed_health, request, deadline)
+        found = {h.location.location_id: h for answer in answers for h in answer}
+        ordered = [found[i] for i in dict.fromkeys(request.location_ids) if i in found]
+        return pb.GetFeedHealthResponse(locations=convert.feed_health_to_proto(ordered))
+
+    async def _by_location(
+        self,
+        query: Callable[[int, str, Sequence[str], float | None], Awaitable[tuple[T, ...]]],
+        request: Any,
+        deadline: float | None,
+    ) -> list[tuple[T, ...]]:
+        """A read by location (merchant_id, location_ids): each partition's asked of its
+        owner (``query(partition, merchant_id, locations, deadline)``)."""
+        merchant_id = request.merchant_id
+        check(validate_locations_read(merchant_id, request.location_ids))
+        return list(
+            await asyncio.gather(
+                *(
+                    _guard(query(p, merchant_id, locations, deadline))
+                    for p, locations in locations_by_partition(
+                        merchant_id, request.location_ids
+                    ).items()
+                )
+            )
+        )
 
     async def ingest(self, request: pb.IngestRequest, deadline: float | None) -> pb.IngestResponse:
         """A feed's events, each part applied by the owner of its partition."""
@@ -255,9 +276,11 @@ def _key_partition(command: Any) -> int:
 
 
 def _feed_partition(command: Any) -> int:
-    events = command.events
-    key: InventoryKey = events[0].key if events else InventoryKey("", "", "")
-    return partition_of(key.merchant_id, key.location_id)
+    """The partition of the first event's location (or of the heartbeat's first location)."""
+    if command.events:
+        key: InventoryKey = command.events[0].key
+        return partition_of(key.merchant_id, key.location_id)
+    return partition_of(command.merchant_id, command.alive_at[0] if command.alive_at else "")
 
 
 def _reservation_partition(command: Any) -> int | None:

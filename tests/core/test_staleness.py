@@ -31,6 +31,7 @@ from inventory_core import (
     InventoryKey,
     Line,
     MarkedStale,
+    MarkStale,
     Outcome,
     Partition,
     Record,
@@ -479,3 +480,22 @@ StalenessMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None, print_blob=True
 )
 TestStaleness = StalenessMachine.TestCase
+
+
+def test_the_deployment_s_threshold_is_kept_in_the_record_so_replay_marks_the_same() -> None:
+    milk = key("milk")
+    partition = stocked(milk)
+    records = list(
+        partition.apply(Ingest(MERCHANT, SOURCE, (sale("a", 1, T0_MS, milk),), T0_MS)).records
+    )
+    assert partition.next_timer_ms(silent_ms=2000) == T0_MS + 2000
+    step = partition.on_timer(T0_MS + 2000, silent_ms=2000)
+    (record,) = step.records
+    assert record.command == MarkStale((location(),), T0_MS + 2000, silent_ms=2000)
+    # A replica that replays it marks the location though its own default is 5 minutes.
+    replica = stocked(milk)
+    for logged in [*records, record]:
+        replica.replay(logged)
+    assert replica.snapshot() == partition.snapshot()
+    refused = Partition(PARTITION).apply(MarkStale((), T0_MS, silent_ms=0)).outcome
+    assert refused == Invalid("silent_ms", "must be positive, got 0")

@@ -39,9 +39,11 @@ def change(
     on_hand: int = 10,
     reserved: int = 0,
     safety_stock: int = 0,
+    stale: tuple[int, int] = (0, 0),
     before: StockRow | None = None,
 ) -> AvailabilityChanged:
-    after = StockRow(on_hand, reserved, safety_stock, version)
+    """A change of ``key`` to these counts; ``stale``: its (stale_buffer, stale_since_ms)."""
+    after = StockRow(on_hand, reserved, safety_stock, version, *stale)
     return AvailabilityChanged(
         key=key,
         partition=partition_of(key.merchant_id, key.location_id),

@@ -71,7 +71,7 @@ class Served:
 async def served() -> AsyncIterator[Served]:
     store = FakeStore()
     store.own(PARTITION)
-    owner = Owner(store, limits=OwnerLimits(expiry_tick_s=3600, recovery_backoff_s_max=0.01))
+    owner = Owner(store, limits=OwnerLimits(timer_tick_s=3600, recovery_backoff_s_max=0.01))
     owner.adopt(await store.load([PARTITION]), await store.epochs([PARTITION]))
     store.loads.clear()
     loop = asyncio.create_task(owner.run())

@@ -220,7 +220,7 @@ async def rig(
 ) -> AsyncIterator[Rig]:
     store, clock, events = FakeStore(), Clock(), Events()
     store.own(*partitions)
-    owner = Owner(store, events, limits or OwnerLimits(expiry_tick_s=3600), clock)
+    owner = Owner(store, events, limits or OwnerLimits(timer_tick_s=3600), clock)
     owner.adopt(await store.load(partitions), await store.epochs(partitions))
     store.loads.clear()
     running = Rig(owner, store, clock, events)
@@ -378,7 +378,7 @@ def test_failed_flush_fails_every_write_of_the_batch_then_partition_recovers() -
 
 def test_recovery_retries_a_failing_load_until_it_succeeds() -> None:
     async def body() -> None:
-        limits = OwnerLimits(expiry_tick_s=3600, recovery_backoff_s_max=0.01)
+        limits = OwnerLimits(timer_tick_s=3600, recovery_backoff_s_max=0.01)
         async with rig(limits) as r:
             r.store.fail_flushes, r.store.fail_loads = 1, 3
             with pytest.raises(FlushFailed):
@@ -535,7 +535,7 @@ def test_core_exception_in_an_expiry_tick_fail_stops_the_partition_not_the_loop(
         raise CoreBroke("corrupt expiry heap")
 
     async def body() -> None:
-        async with rig(OwnerLimits(expiry_tick_s=0.005), partitions=(3, 5)) as r:
+        async with rig(OwnerLimits(timer_tick_s=0.005), partitions=(3, 5)) as r:
             await r.owner.mutate(3, set_stock(APPLE, 5, "s1"), None)
             reserved = await r.owner.mutate(3, reserve(APPLE, 2, "r1", ttl_s=30), None)
             assert isinstance(reserved, Reserved)
@@ -596,7 +596,7 @@ def test_deadline_that_passes_while_queued_is_refused() -> None:
 @pytest.mark.parametrize("queue_max", [1, 3])
 def test_submit_beyond_request_queue_max_is_shed_at_once(queue_max: int) -> None:
     async def body() -> None:
-        limits = OwnerLimits(request_queue_max=queue_max, expiry_tick_s=3600)
+        limits = OwnerLimits(request_queue_max=queue_max, timer_tick_s=3600)
         async with rig(limits, start=False) as r:
             queued = [mutate(r, 3, set_stock(APPLE, i, f"s{i}")) for i in range(queue_max)]
             await settle()
@@ -620,7 +620,7 @@ def test_submit_beyond_request_queue_max_is_shed_at_once(queue_max: int) -> None
 @pytest.mark.parametrize(("batch_max", "requests"), [(1, 3), (4, 10), (5, 5)])
 def test_flush_holds_at_most_flush_batch_units_max_requests(batch_max: int, requests: int) -> None:
     async def body() -> None:
-        limits = OwnerLimits(flush_batch_units_max=batch_max, expiry_tick_s=3600)
+        limits = OwnerLimits(flush_batch_units_max=batch_max, timer_tick_s=3600)
         async with rig(limits, start=False) as r:
             tasks = [mutate(r, 3, set_stock(APPLE, i + 1, f"s{i}")) for i in range(requests)]
             await settle()
@@ -645,7 +645,7 @@ def test_a_feed_batch_counts_each_of_its_events_against_flush_batch_units_max() 
         return Ingest(APPLE.merchant_id, "pos", events, 0)
 
     async def body() -> None:
-        limits = OwnerLimits(flush_batch_units_max=10, expiry_tick_s=3600)
+        limits = OwnerLimits(flush_batch_units_max=10, timer_tick_s=3600)
         async with rig(limits, partitions=(partition,), start=False) as r:
             tasks = [mutate(r, partition, feed(batch)) for batch in range(3)]
             await settle()
@@ -660,7 +660,7 @@ def test_a_feed_batch_counts_each_of_its_events_against_flush_batch_units_max() 
 def test_checkpoint_is_written_when_checkpoint_records_max_is_reached() -> None:
     async def body() -> None:
         limits = OwnerLimits(
-            expiry_tick_s=3600, checkpoint_records_max=3, checkpoint_interval_s=3600
+            timer_tick_s=3600, checkpoint_records_max=3, checkpoint_interval_s=3600
         )
         async with rig(limits) as r:
             for i in range(2):
@@ -679,7 +679,7 @@ def test_checkpoint_is_written_when_checkpoint_records_max_is_reached() -> None:
 def test_checkpoint_of_every_dirty_partition_is_one_write_bounded_per_transaction() -> None:
     async def body() -> None:
         limits = OwnerLimits(
-            expiry_tick_s=3600,
+            timer_tick_s=3600,
             checkpoint_records_max=1_000_000,
             checkpoint_interval_s=3600,
             checkpoint_transaction_rows_max=4,
@@ -701,7 +701,7 @@ def test_checkpoint_of_every_dirty_partition_is_one_write_bounded_per_transactio
 def test_checkpoint_is_written_when_checkpoint_interval_passes_even_when_idle() -> None:
     async def body() -> None:
         limits = OwnerLimits(
-            expiry_tick_s=3600, checkpoint_records_max=1_000_000, checkpoint_interval_s=0.2
+            timer_tick_s=3600, checkpoint_records_max=1_000_000, checkpoint_interval_s=0.2
         )
         async with rig(limits) as r:
             await r.owner.mutate(3, set_stock(APPLE, 1, "s1"), None)
@@ -715,7 +715,7 @@ def test_checkpoint_is_written_when_checkpoint_interval_passes_even_when_idle() 
 
 def test_failed_checkpoint_write_makes_the_next_one_full() -> None:
     async def body() -> None:
-        limits = OwnerLimits(expiry_tick_s=3600, checkpoint_records_max=1)
+        limits = OwnerLimits(timer_tick_s=3600, checkpoint_records_max=1)
         async with rig(limits) as r:
             r.store.fail_checkpoints = 1
             await r.owner.mutate(3, set_stock(APPLE, 1, "s1"), None)
@@ -736,7 +736,7 @@ def test_failed_checkpoint_write_makes_the_next_one_full() -> None:
 
 def test_expiry_timer_expires_a_due_reservation_durably() -> None:
     async def body() -> None:
-        async with rig(OwnerLimits(expiry_tick_s=0.005)) as r:
+        async with rig(OwnerLimits(timer_tick_s=0.005)) as r:
             await r.owner.mutate(3, set_stock(APPLE, 5, "s1"), None)
             reserved = await r.owner.mutate(3, reserve(APPLE, 2, "r1", ttl_s=30), None)
             assert isinstance(reserved, Reserved)
@@ -756,7 +756,7 @@ def test_expiry_timer_expires_a_due_reservation_durably() -> None:
 
 def test_expiry_timer_queues_at_most_one_tick_per_partition() -> None:
     async def body() -> None:
-        limits = OwnerLimits(expiry_tick_s=0.002, request_queue_max=50)
+        limits = OwnerLimits(timer_tick_s=0.002, request_queue_max=50)
         async with rig(limits, partitions=(3, 5)) as r:
             await r.owner.mutate(5, set_stock(FIG, 5, "s1"), None)
             reserved = await r.owner.mutate(5, reserve(FIG, 1, "r1", ttl_s=30), None)
@@ -781,7 +781,7 @@ def test_close_finishes_the_checkpoint_in_flight_then_leaves_no_task_pending() -
     async def body() -> None:
         outside = asyncio.all_tasks()
         limits = OwnerLimits(
-            expiry_tick_s=3600, checkpoint_records_max=1, recovery_backoff_s_max=0.01
+            timer_tick_s=3600, checkpoint_records_max=1, recovery_backoff_s_max=0.01
         )
         async with rig(limits, partitions=(3, 5)) as r:
             # A checkpoint in flight, held by the store...

@@ -101,7 +101,7 @@ async def scripted(partitions: Sequence[int] = (3, 5)) -> AsyncIterator[tuple[Ri
     """A running owner of ``partitions`` over a ScriptedStore."""
     store, clock, events = ScriptedStore(), Clock(), Events()
     store.own(*partitions)
-    owner = Owner(store, events, OwnerLimits(expiry_tick_s=3600), clock)
+    owner = Owner(store, events, OwnerLimits(timer_tick_s=3600), clock)
     owner.adopt(await store.load(partitions), await store.epochs(partitions))
     store.loads.clear()
     rig = Rig(owner, store, clock, events)

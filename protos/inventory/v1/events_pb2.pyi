@@ -27,10 +27,20 @@ class StockCounts(_message.Message):
     RESERVED_FIELD_NUMBER: _builtins.int
     SAFETY_STOCK_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    STALE_BUFFER_FIELD_NUMBER: _builtins.int
+    STALE_SINCE_MS_FIELD_NUMBER: _builtins.int
+    SELLABLE_FIELD_NUMBER: _builtins.int
     on_hand: _builtins.int
     reserved: _builtins.int
     safety_stock: _builtins.int
     available: _builtins.int
+    stale_buffer: _builtins.int
+    """While the location is stale (its feeds silent): units held back from shoppers, and
+    since when (0: live). See inventory.v1.StockLevel.degraded.
+    """
+    stale_since_ms: _builtins.int
+    sellable: _builtins.int
+    """What shoppers see: max(available - stale_buffer, 0)."""
     def __init__(
         self,
         *,
@@ -38,10 +48,13 @@ class StockCounts(_message.Message):
         reserved: _builtins.int = ...,
         safety_stock: _builtins.int = ...,
         available: _builtins.int = ...,
+        stale_buffer: _builtins.int = ...,
+        stale_since_ms: _builtins.int = ...,
+        sellable: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -69,7 +82,9 @@ class AvailabilityChanged(_message.Message):
     reason: _builtins.str
     """reservation, commit, release, expiry, receipt, sale, return, shrinkage, correction,
     transfer, set_stock, set_safety_stock; from a feed: sale, return, receipt, adjustment,
-    count, or feed (several feed events of one ledger record moved the key).
+    count, or feed (several feed events of one ledger record moved the key); feed_stale
+    (the location's feeds fell silent: a buffer is held back) and feed_resumed (heard
+    from again).
     """
     partition: _builtins.int
     lsn: _builtins.int

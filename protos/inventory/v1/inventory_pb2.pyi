@@ -310,13 +310,16 @@ class StockLevel(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     EXISTS_FIELD_NUMBER: _builtins.int
     EXPOSURE_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
+    STALE_BUFFER_FIELD_NUMBER: _builtins.int
+    STALE_SINCE_MS_FIELD_NUMBER: _builtins.int
     on_hand: _builtins.int
     reserved: _builtins.int
     safety_stock: _builtins.int
     available: _builtins.int
     """on_hand - reserved - safety_stock; negative when the key is over-committed."""
     sellable: _builtins.int
-    """What shoppers see: max(available, 0)."""
+    """What shoppers see: max(available - stale_buffer, 0)."""
     version: _builtins.int
     """+1 on every change of the key; 0 for a key never written."""
     exists: _builtins.bool
@@ -326,6 +329,15 @@ class StockLevel(_message.Message):
     zero (a sale at the till took them), else 0. GetOverCommitted lists the reservations at
     risk.
     """
+    degraded: _builtins.bool
+    """True while the key's location is stale: none of its feeds (POS, suppliers) has been
+    heard from for 5 minutes, so its tills may be selling offline. `sellable` then holds
+    back `stale_buffer` units (what the tills sold in the hour before the feed fell silent),
+    and a reservation must fit in available - stale_buffer. Cleared by the feed's return.
+    """
+    stale_buffer: _builtins.int
+    stale_since_ms: _builtins.int
+    """When the location was marked stale (Unix epoch ms); 0 unless degraded."""
     @_builtins.property
     def key(self) -> Global___InventoryKey: ...
     def __init__(
@@ -340,10 +352,13 @@ class StockLevel(_message.Message):
         version: _builtins.int = ...,
         exists: _builtins.bool = ...,
         exposure: _builtins.int = ...,
+        degraded: _builtins.bool = ...,
+        stale_buffer: _builtins.int = ...,
+        stale_since_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "exists", b"exists", "exposure", b"exposure", "key", b"key", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "degraded", b"degraded", "exists", b"exists", "exposure", b"exposure", "key", b"key", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1071,6 +1086,7 @@ class IngestRequest(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     BATCH_ID_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    ALIVE_AT_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
     source: _builtins.str
     """Who sends it: a POS gateway or supplier integration (an identifier, 1 to 64
@@ -1086,6 +1102,13 @@ class IngestRequest(_message.Message):
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedEvent]:
         """1 to 1000 events, in any order, for any keys of the merchant."""
 
+    @_builtins.property
+    def alive_at(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A heartbeat: up to 100 of the merchant's locations this source is up at, with nothing
+        (more) to send. It keeps them from going stale; a request may be only a heartbeat (no
+        events). Send one every few seconds to a minute when idle; kept at most once a minute.
+        """
+
     def __init__(
         self,
         *,
@@ -1094,10 +1117,11 @@ class IngestRequest(_message.Message):
         events: _abc.Iterable[Global___FeedEvent] | None = ...,
         batch_id: _builtins.str = ...,
         sequence: _builtins.int = ...,
+        alive_at: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "events", b"events", "merchant_id", b"merchant_id", "sequence", b"sequence", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive_at", b"alive_at", "batch_id", b"batch_id", "events", b"events", "merchant_id", b"merchant_id", "sequence", b"sequence", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1204,12 +1228,128 @@ class IngestResponse(_message.Message):
 Global___IngestResponse: _TypeAlias = IngestResponse  # noqa: Y015
 
 @_typing.final
-class GetOverCommittedRequest(_message.Message):
+class SourceHealth(_message.Message):
     """The keys a physical fact (a till's sale, a count) took below zero available, and the live
     reservations at risk on each: the order service's list to act on (cancel, substitute,
     source elsewhere) after an offline store's backlog arrives.
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_AT_MS_FIELD_NUMBER: _builtins.int
+    LAST_RECEIVED_AT_MS_FIELD_NUMBER: _builtins.int
+    LAG_MS_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    last_event_at_ms: _builtins.int
+    """The newest occurred_at of an event recorded from it (0: only heartbeats so far)."""
+    last_received_at_ms: _builtins.int
+    """When its last request with events or a kept heartbeat was applied."""
+    lag_ms: _builtins.int
+    """Of its last request with events: arrival less the newest occurred_at in it (how late
+    the feed delivers).
+    """
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        last_event_at_ms: _builtins.int = ...,
+        last_received_at_ms: _builtins.int = ...,
+        lag_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lag_ms", b"lag_ms", "last_event_at_ms", b"last_event_at_ms", "last_received_at_ms", b"last_received_at_ms", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceHealth: _TypeAlias = SourceHealth  # noqa: Y015
+
+@_typing.final
+class LocationFeedHealth(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCATION_ID_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    SILENT_FOR_MS_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    STALE_SINCE_MS_FIELD_NUMBER: _builtins.int
+    location_id: _builtins.str
+    silent_for_ms: _builtins.int
+    """Since the last source was heard from, at the time of the answer."""
+    stale: _builtins.bool
+    """Stale: silent past the threshold (5 minutes); availability there is degraded."""
+    stale_since_ms: _builtins.int
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceHealth]:
+        """Each source that sent this location an event, by name."""
+
+    def __init__(
+        self,
+        *,
+        location_id: _builtins.str = ...,
+        sources: _abc.Iterable[Global___SourceHealth] | None = ...,
+        silent_for_ms: _builtins.int = ...,
+        stale: _builtins.bool = ...,
+        stale_since_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["location_id", b"location_id", "silent_for_ms", b"silent_for_ms", "sources", b"sources", "stale", b"stale", "stale_since_ms", b"stale_since_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocationFeedHealth: _TypeAlias = LocationFeedHealth  # noqa: Y015
+
+@_typing.final
+class GetFeedHealthRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    LOCATION_IDS_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    @_builtins.property
+    def location_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 100 of the merchant's locations."""
+
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        location_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["location_ids", b"location_ids", "merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeedHealthRequest: _TypeAlias = GetFeedHealthRequest  # noqa: Y015
+
+@_typing.final
+class GetFeedHealthResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def locations(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocationFeedHealth]:
+        """The locations asked for that ever had a feed, in the order asked."""
+
+    def __init__(
+        self,
+        *,
+        locations: _abc.Iterable[Global___LocationFeedHealth] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["locations", b"locations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeedHealthResponse: _TypeAlias = GetFeedHealthResponse  # noqa: Y015
+
+@_typing.final
+class GetOverCommittedRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
@@ -1297,6 +1437,7 @@ class BatchItem(_message.Message):
     SET_SAFETY_STOCK_FIELD_NUMBER: _builtins.int
     INGEST_FIELD_NUMBER: _builtins.int
     GET_OVER_COMMITTED_FIELD_NUMBER: _builtins.int
+    GET_FEED_HEALTH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Chosen by the sender, unique among its items in flight on the stream; echoed back."""
     timeout_ms: _builtins.int
@@ -1329,6 +1470,8 @@ class BatchItem(_message.Message):
     def ingest(self) -> Global___IngestRequest: ...
     @_builtins.property
     def get_over_committed(self) -> Global___GetOverCommittedRequest: ...
+    @_builtins.property
+    def get_feed_health(self) -> Global___GetFeedHealthRequest: ...
     def __init__(
         self,
         *,
@@ -1346,12 +1489,13 @@ class BatchItem(_message.Message):
         set_safety_stock: Global___SetSafetyStockRequest | None = ...,
         ingest: Global___IngestRequest | None = ...,
         get_over_committed: Global___GetOverCommittedRequest | None = ...,
+        get_feed_health: Global___GetFeedHealthRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "metadata", b"metadata", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "metadata", b"metadata", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed"]  # noqa: Y015
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed", "get_feed_health"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
@@ -1374,6 +1518,7 @@ class BatchItemResult(_message.Message):
     SET_SAFETY_STOCK_FIELD_NUMBER: _builtins.int
     INGEST_FIELD_NUMBER: _builtins.int
     GET_OVER_COMMITTED_FIELD_NUMBER: _builtins.int
+    GET_FEED_HEALTH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     @_builtins.property
     def error(self) -> _status_pb2.Status:
@@ -1401,6 +1546,8 @@ class BatchItemResult(_message.Message):
     def ingest(self) -> Global___IngestResponse: ...
     @_builtins.property
     def get_over_committed(self) -> Global___GetOverCommittedResponse: ...
+    @_builtins.property
+    def get_feed_health(self) -> Global___GetFeedHealthResponse: ...
     def __init__(
         self,
         *,
@@ -1417,12 +1564,13 @@ class BatchItemResult(_message.Message):
         set_safety_stock: Global___SetSafetyStockResponse | None = ...,
         ingest: Global___IngestResponse | None = ...,
         get_over_committed: Global___GetOverCommittedResponse | None = ...,
+        get_feed_health: Global___GetFeedHealthResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed", "get_feed_health"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

@@ -94,6 +94,11 @@ class InventoryStub:
                 request_serializer=inventory_dot_v1_dot_inventory__pb2.GetOverCommittedRequest.SerializeToString,
                 response_deserializer=inventory_dot_v1_dot_inventory__pb2.GetOverCommittedResponse.FromString,
                 _registered_method=True)
+        self.GetFeedHealth = channel.unary_unary(
+                '/inventory.v1.Inventory/GetFeedHealth',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.GetFeedHealthRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.GetFeedHealthResponse.FromString,
+                _registered_method=True)
 
 
 class InventoryServicer:
@@ -183,6 +188,13 @@ class InventoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFeedHealth(self, request, context):
+        """Each location's feeds: every source's last event, arrival and lag, and staleness (STRONG).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InventoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +257,11 @@ def add_InventoryServicer_to_server(servicer, server):
                     servicer.GetOverCommitted,
                     request_deserializer=inventory_dot_v1_dot_inventory__pb2.GetOverCommittedRequest.FromString,
                     response_serializer=inventory_dot_v1_dot_inventory__pb2.GetOverCommittedResponse.SerializeToString,
+            ),
+            'GetFeedHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeedHealth,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.GetFeedHealthRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.GetFeedHealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +588,33 @@ class Inventory:
             '/inventory.v1.Inventory/GetOverCommitted',
             inventory_dot_v1_dot_inventory__pb2.GetOverCommittedRequest.SerializeToString,
             inventory_dot_v1_dot_inventory__pb2.GetOverCommittedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeedHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.Inventory/GetFeedHealth',
+            inventory_dot_v1_dot_inventory__pb2.GetFeedHealthRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.GetFeedHealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

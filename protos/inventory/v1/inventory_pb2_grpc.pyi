@@ -120,6 +120,8 @@ class InventoryStub:
     """Reserve an order split across locations (saga with compensation). Router only."""
     GetOverCommitted: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.GetOverCommittedRequest, _inventory_pb2.GetOverCommittedResponse]
     """The over-committed keys at some locations, with the reservations at risk (STRONG)."""
+    GetFeedHealth: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.GetFeedHealthRequest, _inventory_pb2.GetFeedHealthResponse]
+    """Each location's feeds: every source's last event, arrival and lag, and staleness (STRONG)."""
 
 @_typing.type_check_only
 class InventoryAsyncStub(InventoryStub):
@@ -149,6 +151,8 @@ class InventoryAsyncStub(InventoryStub):
     """Reserve an order split across locations (saga with compensation). Router only."""
     GetOverCommitted: _aio.UnaryUnaryMultiCallable[_inventory_pb2.GetOverCommittedRequest, _inventory_pb2.GetOverCommittedResponse]  # type: ignore[assignment]
     """The over-committed keys at some locations, with the reservations at risk (STRONG)."""
+    GetFeedHealth: _aio.UnaryUnaryMultiCallable[_inventory_pb2.GetFeedHealthRequest, _inventory_pb2.GetFeedHealthResponse]  # type: ignore[assignment]
+    """Each location's feeds: every source's last event, arrival and lag, and staleness (STRONG)."""
 
 class InventoryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -247,6 +251,14 @@ class InventoryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inventory_pb2.GetOverCommittedResponse, _abc.Awaitable[_inventory_pb2.GetOverCommittedResponse]]:
         """The over-committed keys at some locations, with the reservations at risk (STRONG)."""
+
+    @_abc_1.abstractmethod
+    def GetFeedHealth(
+        self,
+        request: _inventory_pb2.GetFeedHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.GetFeedHealthResponse, _abc.Awaitable[_inventory_pb2.GetFeedHealthResponse]]:
+        """Each location's feeds: every source's last event, arrival and lag, and staleness (STRONG)."""
 
 def add_InventoryServicer_to_server(servicer: InventoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
