@@ -198,6 +198,7 @@ class Cluster:
 def start_cluster(
     database_url: str,
     log_dir: Path,
+    *,
     shards: int,
     lease_s: float = 2.0,
     redis_url: str = "",

@@ -118,7 +118,9 @@ COMMAND_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         strings,
         st.lists(strings, max_size=3).map(tuple),
     ),
-    MarkStale: st.builds(MarkStale, st.lists(locations, max_size=3).map(tuple), naturals),
+    MarkStale: st.builds(
+        MarkStale, st.lists(locations, max_size=3).map(tuple), naturals, st.integers(1, 2**40)
+    ),
 }
 commands: st.SearchStrategy[Command] = st.one_of(*COMMAND_STRATEGIES.values())
 
