@@ -55,6 +55,7 @@ T0_MS = 1_780_000_000_000
 MINUTE_MS = 60_000
 SILENCE_MS = limits.feed_silence_stale_ms
 SOURCE = "pos-1"
+TTL_S = 3600  # the machine's reservations: some expire while a store is stale
 
 
 def key(sku: str, store: str = STORES[0]) -> InventoryKey:
@@ -289,10 +290,16 @@ def test_the_heartbeat_request_bounds_are_precise() -> None:
 @dataclass
 class ModelKey:
     on_hand: int
-    reserved: int = 0
+    # Live reservations' (units, expires_at_ms): held until they expire.
+    holds: list[tuple[int, int]] = field(default_factory=list)
     # The till's sales after the last stock-take: (occurred_at_ms, units).
     sales: list[tuple[int, int]] = field(default_factory=list)
     taken_ms: int = T0_MS  # the last stock-take (a count at its time)
+
+    def reserved(self, now_ms: int) -> int:
+        """Units held by reservations not yet expired at now_ms (due at expires_at_ms)."""
+        return sum(units for units, expires_at_ms in self.holds if expires_at_ms > now_ms)
+
     buffer: int = 0
     stale_since_ms: int = 0
 
@@ -308,9 +315,10 @@ class ModelStore:
 class StalenessMachine(RuleBasedStateMachine):
     """Feeds, heartbeats and the timer against a plain model of the staleness rules.
 
-    Every sale is new (fresh event ids, occurred a little before it arrives) and reserves
-    expire after an hour, so the model needs no dedupe, no counts and no expiry: those are
-    test_feeds.py's and test_stateful.py's.
+    Every sale is new (fresh event ids, occurred a little before it arrives) and nothing
+    commits or releases a reservation (it holds until it expires), so the model needs no
+    dedupe, no counts and no order lifecycle: those are test_feeds.py's and
+    test_stateful.py's.
     """
 
     SKUS = ("milk", "eggs")
@@ -412,12 +420,12 @@ class StalenessMachine(RuleBasedStateMachine):
         self.next_id += 1
         k = key(sku, store)
         model = self.keys[k]
-        command = Reserve(MERCHANT, f"r{self.next_id}", (Line(k, units),), 3600, self.now_ms)
+        command = Reserve(MERCHANT, f"r{self.next_id}", (Line(k, units),), TTL_S, self.now_ms)
         outcome = self._apply(command)
-        offered = model.on_hand - model.reserved - model.buffer
+        offered = model.on_hand - model.reserved(self.now_ms) - model.buffer
         assert isinstance(outcome, Reserved) == (units <= offered), (outcome, model)
         if isinstance(outcome, Reserved):
-            model.reserved += units
+            model.holds.append((units, self.now_ms + TTL_S * 1000))
         if model.buffer:
             event("reserve against a buffer")
 
@@ -437,7 +445,8 @@ class StalenessMachine(RuleBasedStateMachine):
         self.partition.check_invariants()
         for level in self.partition.levels(list(self.keys), self.now_ms):
             model = self.keys[level.key]
-            assert (level.on_hand, level.reserved) == (model.on_hand, model.reserved), level
+            reserved = model.reserved(self.now_ms)
+            assert (level.on_hand, level.reserved) == (model.on_hand, reserved), level
             assert (level.stale_buffer, level.stale_since_ms) == (
                 model.buffer,
                 model.stale_since_ms,
