@@ -61,18 +61,36 @@ def key_from_data(data: Any) -> InventoryKey:
 
 
 def row_to_data(row: StockRow) -> list[int]:
-    """``[on_hand, reserved, safety_stock, version]``, then ``stale_buffer, stale_since_ms``
-    only while the key's location is stale (rows written before staleness decode as live)."""
-    data = [row.on_hand, row.reserved, row.safety_stock, row.version]
-    if row.stale_since_ms:
-        data += (row.stale_buffer, row.stale_since_ms)
+    """``[on_hand, reserved, safety_stock, version, stale_buffer, stale_since_ms, incoming,
+    incoming_eta_ms]``, trailing zeros left out: a live key with nothing incoming is four
+    numbers, as rows were before staleness and deliveries (they decode as such)."""
+    return _trimmed(
+        [
+            row.on_hand,
+            row.reserved,
+            row.safety_stock,
+            row.version,
+            row.stale_buffer,
+            row.stale_since_ms,
+            row.incoming,
+            row.incoming_eta_ms,
+        ]
+    )
+
+
+def _trimmed(data: list[int]) -> list[int]:
+    while len(data) > _ROW_FIELDS_MIN and data[-1] == 0:
+        data.pop()
     return data
 
 
 def row_from_data(data: Any) -> StockRow:
-    if len(data) not in (4, 6):
-        raise ValueError(f"a stock row has 4 or 6 fields, got {data!r}")
+    if not _ROW_FIELDS_MIN <= len(data) <= _ROW_FIELDS_MAX:
+        raise ValueError(f"a stock row has 4 to 8 fields, got {data!r}")
     return StockRow(*(_int(v) for v in data))
+
+
+_ROW_FIELDS_MIN, _ROW_FIELDS_MAX = 4, 8
 
 
 def location_to_data(location: FeedLocation) -> list[str]:
@@ -94,9 +112,18 @@ def _line_from_data(data: Any) -> Line:
 
 
 def _level_to_data(level: StockLevel) -> Data:
-    row = [level.on_hand, level.reserved, level.safety_stock, level.version]
-    if level.stale_since_ms:
-        row += (level.stale_buffer, level.stale_since_ms)
+    row = _trimmed(
+        [
+            level.on_hand,
+            level.reserved,
+            level.safety_stock,
+            level.version,
+            level.stale_buffer,
+            level.stale_since_ms,
+            level.incoming,
+            level.incoming_eta_ms,
+        ]
+    )
     return {"key": key_to_data(level.key), "row": row, "exists": level.exists}
 
 
@@ -115,9 +142,9 @@ def _over_commit_from_data(data: Any) -> OverCommit:
 
 
 def _feed_event_to_data(event: FeedEvent) -> list[Any]:
-    """``[event_id, kind, key, occurred_at_ms, quantity, count, reason]``, trailing
-    defaults left out: a feed's record holds hundreds of these (a generic object of fields
-    cost ~4 µs an event to encode)."""
+    """``[event_id, kind, key, occurred_at_ms, quantity, count, reason, delivery_id]``,
+    trailing defaults left out: a feed's record holds hundreds of these (a generic object of
+    fields cost ~4 µs an event to encode)."""
     data = [
         event.event_id,
         None if event.kind is None else event.kind.value,
@@ -126,21 +153,24 @@ def _feed_event_to_data(event: FeedEvent) -> list[Any]:
         event.quantity,
         event.count,
         event.reason,
+        event.delivery_id,
     ]
     while len(data) > 4 and data[-1] == _FEED_EVENT_DEFAULTS[len(data) - 5]:
         data.pop()
     return data
 
 
-# The defaults of quantity, count and reason, in that order.
-_FEED_EVENT_DEFAULTS: tuple[Any, ...] = (0, None, "")
+# The defaults of quantity, count, reason and delivery_id, in that order.
+_FEED_EVENT_DEFAULTS: tuple[Any, ...] = (0, None, "", "")
 
 
 def _feed_event_from_data(data: Any) -> FeedEvent:
-    if not 4 <= len(data) <= 7:
-        raise ValueError(f"a feed event has 4 to 7 fields, got {data!r}")
+    if not 4 <= len(data) <= 8:
+        raise ValueError(f"a feed event has 4 to 8 fields, got {data!r}")
     event_id, kind, key, occurred_at_ms = data[:4]
-    quantity, count, reason = list(data[4:]) + list(_FEED_EVENT_DEFAULTS[len(data) - 4 :])
+    quantity, count, reason, delivery_id = list(data[4:]) + list(
+        _FEED_EVENT_DEFAULTS[len(data) - 4 :]
+    )
     return FeedEvent(
         _str(event_id),
         None if kind is None else FeedEventKind(kind),
@@ -149,6 +179,7 @@ def _feed_event_from_data(data: Any) -> FeedEvent:
         _int(quantity),
         None if count is None else _int(count),
         _str(reason),
+        _str(delivery_id),
     )
 
 

@@ -98,6 +98,24 @@ class SetSafetyStock:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpectDelivery:
+    """A supplier's notice of a delivery to one location: its units per key and its ETA.
+
+    Sets the delivery's expectation whole (an updated notice replaces the last one); no
+    lines cancels it. Its receipts (feed events naming ``delivery_id``) turn it into on_hand.
+    """
+
+    merchant_id: str
+    idempotency_key: str
+    delivery_id: str
+    location_id: str
+    # Keys at the location, each once, with the units expected.
+    lines: tuple[Line, ...]
+    eta_ms: int
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class FeedEvent:
     """One fact from a POS gateway or a supplier feed (DESIGN section 9)."""
 
@@ -115,6 +133,9 @@ class FeedEvent:
     count: int | None = None
     # Free text for the audit trail.
     reason: str = ""
+    # A receipt's expected delivery (``ExpectDelivery``): its units of this key are no longer
+    # incoming once it is recorded ("" for none).
+    delivery_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +182,9 @@ class Expire:
 
 
 # Commands that carry an idempotency key: their answers are remembered for retries.
-KeyedCommand = Reserve | Commit | Release | Extend | AdjustStock | SetStock | SetSafetyStock
+KeyedCommand = (
+    Reserve | Commit | Release | Extend | AdjustStock | SetStock | SetSafetyStock | ExpectDelivery
+)
 # Commands a client sends; each is scoped to a merchant.
 ClientCommand = KeyedCommand | Ingest
 Command = ClientCommand | Expire | MarkStale

@@ -122,3 +122,11 @@ feed_sales_rate_window_ms: Final = 60 * 60 * 1000
 feed_sources_per_location_max: Final = 16
 # Locations one heartbeat names (``Ingest.alive_at``): a gateway's stores in one region.
 feed_heartbeat_locations_max: Final = 100
+
+# Expected deliveries (``_deliveries.py``). Lines of one notice: a truck for a store carries
+# a few hundred SKUs; 1000 bounds one record like a feed batch.
+delivery_lines_max: Final = 1000
+# Deliveries one partition expects at once: a store receives a few a day, and a notice stays
+# until received or cancelled; 10,000 is years of a busy store's overdue notices, and bounds
+# the table (~100 B a line) at a few MiB per partition.
+deliveries_max: Final = 10_000

@@ -62,6 +62,10 @@ class StockRow:
     # from shoppers for what the tills may have sold meanwhile, and since when (0: live).
     stale_buffer: int = 0
     stale_since_ms: int = 0
+    # Expected deliveries (suppliers' notices) not yet received: their units, and the
+    # earliest ETA among them (0: none). Never part of available.
+    incoming: int = 0
+    incoming_eta_ms: int = 0
 
     @property
     def available(self) -> int:
@@ -88,6 +92,8 @@ class StockLevel:
     exists: bool
     stale_buffer: int = 0
     stale_since_ms: int = 0
+    incoming: int = 0
+    incoming_eta_ms: int = 0
 
     @property
     def available(self) -> int:
@@ -115,6 +121,8 @@ class StockLevel:
             row is not None,
             r.stale_buffer,
             r.stale_since_ms,
+            r.incoming,
+            r.incoming_eta_ms,
         )
 
 
@@ -157,6 +165,8 @@ class ChangeReason(enum.Enum):
     # The location's feeds fell silent (a stale buffer is held back), and came back.
     FEED_STALE = "feed_stale"
     FEED_RESUMED = "feed_resumed"
+    # An expected delivery was announced, changed or cancelled (its receipt is "receipt").
+    INCOMING = "incoming"
 
 
 class FeedEventKind(enum.Enum):

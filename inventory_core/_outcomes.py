@@ -13,9 +13,9 @@ first that applies.
     InsufficientStock       a reserve line exceeds available (requested and available per line)
 
 Accepted outcomes: ``Reserved``, ``Committed``, ``Released``, ``Extended``, ``StockChanged``,
-``Expired``, ``Ingested``, ``MarkedStale``. An ``Ingested`` answers each event of a feed
-batch on its own (``EventAck``): applied, duplicate, superseded, or refused with the field
-and the reason.
+``Expired``, ``Ingested``, ``MarkedStale``, ``DeliveryExpected``. An ``Ingested`` answers
+each event of a feed batch on its own (``EventAck``): applied, duplicate, superseded, or
+refused with the field and the reason.
 """
 
 from __future__ import annotations
@@ -166,6 +166,12 @@ class Ingested:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryExpected:
+    # The keys of the notice (and of the one it replaced), as they stand after it.
+    levels: tuple[StockLevel, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class MarkedStale:
     """The locations the timer's record marked stale (none: nothing was due after all)."""
 
@@ -178,7 +184,15 @@ class Expired:
 
 
 Accepted = (
-    Reserved | Committed | Released | Extended | StockChanged | Expired | Ingested | MarkedStale
+    Reserved
+    | Committed
+    | Released
+    | Extended
+    | StockChanged
+    | Expired
+    | Ingested
+    | MarkedStale
+    | DeliveryExpected
 )
 Outcome = Accepted | Rejection
 

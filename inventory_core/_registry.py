@@ -22,6 +22,7 @@ from ._commands import (
     AdjustStock,
     Command,
     Commit,
+    ExpectDelivery,
     Expire,
     Extend,
     Ingest,
@@ -33,7 +34,7 @@ from ._commands import (
 )
 from ._outcomes import Ingested, Invalid, MarkedStale, Outcome
 from ._state import Effects, PartitionState
-from .rules import counts, feeds, reservations, staleness
+from .rules import counts, deliveries, feeds, reservations, staleness
 
 C = TypeVar("C")
 
@@ -103,6 +104,13 @@ REGISTRY: tuple[CommandKind[Any], ...] = (
         remembered=False,
         to_record=_ingest_record,
         units=lambda command: max(len(command.events), 1),
+    ),
+    CommandKind(
+        "expect_delivery",
+        ExpectDelivery,
+        _validate.expect_delivery,
+        deliveries.expect_delivery,
+        units=lambda command: max(len(command.lines), 1),
     ),
     CommandKind(
         "mark_stale",

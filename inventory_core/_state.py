@@ -8,6 +8,7 @@ over ``TABLES`` by name, with no code per table):
     idempotency    (merchant_id, idempotency_key) -> entry   original answers, oldest first
     feed           InventoryKey -> KeyHistory                last count, deltas after it
     feed_locations FeedLocation -> LocationFeed              each source's health, staleness
+    deliveries     (merchant_id, delivery_id) -> Delivery    units still expected, ETA
 
 Indexes derived from the tables, rebuilt by ``rebuild_indexes`` after a restore:
     expiry         live reservations by expiry (``ExpiryIndex``)
@@ -17,12 +18,14 @@ Indexes derived from the tables, rebuilt by ``rebuild_indexes`` after a restore:
     feed_ids       (merchant_id, source, event_id) -> (key, fact) of every feed fact kept
     silence        the live (not stale) fed locations, least recently heard from first
     stale_keys     per stale location, the keys flagged stale (every row of it)
+    incoming       per key, the deliveries expecting it and their units
 
 Invariants (``check_invariants``), true after every step:
   - reserved of a key equals the sum of the live reservation lines holding it;
   - no live reservation holds a non-positive quantity; reserved >= 0; safety_stock >= 0;
   - a key's feed history is in order, after its count, and within its bound;
   - a row is flagged stale (with its location's time) exactly while its location is stale;
+  - a row's incoming is the units its deliveries still expect, at their earliest ETA;
   - the indexes agree with the tables; every bound holds.
 """
 
@@ -35,6 +38,7 @@ from typing import Any
 
 from . import _limits as limits
 from ._codec import dataclass_codec, key_from_data, key_to_data, row_from_data, row_to_data
+from ._deliveries import DELIVERIES, Delivery, DeliveryId
 from ._expiry import ExpiryIndex
 from ._health import FEED_LOCATIONS, LocationFeed
 from ._history import FEED, Fact, KeyHistory
@@ -82,10 +86,21 @@ RESERVATIONS: TableSchema[str, Reservation] = TableSchema(
 
 # Every table, by name: what a checkpoint writes and a restore reads.
 TABLES: dict[str, TableSchema[Any, Any]] = {
-    schema.name: schema for schema in (STOCK, RESERVATIONS, IDEMPOTENCY, FEED, FEED_LOCATIONS)
+    schema.name: schema
+    for schema in (STOCK, RESERVATIONS, IDEMPOTENCY, FEED, FEED_LOCATIONS, DELIVERIES)
 }
 FeedId = tuple[str, str, str]  # (merchant_id, source, event_id)
-_COUNTS = frozenset({"on_hand", "reserved", "safety_stock", "stale_buffer", "stale_since_ms"})
+_COUNTS = frozenset(
+    {
+        "on_hand",
+        "reserved",
+        "safety_stock",
+        "stale_buffer",
+        "stale_since_ms",
+        "incoming",
+        "incoming_eta_ms",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -101,6 +116,7 @@ class Effects:
 class PartitionState:
     __slots__ = (
         "attached",
+        "deliveries",
         "expiry",
         "feed",
         "feed_ids",
@@ -108,6 +124,7 @@ class PartitionState:
         "finished",
         "holds",
         "idempotency",
+        "incoming",
         "live_apply",
         "over_committed",
         "partition",
@@ -128,6 +145,8 @@ class PartitionState:
         self.feed_locations: Table[FeedLocation, LocationFeed] = Table(FEED_LOCATIONS)
         self.silence: dict[FeedLocation, None] = {}
         self.stale_keys: dict[FeedLocation, dict[InventoryKey, None]] = {}
+        self.deliveries: Table[DeliveryId, Delivery] = Table(DELIVERIES)
+        self.incoming: dict[InventoryKey, dict[str, int]] = {}
         self.expiry = ExpiryIndex()
         self.holds: dict[InventoryKey, dict[str, int]] = {}
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -142,7 +161,14 @@ class PartitionState:
 
     @property
     def tables(self) -> dict[str, Table[Any, Any]]:
-        tables = (self.stock, self.reservations, self.idempotency, self.feed, self.feed_locations)
+        tables = (
+            self.stock,
+            self.reservations,
+            self.idempotency,
+            self.feed,
+            self.feed_locations,
+            self.deliveries,
+        )
         return {t.schema.name: t for t in tables}
 
     @property
@@ -204,6 +230,8 @@ class PartitionState:
             before.version + 1,
             counts.get("stale_buffer", before.stale_buffer),
             counts.get("stale_since_ms", stale_since_ms),
+            counts.get("incoming", before.incoming),
+            counts.get("incoming_eta_ms", before.incoming_eta_ms),
         )
         assert counts.keys() <= _COUNTS, counts
         if after.reserved < 0:
@@ -233,6 +261,15 @@ class PartitionState:
             flagged[key] = None
         else:
             del flagged[key]
+
+    def incoming_of(self, key: InventoryKey) -> tuple[int, int]:
+        """The units the key's deliveries still expect, and their earliest ETA (0, 0: none)."""
+        expecting = self.incoming.get(key)
+        if not expecting:
+            return (0, 0)
+        merchant_id = key.merchant_id
+        eta_ms = min(self.deliveries[(merchant_id, d)].eta_ms for d in expecting)
+        return (sum(expecting.values()), eta_ms)
 
     def level(self, key: InventoryKey) -> StockLevel:
         return StockLevel.of(key, self.stock.get(key))
@@ -349,6 +386,10 @@ class PartitionState:
         for key, row in self.stock.items():
             if row.stale_since_ms:
                 self.stale_keys[FeedLocation(key.merchant_id, key.location_id)][key] = None
+        self.incoming = {}
+        for (_, delivery_id), delivery in self.deliveries.items():
+            for line in delivery.lines:
+                self.incoming.setdefault(line.key, {})[delivery_id] = line.quantity
         live = []
         for reservation in self.reservations.values():  # in restore order (by finish)
             if reservation.state is ReservationState.ACTIVE:
@@ -418,6 +459,23 @@ class PartitionState:
                     assert found == (key, fact), (key, fact, found)
         assert indexed == len(self.feed_ids), "the feed index holds a fact no history keeps"
         self._check_staleness()
+        self._check_deliveries()
+
+    def _check_deliveries(self) -> None:
+        expecting: dict[InventoryKey, dict[str, int]] = {}
+        for (merchant_id, delivery_id), delivery in self.deliveries.items():
+            assert delivery.lines, ("a delivery with nothing left to receive", delivery_id)
+            assert len(delivery.lines) <= limits.delivery_lines_max, delivery_id
+            for line in delivery.lines:
+                assert line.quantity > 0, (delivery_id, line)
+                assert line.key.merchant_id == merchant_id, (delivery_id, line)
+                assert line.key.location_id == delivery.location_id, (delivery_id, line)
+                assert line.key in self.stock, ("an expected key with no row", line)
+                expecting.setdefault(line.key, {})[delivery_id] = line.quantity
+        assert expecting == self.incoming, "the incoming index disagrees with the deliveries"
+        assert len(self.deliveries) <= limits.deliveries_max
+        for key, row in self.stock.items():
+            assert (row.incoming, row.incoming_eta_ms) == self.incoming_of(key), (key, row)
 
     def _check_staleness(self) -> None:
         flagged: dict[FeedLocation, set[InventoryKey]] = {}

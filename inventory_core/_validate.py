@@ -15,6 +15,7 @@ from . import _limits as limits
 from ._commands import (
     AdjustStock,
     Commit,
+    ExpectDelivery,
     Expire,
     Extend,
     FeedEvent,
@@ -95,6 +96,41 @@ def set_safety_stock(command: SetSafetyStock) -> Invalid | None:
         or _bounded("safety_stock", command.safety_stock, 0, limits.stock_quantity_max)
         or _expected_version(command.expected_version)
     )
+
+
+def expect_delivery(command: ExpectDelivery) -> Invalid | None:
+    """A delivery's notice: its ids, up to ``delivery_lines_max`` lines of distinct keys of
+    the merchant at its location (none: cancel), each of 1 to ``line_quantity_max`` units,
+    and an ETA."""
+    problem = (
+        _identifier("merchant_id", command.merchant_id)
+        or _idempotency_key(command.idempotency_key)
+        or _identifier("delivery_id", command.delivery_id)
+        or _identifier("location_id", command.location_id)
+    )
+    if problem:
+        return problem
+    if len(command.lines) > limits.delivery_lines_max:
+        count = len(command.lines)
+        return Invalid("lines", f"at most {limits.delivery_lines_max} lines, got {count}")
+    if command.lines and command.eta_ms <= 0:
+        return Invalid("eta_ms", "must be set: when the delivery is expected (Unix epoch ms)")
+    seen = set()
+    for index, line in enumerate(command.lines):
+        field = f"lines[{index}]"
+        problem = _identifier(f"{field}.key.sku_id", line.key.sku_id) or _bounded(
+            f"{field}.quantity", line.quantity, 1, limits.line_quantity_max
+        )
+        if problem:
+            return problem
+        if line.key.merchant_id != command.merchant_id:
+            return Invalid(f"{field}.key.merchant_id", "must be the delivery's merchant_id")
+        if line.key.location_id != command.location_id:
+            return Invalid(f"{field}.key.location_id", "must be the delivery's location_id")
+        if line.key in seen:
+            return Invalid(f"{field}.key.sku_id", "named twice: one line per SKU")
+        seen.add(line.key)
+    return None
 
 
 def ingest(command: Ingest) -> Invalid | None:
@@ -181,6 +217,14 @@ def validate_feed_fields(event: FeedEvent, now_ms: int) -> Invalid | None:
         return Invalid("occurred_at_ms", f"{ahead_ms} ms in the future: is the clock right?")
     if len(event.reason) > limits.feed_reason_length_max:
         return Invalid("reason", f"at most {limits.feed_reason_length_max} characters")
+    if event.delivery_id:
+        if event.kind is not FeedEventKind.RECEIPT:
+            return Invalid(
+                "delivery_id", f"only a receipt names a delivery, not a {event.kind.value}"
+            )
+        problem = _identifier("delivery_id", event.delivery_id)
+        if problem:
+            return problem
     return _feed_quantity(event, event.kind)
 
 

@@ -8,7 +8,7 @@ Layout (fixed: the publisher writes it, routers read it)::
     inv:level:{merchant_id}|{location_id}|{sku_id}
                                  hash: on_hand, reserved, safety_stock, available, version,
                                  partition, lsn, committed_at_ms, stale_buffer,
-                                 stale_since_ms (the read view)
+                                 stale_since_ms, incoming, incoming_eta_ms (the read view)
     inv:keys:{merchant_id}       set of "{location_id}|{sku_id}" (the read view's index)
 
 One Lua script (``APPLY_SCRIPT``) applies a batch of changes atomically. Per change it
@@ -125,7 +125,7 @@ def parse_stream_id(entry_id: str) -> tuple[int, int]:
 # KEYS: per change, stream key, level key, index key.
 # ARGV[1] = the stream's approximate length cap; then per change:
 #   lsn, index, payload, version, on_hand, reserved, safety_stock, available, partition,
-#   committed_at_ms, index member, stale_buffer, stale_since_ms.
+#   committed_at_ms, index member, stale_buffer, stale_since_ms, incoming, incoming_eta_ms.
 # Returns {appended, duplicates (stream entries refused), levels written}.
 # Numbers are Lua doubles: exact up to 2^53, far beyond any lsn or version.
 APPLY_SCRIPT = """
@@ -134,7 +134,7 @@ local last = {}
 local appended, duplicates, written = 0, 0, 0
 for i = 0, #KEYS / 3 - 1 do
   local stream, level, index = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  local a = 1 + 13 * i
+  local a = 1 + 15 * i
   local lsn, position = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local top = last[stream]
   if top == nil then
@@ -160,7 +160,8 @@ for i = 0, #KEYS / 3 - 1 do
                'safety_stock', ARGV[a + 7], 'available', ARGV[a + 8],
                'version', ARGV[a + 4], 'partition', ARGV[a + 9], 'lsn', ARGV[a + 1],
                'committed_at_ms', ARGV[a + 10], 'stale_buffer', ARGV[a + 12],
-               'stale_since_ms', ARGV[a + 13])
+               'stale_since_ms', ARGV[a + 13], 'incoming', ARGV[a + 14],
+               'incoming_eta_ms', ARGV[a + 15])
     redis.call('SADD', index, ARGV[a + 11])
     written = written + 1
   end
@@ -204,6 +205,8 @@ def _counts(row: StockRow) -> events_pb2.StockCounts:
         stale_buffer=row.stale_buffer,
         stale_since_ms=row.stale_since_ms,
         sellable=max(row.available - row.stale_buffer, 0),
+        incoming=row.incoming,
+        incoming_eta_ms=row.incoming_eta_ms,
     )
 
 
@@ -232,7 +235,7 @@ _LAST_IDS_SCRIPT = bulk(LAST_IDS_SCRIPT.encode())
 _FIRST_IDS_SCRIPT = bulk(FIRST_IDS_SCRIPT.encode())
 # Keys the apply script takes per change, and arguments (see APPLY_SCRIPT).
 _APPLY_KEYS_PER_CHANGE = 3
-_APPLY_ARGUMENTS_PER_CHANGE = 13
+_APPLY_ARGUMENTS_PER_CHANGE = 15
 
 
 @functools.cache
@@ -263,7 +266,7 @@ class EncodedChange:
     index: int  # the change's position in its ledger record
     committed_at_ms: int
     keys: bytes  # the script's three keys for it, as bulk strings
-    arguments: bytes  # its thirteen arguments (the payload among them), as bulk strings
+    arguments: bytes  # its fifteen arguments (the payload among them), as bulk strings
 
 
 def change_payload(event: AvailabilityChanged, committed_at_ms: int) -> bytes:
@@ -287,7 +290,7 @@ def encode_change(
         payload,
         key=(key.merchant_id, key.location_id, key.sku_id),
         counts=(after.version, after.on_hand, after.reserved, after.safety_stock, after.available),
-        stale=(after.stale_buffer, after.stale_since_ms),
+        extra=(after.stale_buffer, after.stale_since_ms, after.incoming, after.incoming_eta_ms),
     )
 
 
@@ -303,7 +306,7 @@ def stored_change(payload: bytes, index: int) -> EncodedChange:
         payload,
         key=(key.merchant_id, key.location_id, key.sku_id),
         counts=(change.version, after.on_hand, after.reserved, after.safety_stock, after.available),
-        stale=(after.stale_buffer, after.stale_since_ms),
+        extra=(after.stale_buffer, after.stale_since_ms, after.incoming, after.incoming_eta_ms),
     )
 
 
@@ -316,8 +319,9 @@ def _encoded(
     *,
     key: tuple[str, str, str],
     counts: tuple[int, int, int, int, int],
-    stale: tuple[int, int],
+    extra: tuple[int, int, int, int],
 ) -> EncodedChange:
+    """``extra``: stale_buffer, stale_since_ms, incoming, incoming_eta_ms."""
     merchant_id, location_id, sku_id = key
     version, on_hand, reserved, safety_stock, available = counts
     keys = b"".join(
@@ -340,8 +344,7 @@ def _encoded(
             _number(partition),
             _number(committed_at_ms),
             bulk(f"{location_id}|{sku_id}".encode()),
-            _number(stale[0]),
-            _number(stale[1]),
+            *(_number(n) for n in extra),
         )
     )
     return EncodedChange(partition, lsn, index, committed_at_ms, keys, arguments)
@@ -673,9 +676,11 @@ def _level(
     key: InventoryKey, fields: Mapping[bytes, bytes]
 ) -> tuple[inventory_pb2.StockLevel, int, int]:
     available = int(fields[b"available"])
-    # Levels written before staleness existed have neither field: live.
+    # Levels written before staleness and deliveries existed lack these fields: zero.
     stale_buffer = int(fields.get(b"stale_buffer", 0))
     stale_since_ms = int(fields.get(b"stale_since_ms", 0))
+    incoming = int(fields.get(b"incoming", 0))
+    incoming_eta_ms = int(fields.get(b"incoming_eta_ms", 0))
     level = inventory_pb2.StockLevel(
         key=inventory_pb2.InventoryKey(
             merchant_id=key.merchant_id, sku_id=key.sku_id, location_id=key.location_id
@@ -691,5 +696,7 @@ def _level(
         degraded=stale_since_ms != 0,
         stale_buffer=stale_buffer,
         stale_since_ms=stale_since_ms,
+        incoming=incoming,
+        incoming_eta_ms=incoming_eta_ms,
     )
     return level, int(fields[b"partition"]), int(fields[b"lsn"])

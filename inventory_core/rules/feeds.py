@@ -26,7 +26,7 @@ from .._history import EMPTY_HISTORY, OWN_SOURCE, Fact, KeyHistory
 from .._model import ChangeReason, FeedEventKind, FeedLocation, InventoryKey, StockRow, partition_of
 from .._outcomes import AckStatus, EventAck, Ingested, Invalid, OverCommitted
 from .._state import Effects, PartitionState
-from . import staleness
+from . import deliveries, staleness
 
 APPLIED = EventAck(AckStatus.APPLIED)
 DUPLICATE = EventAck(AckStatus.DUPLICATE)
@@ -145,6 +145,8 @@ class _Batch:
         self._new_keys = 0
         # The locations heard from: the newest occurred_at of the events recorded at each.
         self._heard: dict[FeedLocation, int] = {}
+        # Units of expected deliveries received, per (delivery_id, key).
+        self._received: dict[tuple[str, InventoryKey], int] = {}
 
     def judge(self, event: FeedEvent, command: Ingest) -> EventAck:
         state = self._state
@@ -182,6 +184,9 @@ class _Batch:
             location = FeedLocation(key.merchant_id, key.location_id)
             if location not in self._heard or self._heard[location] < event.occurred_at_ms:
                 self._heard[location] = event.occurred_at_ms
+            if event.delivery_id:
+                received = (event.delivery_id, key)
+                self._received[received] = self._received.get(received, 0) + event.quantity
         return ack
 
     def heartbeats(self, command: Ingest) -> tuple[str, ...]:
@@ -307,6 +312,7 @@ class _Batch:
         heard from, keep the source's health; the keys left over-committed."""
         over_committed = []
         resuming = staleness.resuming(state, self._heard)
+        received = deliveries.receive(state, self._received) if self._received else set()
         changed: set[InventoryKey] = set()
         # In the order of each key's first recorded event: the order a replay of the record
         # (which holds only those) sees them in, so events and answers replay the same.
@@ -317,14 +323,18 @@ class _Batch:
             row = work.row
             moved = work.first_kind and (row is None or work.on_hand != row.on_hand)
             resumed = bool(resuming) and (key.merchant_id, key.location_id) in resuming
-            if moved or (resumed and row is not None):
-                if moved:
-                    reason = ChangeReason.FEED if work.several else _REASONS[work.first_kind]
+            arrived = bool(received) and key in received
+            if moved or ((resumed or arrived) and row is not None):
+                if moved or arrived:
+                    first_kind = work.first_kind or FeedEventKind.RECEIPT.value
+                    reason = ChangeReason.FEED if work.several else _REASONS[first_kind]
                 else:
                     reason = ChangeReason.FEED_RESUMED
                 counts = {"on_hand": work.on_hand, "safety_stock": row.safety_stock if row else 0}
                 if resumed:
                     counts |= {"stale_buffer": 0, "stale_since_ms": 0}
+                if arrived:
+                    counts |= deliveries.incoming_counts(state, key)
                 state.change(key, at, reason, **counts)
                 changed.add(key)
             if key in state.stock:

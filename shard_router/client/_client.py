@@ -271,6 +271,29 @@ class InventoryClient:
         request = pb.GetOverCommittedRequest(merchant_id=merchant_id, location_ids=location_ids)
         return await self._call(rpcs.GET_OVER_COMMITTED, request, timeout_s)
 
+    async def expect_delivery(
+        self,
+        merchant_id: str,
+        location_id: str,
+        delivery_id: str,
+        lines: Iterable[tuple[str, int]],
+        eta_ms: int,
+        *,
+        idempotency_key: str,
+        timeout_s: float | None = None,
+    ) -> pb.ExpectDeliveryResponse:
+        """A supplier's notice: ``lines`` of (sku_id, units) expected at the location by
+        ``eta_ms``. It replaces the delivery's last notice; no lines cancels it."""
+        request = pb.ExpectDeliveryRequest(
+            merchant_id=merchant_id,
+            idempotency_key=idempotency_key,
+            delivery_id=delivery_id,
+            location_id=location_id,
+            lines=[pb.DeliveryLine(sku_id=sku, quantity=units) for sku, units in lines],
+            eta_ms=eta_ms,
+        )
+        return await self._call(rpcs.EXPECT_DELIVERY, request, timeout_s)
+
     async def get_feed_health(
         self, merchant_id: str, location_ids: Iterable[str], *, timeout_s: float | None = None
     ) -> pb.GetFeedHealthResponse:

@@ -15,6 +15,7 @@ from inventory_core import (
     AdjustmentReason,
     AdjustStock,
     Commit,
+    ExpectDelivery,
     Extend,
     FeedEvent,
     FeedEventKind,
@@ -167,7 +168,14 @@ def ingest(request: pb.IngestRequest) -> Ingest:
         count = e.count if e.HasField("count") else None
         events.append(
             FeedEvent(
-                e.event_id, kinds.get(e.kind), key, e.occurred_at_ms, e.quantity, count, e.reason
+                e.event_id,
+                kinds.get(e.kind),
+                key,
+                e.occurred_at_ms,
+                e.quantity,
+                count,
+                e.reason,
+                e.delivery_id,
             )
         )
     return Ingest(
@@ -194,6 +202,23 @@ def set_safety_stock(request: pb.SetSafetyStockRequest) -> SetSafetyStock:
     )
 
 
+def expect_delivery(request: pb.ExpectDeliveryRequest) -> ExpectDelivery:
+    merchant_id, location_id = request.merchant_id, request.location_id
+    lines = tuple(
+        Line(InventoryKey(merchant_id, line.sku_id, location_id), line.quantity)
+        for line in request.lines
+    )
+    return ExpectDelivery(
+        merchant_id,
+        request.idempotency_key,
+        request.delivery_id,
+        location_id,
+        lines,
+        request.eta_ms,
+        0,
+    )
+
+
 # ----------------------------------------------------------------------------- answers
 
 
@@ -211,6 +236,8 @@ def level_to_proto(level: StockLevel) -> pb.StockLevel:
         degraded=level.degraded,
         stale_buffer=level.stale_buffer,
         stale_since_ms=level.stale_since_ms,
+        incoming=level.incoming,
+        incoming_eta_ms=level.incoming_eta_ms,
     )
 
 

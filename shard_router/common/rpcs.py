@@ -93,6 +93,13 @@ GET_OVER_COMMITTED = Rpc(
     pb.GetOverCommittedResponse,
     mutating=False,
 )
+EXPECT_DELIVERY = Rpc(
+    "ExpectDelivery",
+    "expect_delivery",
+    pb.ExpectDeliveryRequest,
+    pb.ExpectDeliveryResponse,
+    mutating=True,
+)
 GET_FEED_HEALTH = Rpc(
     "GetFeedHealth",
     "get_feed_health",
@@ -133,6 +140,7 @@ CALLS: tuple[Rpc[Any, Any], ...] = (
     INGEST,
     GET_OVER_COMMITTED,
     GET_FEED_HEALTH,
+    EXPECT_DELIVERY,
 )
 UNARY: tuple[Rpc[Any, Any], ...] = (*CALLS, RESERVE_ORDER)
 BY_FIELD: Mapping[str, Rpc[Any, Any]] = {rpc.field: rpc for rpc in UNARY}

@@ -211,6 +211,11 @@ class RouterCalls:
     ) -> pb.SetSafetyStockResponse:
         return await self._routed(rpcs.SET_SAFETY_STOCK, request, deadline)
 
+    async def expect_delivery(
+        self, request: pb.ExpectDeliveryRequest, deadline: float | None
+    ) -> pb.ExpectDeliveryResponse:
+        return await self._routed(rpcs.EXPECT_DELIVERY, request, deadline)
+
     async def get_over_committed(
         self, request: pb.GetOverCommittedRequest, deadline: float | None
     ) -> pb.GetOverCommittedResponse:
@@ -669,6 +674,10 @@ def _set_safety_stock_partition(request: pb.SetSafetyStockRequest) -> int:
     return _key_partition(request.key)
 
 
+def _expect_delivery_partition(request: pb.ExpectDeliveryRequest) -> int:
+    return partition_of(request.merchant_id, request.location_id)
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """A call forwarded whole to one owner: ``partition_of(request)`` names its partition
@@ -690,5 +699,6 @@ ROUTES: Mapping[str, Route] = {
         Route(rpcs.ADJUST_STOCK, _adjust_stock_partition),
         Route(rpcs.SET_STOCK, _set_stock_partition),
         Route(rpcs.SET_SAFETY_STOCK, _set_safety_stock_partition),
+        Route(rpcs.EXPECT_DELIVERY, _expect_delivery_partition),
     )
 }

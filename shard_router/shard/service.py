@@ -25,6 +25,7 @@ from inventory.v1 import inventory_pb2 as pb
 from inventory_core import (
     ClientCommand,
     Committed,
+    DeliveryExpected,
     Extended,
     Ingested,
     InventoryKey,
@@ -129,6 +130,11 @@ class Calls:
         self, request: pb.SetSafetyStockRequest, deadline: float | None
     ) -> pb.SetSafetyStockResponse:
         return await self._call(SET_SAFETY_STOCK, request, deadline)
+
+    async def expect_delivery(
+        self, request: pb.ExpectDeliveryRequest, deadline: float | None
+    ) -> pb.ExpectDeliveryResponse:
+        return await self._call(EXPECT_DELIVERY, request, deadline)
 
     async def get_over_committed(
         self, request: pb.GetOverCommittedRequest, deadline: float | None
@@ -283,6 +289,10 @@ def _feed_partition(command: Any) -> int:
     return partition_of(command.merchant_id, command.alive_at[0] if command.alive_at else "")
 
 
+def _delivery_partition(command: Any) -> int:
+    return partition_of(command.merchant_id, command.location_id)
+
+
 def _reservation_partition(command: Any) -> int | None:
     return partition_of_reservation(command.reservation_id)
 
@@ -337,6 +347,14 @@ SET_SAFETY_STOCK = _Mutation(
     StockChanged,
 )
 # One part of a feed's request (a partition's events; common/ingest.py splits a request).
+EXPECT_DELIVERY = _Mutation(
+    convert.expect_delivery,
+    _delivery_partition,
+    lambda outcome: pb.ExpectDeliveryResponse(
+        levels=[convert.level_to_proto(level) for level in outcome.levels]
+    ),
+    DeliveryExpected,
+)
 INGEST = _Mutation(convert.ingest, _feed_partition, convert.ingested_to_proto, Ingested)
 # Every mutating call of the shard, by its BatchItem field (and Calls method) name.
 MUTATIONS: dict[str, _Mutation[Any]] = {
@@ -347,6 +365,7 @@ MUTATIONS: dict[str, _Mutation[Any]] = {
     "adjust_stock": ADJUST_STOCK,
     "set_stock": SET_STOCK,
     "set_safety_stock": SET_SAFETY_STOCK,
+    "expect_delivery": EXPECT_DELIVERY,
 }
 
 

@@ -22,7 +22,9 @@ from inventory_core import (
     Command,
     Commit,
     Committed,
+    DeliveryExpected,
     EventAck,
+    ExpectDelivery,
     Expire,
     Expired,
     Extend,
@@ -79,9 +81,18 @@ ints = st.integers(-(2**53), 2**53)
 naturals = st.integers(0, 2**53)
 keys = st.builds(InventoryKey, strings, strings, strings)
 lines = st.lists(st.builds(Line, keys, naturals), max_size=4).map(tuple)
-# A row is live (no buffer) or stale since a time, with a buffer held back.
+# A row is live (no buffer) or stale since a time, with a buffer held back; with or
+# without units incoming.
 rows = st.builds(StockRow, ints, naturals, naturals, naturals) | st.builds(
-    StockRow, ints, naturals, naturals, naturals, naturals, st.integers(1, 2**53)
+    StockRow,
+    ints,
+    naturals,
+    naturals,
+    naturals,
+    naturals,
+    st.integers(1, 2**53),
+    naturals,
+    naturals,
 )
 locations = st.builds(FeedLocation, strings, strings)
 versions = st.none() | naturals
@@ -111,12 +122,16 @@ COMMAND_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
                 ints,
                 st.none() | naturals,
                 strings,
+                strings,
             ),
             max_size=4,
         ).map(tuple),
         naturals,
         strings,
         st.lists(strings, max_size=3).map(tuple),
+    ),
+    ExpectDelivery: st.builds(
+        ExpectDelivery, strings, strings, strings, strings, lines, naturals, naturals
     ),
     MarkStale: st.builds(
         MarkStale, st.lists(locations, max_size=3).map(tuple), naturals, st.integers(1, 2**40)
@@ -168,6 +183,7 @@ OUTCOME_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         st.lists(strings, max_size=3).map(tuple),
     ),
     MarkedStale: st.builds(MarkedStale, st.lists(locations, max_size=3).map(tuple)),
+    DeliveryExpected: st.builds(DeliveryExpected, level_tuples),
 }
 outcomes = st.one_of(*OUTCOME_STRATEGIES.values())
 events = st.builds(

@@ -13,6 +13,7 @@ from inventory_core import (
     TABLES,
     CapacityExhausted,
     Command,
+    ExpectDelivery,
     Expire,
     Extend,
     FeedEvent,
@@ -58,6 +59,7 @@ def test_every_command_type_has_exactly_one_registry_row_with_today_s_names() ->
         "set_safety_stock",
         "expire",
         "ingest",
+        "expect_delivery",
         "mark_stale",
     ]
     assert [row.name for row in REGISTRY if not row.from_caller] == ["expire", "mark_stale"]
@@ -70,6 +72,8 @@ def test_every_table_round_trips_its_keys_and_rows_through_its_schema() -> None:
     sale = FeedEvent("e1", FeedEventKind.SALE, key("a"), T0, quantity=1)
     partition.apply(Ingest(M, "pos", (sale,), T0 + 2))
     partition.on_timer(T0 + 2 + limits.feed_silence_stale_ms)  # a stale location, stale rows
+    later = T0 + 3 + limits.feed_silence_stale_ms
+    partition.apply(ExpectDelivery(M, "asn", "d1", L, (Line(key("a"), 4),), later + 60_000, later))
     snapshot = partition.snapshot()
     assert snapshot.stock[key("a")].stale_since_ms
     assert set(snapshot.tables) == set(TABLES)

@@ -24,6 +24,7 @@ from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from inventory_core import partition_of
+from shard_router.client import InventoryClient
 from tests.conftest import Cluster, start_cluster
 from tests.e2e.ledger import ingest_records
 
@@ -327,5 +328,49 @@ def test_sales_at_the_till_over_commit_and_the_order_service_lists_the_reservati
                 (-2, 2, 0),
                 (1, 0, 1),
             ]
+
+    asyncio.run(run())
+
+
+def test_an_expected_delivery_is_incoming_until_its_receipts_arrive(cluster2: Cluster) -> None:
+    """A supplier's notice through the client, its receipts through Ingest: the units show as
+    incoming (never available) until received, then as on_hand."""
+    store = STORES[2]
+    eta_ms = int(time.time() * 1000) + 4 * 3_600_000
+
+    async def run() -> None:
+        async with InventoryClient(cluster2.router.address) as client:
+            await client.set_stock(key("sku-0", store), 5, idempotency_key="take")
+            notice = await client.expect_delivery(
+                MERCHANT,
+                store,
+                "asn-77",
+                [("sku-0", 24), ("sku-1", 12)],
+                eta_ms,
+                idempotency_key="asn-77-v1",
+            )
+            assert [(lv.key.sku_id, lv.incoming, lv.incoming_eta_ms) for lv in notice.levels] == [
+                ("sku-0", 24, eta_ms),
+                ("sku-1", 12, eta_ms),
+            ]
+            assert [(lv.on_hand, lv.available) for lv in notice.levels] == [(5, 5), (0, 0)]
+            now_ms = int(time.time() * 1000)
+            receipts = [
+                pb.FeedEvent(
+                    event_id=f"asn-77:{sku}",
+                    occurred_at_ms=now_ms,
+                    kind=pb.FEED_EVENT_KIND_RECEIPT,
+                    key=key(sku, store),
+                    quantity=units,
+                    delivery_id="asn-77",
+                )
+                for sku, units in (("sku-0", 20), ("sku-1", 12))
+            ]
+            answer = await client.ingest(MERCHANT, "supplier-1", receipts)
+            assert [a.status for a in answer.acks] == [pb.EVENT_ACK_STATUS_APPLIED] * 2
+            levels = await client.get_availability([key(sku, store) for sku in ("sku-0", "sku-1")])
+            assert [(lv.on_hand, lv.incoming) for lv in levels.levels] == [(25, 4), (12, 0)]
+            assert levels.levels[0].incoming_eta_ms == eta_ms
+            assert levels.levels[1].incoming_eta_ms == 0
 
     asyncio.run(run())

@@ -40,10 +40,12 @@ def change(
     reserved: int = 0,
     safety_stock: int = 0,
     stale: tuple[int, int] = (0, 0),
+    incoming: tuple[int, int] = (0, 0),
     before: StockRow | None = None,
 ) -> AvailabilityChanged:
-    """A change of ``key`` to these counts; ``stale``: its (stale_buffer, stale_since_ms)."""
-    after = StockRow(on_hand, reserved, safety_stock, version, *stale)
+    """A change of ``key`` to these counts; ``stale``: its (stale_buffer, stale_since_ms);
+    ``incoming``: its (incoming, incoming_eta_ms)."""
+    after = StockRow(on_hand, reserved, safety_stock, version, *stale, *incoming)
     return AvailabilityChanged(
         key=key,
         partition=partition_of(key.merchant_id, key.location_id),

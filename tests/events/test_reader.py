@@ -61,9 +61,13 @@ def test_snapshot_returns_matching_levels_with_partition_and_lsn(fresh_redis_url
     run(main)
 
 
-def test_a_stale_location_s_levels_are_degraded_in_the_read_view(fresh_redis_url: str) -> None:
+def test_a_stale_location_s_levels_are_degraded_and_incoming_shown_in_the_read_view(
+    fresh_redis_url: str,
+) -> None:
     stale_since_ms = 1_780_000_000_000
-    stale = change(keys()[0], 1, 1, on_hand=10, reserved=2, stale=(5, stale_since_ms))
+    stale = change(
+        keys()[0], 1, 1, on_hand=10, reserved=2, stale=(5, stale_since_ms), incoming=(24, 99)
+    )
 
     async def main() -> None:
         await apply(fresh_redis_url, [(stale, 0), (change(keys()[1], 1, 1, on_hand=4), 1)])
@@ -75,6 +79,7 @@ def test_a_stale_location_s_levels_are_degraded_in_the_read_view(fresh_redis_url
         (degraded, _, _), (live, _, _) = found
         assert (degraded.available, degraded.sellable, degraded.degraded) == (8, 3, True)
         assert (degraded.stale_buffer, degraded.stale_since_ms) == (5, stale_since_ms)
+        assert (degraded.incoming, degraded.incoming_eta_ms) == (24, 99)
         assert (live.available, live.sellable, live.degraded, live.stale_buffer) == (4, 4, False, 0)
 
     run(main)

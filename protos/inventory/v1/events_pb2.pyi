@@ -30,6 +30,8 @@ class StockCounts(_message.Message):
     STALE_BUFFER_FIELD_NUMBER: _builtins.int
     STALE_SINCE_MS_FIELD_NUMBER: _builtins.int
     SELLABLE_FIELD_NUMBER: _builtins.int
+    INCOMING_FIELD_NUMBER: _builtins.int
+    INCOMING_ETA_MS_FIELD_NUMBER: _builtins.int
     on_hand: _builtins.int
     reserved: _builtins.int
     safety_stock: _builtins.int
@@ -41,6 +43,9 @@ class StockCounts(_message.Message):
     stale_since_ms: _builtins.int
     sellable: _builtins.int
     """What shoppers see: max(available - stale_buffer, 0)."""
+    incoming: _builtins.int
+    """Units of expected deliveries not yet received, and their earliest ETA (0: none)."""
+    incoming_eta_ms: _builtins.int
     def __init__(
         self,
         *,
@@ -51,10 +56,12 @@ class StockCounts(_message.Message):
         stale_buffer: _builtins.int = ...,
         stale_since_ms: _builtins.int = ...,
         sellable: _builtins.int = ...,
+        incoming: _builtins.int = ...,
+        incoming_eta_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "incoming", b"incoming", "incoming_eta_ms", b"incoming_eta_ms", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -84,7 +91,7 @@ class AvailabilityChanged(_message.Message):
     transfer, set_stock, set_safety_stock; from a feed: sale, return, receipt, adjustment,
     count, or feed (several feed events of one ledger record moved the key); feed_stale
     (the location's feeds fell silent: a buffer is held back) and feed_resumed (heard
-    from again).
+    from again); incoming (an expected delivery announced, changed or cancelled).
     """
     partition: _builtins.int
     lsn: _builtins.int

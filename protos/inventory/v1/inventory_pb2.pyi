@@ -313,6 +313,8 @@ class StockLevel(_message.Message):
     DEGRADED_FIELD_NUMBER: _builtins.int
     STALE_BUFFER_FIELD_NUMBER: _builtins.int
     STALE_SINCE_MS_FIELD_NUMBER: _builtins.int
+    INCOMING_FIELD_NUMBER: _builtins.int
+    INCOMING_ETA_MS_FIELD_NUMBER: _builtins.int
     on_hand: _builtins.int
     reserved: _builtins.int
     safety_stock: _builtins.int
@@ -338,6 +340,11 @@ class StockLevel(_message.Message):
     stale_buffer: _builtins.int
     stale_since_ms: _builtins.int
     """When the location was marked stale (Unix epoch ms); 0 unless degraded."""
+    incoming: _builtins.int
+    """Units of expected deliveries (ExpectDelivery) not yet received, and the earliest ETA
+    among them (Unix epoch ms; in the past: overdue). Never part of available.
+    """
+    incoming_eta_ms: _builtins.int
     @_builtins.property
     def key(self) -> Global___InventoryKey: ...
     def __init__(
@@ -355,10 +362,12 @@ class StockLevel(_message.Message):
         degraded: _builtins.bool = ...,
         stale_buffer: _builtins.int = ...,
         stale_since_ms: _builtins.int = ...,
+        incoming: _builtins.int = ...,
+        incoming_eta_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "degraded", b"degraded", "exists", b"exists", "exposure", b"exposure", "key", b"key", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "degraded", b"degraded", "exists", b"exists", "exposure", b"exposure", "incoming", b"incoming", "incoming_eta_ms", b"incoming_eta_ms", "key", b"key", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1035,6 +1044,7 @@ class FeedEvent(_message.Message):
     QUANTITY_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique within the request's source (1 to 128 characters): the same event sent again,
     in this request or any later one, is acknowledged DUPLICATE and applied once.
@@ -1052,6 +1062,10 @@ class FeedEvent(_message.Message):
     """A count's on_hand, 0 to 1,000,000,000 (required for a count, unset otherwise)."""
     reason: _builtins.str
     """Free text kept with the event in the ledger (at most 200 characters)."""
+    delivery_id: _builtins.str
+    """A receipt may name the delivery it fulfils (ExpectDelivery's delivery_id): its units of
+    this key are then no longer incoming. Only receipts carry one.
+    """
     @_builtins.property
     def key(self) -> Global___InventoryKey:
         """A key of the request's merchant_id."""
@@ -1066,10 +1080,11 @@ class FeedEvent(_message.Message):
         quantity: _builtins.int = ...,
         count: _builtins.int | None = ...,
         reason: _builtins.str = ...,
+        delivery_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "count", b"count", "key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "count", b"count", "event_id", b"event_id", "key", b"key", "kind", b"kind", "occurred_at_ms", b"occurred_at_ms", "quantity", b"quantity", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_count", b"_count", "count", b"count", "delivery_id", b"delivery_id", "event_id", b"event_id", "key", b"key", "kind", b"kind", "occurred_at_ms", b"occurred_at_ms", "quantity", b"quantity", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__count: _TypeAlias = _typing.Literal["count"]  # noqa: Y015
     _WhichOneofArgType__count: _TypeAlias = _typing.Literal["_count", b"_count"]  # noqa: Y015
@@ -1228,12 +1243,101 @@ class IngestResponse(_message.Message):
 Global___IngestResponse: _TypeAlias = IngestResponse  # noqa: Y015
 
 @_typing.final
-class SourceHealth(_message.Message):
+class DeliveryLine(_message.Message):
     """The keys a physical fact (a till's sale, a count) took below zero available, and the live
     reservations at risk on each: the order service's list to act on (cancel, substitute,
     source elsewhere) after an offline store's backlog arrives.
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_ID_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    sku_id: _builtins.str
+    quantity: _builtins.int
+    """1 to 1,000,000 units expected."""
+    def __init__(
+        self,
+        *,
+        sku_id: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quantity", b"quantity", "sku_id", b"sku_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryLine: _TypeAlias = DeliveryLine  # noqa: Y015
+
+@_typing.final
+class ExpectDeliveryRequest(_message.Message):
+    """A supplier's notice of a delivery to one location (an ASN): it sets the delivery's
+    expectation whole, so an updated notice replaces the last one and a notice with no lines
+    cancels it. Its receipts (Ingest events naming delivery_id) turn it into on_hand.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    LOCATION_ID_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    ETA_MS_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    idempotency_key: _builtins.str
+    delivery_id: _builtins.str
+    """The supplier's id of the delivery (an identifier), unique per merchant."""
+    location_id: _builtins.str
+    eta_ms: _builtins.int
+    """When it is expected (Unix epoch ms); required unless cancelling."""
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryLine]:
+        """Up to 1000 lines, one per SKU; none cancels the delivery."""
+
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        delivery_id: _builtins.str = ...,
+        location_id: _builtins.str = ...,
+        lines: _abc.Iterable[Global___DeliveryLine] | None = ...,
+        eta_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "eta_ms", b"eta_ms", "idempotency_key", b"idempotency_key", "lines", b"lines", "location_id", b"location_id", "merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpectDeliveryRequest: _TypeAlias = ExpectDeliveryRequest  # noqa: Y015
+
+@_typing.final
+class ExpectDeliveryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___StockLevel]:
+        """The keys of the notice (and of the one it replaced), with their incoming units."""
+
+    def __init__(
+        self,
+        *,
+        levels: _abc.Iterable[Global___StockLevel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["levels", b"levels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpectDeliveryResponse: _TypeAlias = ExpectDeliveryResponse  # noqa: Y015
+
+@_typing.final
+class SourceHealth(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SOURCE_FIELD_NUMBER: _builtins.int
@@ -1438,6 +1542,7 @@ class BatchItem(_message.Message):
     INGEST_FIELD_NUMBER: _builtins.int
     GET_OVER_COMMITTED_FIELD_NUMBER: _builtins.int
     GET_FEED_HEALTH_FIELD_NUMBER: _builtins.int
+    EXPECT_DELIVERY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Chosen by the sender, unique among its items in flight on the stream; echoed back."""
     timeout_ms: _builtins.int
@@ -1472,6 +1577,8 @@ class BatchItem(_message.Message):
     def get_over_committed(self) -> Global___GetOverCommittedRequest: ...
     @_builtins.property
     def get_feed_health(self) -> Global___GetFeedHealthRequest: ...
+    @_builtins.property
+    def expect_delivery(self) -> Global___ExpectDeliveryRequest: ...
     def __init__(
         self,
         *,
@@ -1490,12 +1597,13 @@ class BatchItem(_message.Message):
         ingest: Global___IngestRequest | None = ...,
         get_over_committed: Global___GetOverCommittedRequest | None = ...,
         get_feed_health: Global___GetFeedHealthRequest | None = ...,
+        expect_delivery: Global___ExpectDeliveryRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "metadata", b"metadata", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "metadata", b"metadata", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed", "get_feed_health"]  # noqa: Y015
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed", "get_feed_health", "expect_delivery"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
@@ -1519,6 +1627,7 @@ class BatchItemResult(_message.Message):
     INGEST_FIELD_NUMBER: _builtins.int
     GET_OVER_COMMITTED_FIELD_NUMBER: _builtins.int
     GET_FEED_HEALTH_FIELD_NUMBER: _builtins.int
+    EXPECT_DELIVERY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     @_builtins.property
     def error(self) -> _status_pb2.Status:
@@ -1548,6 +1657,8 @@ class BatchItemResult(_message.Message):
     def get_over_committed(self) -> Global___GetOverCommittedResponse: ...
     @_builtins.property
     def get_feed_health(self) -> Global___GetFeedHealthResponse: ...
+    @_builtins.property
+    def expect_delivery(self) -> Global___ExpectDeliveryResponse: ...
     def __init__(
         self,
         *,
@@ -1565,12 +1676,13 @@ class BatchItemResult(_message.Message):
         ingest: Global___IngestResponse | None = ...,
         get_over_committed: Global___GetOverCommittedResponse | None = ...,
         get_feed_health: Global___GetFeedHealthResponse | None = ...,
+        expect_delivery: Global___ExpectDeliveryResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed", "get_feed_health"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed", "get_feed_health", "expect_delivery"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

@@ -99,6 +99,11 @@ class InventoryStub:
                 request_serializer=inventory_dot_v1_dot_inventory__pb2.GetFeedHealthRequest.SerializeToString,
                 response_deserializer=inventory_dot_v1_dot_inventory__pb2.GetFeedHealthResponse.FromString,
                 _registered_method=True)
+        self.ExpectDelivery = channel.unary_unary(
+                '/inventory.v1.Inventory/ExpectDelivery',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.ExpectDeliveryRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.ExpectDeliveryResponse.FromString,
+                _registered_method=True)
 
 
 class InventoryServicer:
@@ -195,6 +200,13 @@ class InventoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExpectDelivery(self, request, context):
+        """A supplier's expected delivery: shown in reads as incoming, never as available.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InventoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -262,6 +274,11 @@ def add_InventoryServicer_to_server(servicer, server):
                     servicer.GetFeedHealth,
                     request_deserializer=inventory_dot_v1_dot_inventory__pb2.GetFeedHealthRequest.FromString,
                     response_serializer=inventory_dot_v1_dot_inventory__pb2.GetFeedHealthResponse.SerializeToString,
+            ),
+            'ExpectDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExpectDelivery,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.ExpectDeliveryRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.ExpectDeliveryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -615,6 +632,33 @@ class Inventory:
             '/inventory.v1.Inventory/GetFeedHealth',
             inventory_dot_v1_dot_inventory__pb2.GetFeedHealthRequest.SerializeToString,
             inventory_dot_v1_dot_inventory__pb2.GetFeedHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpectDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.Inventory/ExpectDelivery',
+            inventory_dot_v1_dot_inventory__pb2.ExpectDeliveryRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.ExpectDeliveryResponse.FromString,
             options,
             channel_credentials,
             insecure,

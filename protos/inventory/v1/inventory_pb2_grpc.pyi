@@ -122,6 +122,8 @@ class InventoryStub:
     """The over-committed keys at some locations, with the reservations at risk (STRONG)."""
     GetFeedHealth: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.GetFeedHealthRequest, _inventory_pb2.GetFeedHealthResponse]
     """Each location's feeds: every source's last event, arrival and lag, and staleness (STRONG)."""
+    ExpectDelivery: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.ExpectDeliveryRequest, _inventory_pb2.ExpectDeliveryResponse]
+    """A supplier's expected delivery: shown in reads as incoming, never as available."""
 
 @_typing.type_check_only
 class InventoryAsyncStub(InventoryStub):
@@ -153,6 +155,8 @@ class InventoryAsyncStub(InventoryStub):
     """The over-committed keys at some locations, with the reservations at risk (STRONG)."""
     GetFeedHealth: _aio.UnaryUnaryMultiCallable[_inventory_pb2.GetFeedHealthRequest, _inventory_pb2.GetFeedHealthResponse]  # type: ignore[assignment]
     """Each location's feeds: every source's last event, arrival and lag, and staleness (STRONG)."""
+    ExpectDelivery: _aio.UnaryUnaryMultiCallable[_inventory_pb2.ExpectDeliveryRequest, _inventory_pb2.ExpectDeliveryResponse]  # type: ignore[assignment]
+    """A supplier's expected delivery: shown in reads as incoming, never as available."""
 
 class InventoryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -259,6 +263,14 @@ class InventoryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inventory_pb2.GetFeedHealthResponse, _abc.Awaitable[_inventory_pb2.GetFeedHealthResponse]]:
         """Each location's feeds: every source's last event, arrival and lag, and staleness (STRONG)."""
+
+    @_abc_1.abstractmethod
+    def ExpectDelivery(
+        self,
+        request: _inventory_pb2.ExpectDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.ExpectDeliveryResponse, _abc.Awaitable[_inventory_pb2.ExpectDeliveryResponse]]:
+        """A supplier's expected delivery: shown in reads as incoming, never as available."""
 
 def add_InventoryServicer_to_server(servicer: InventoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
