@@ -216,7 +216,11 @@ class _Stream:
                 self._stats.items_expired += 1
                 continue
             items.append(item)
-        self._note_idle()
+        if not items:
+            # Only now: items taken are pending until answered, and a drain that saw the
+            # stream idle while they were still being written would half-close the call
+            # under that write (gRPC fails both with INTERNAL).
+            self._note_idle()
         return items
 
     async def _read(self) -> str:

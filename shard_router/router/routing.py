@@ -268,7 +268,10 @@ class _Stream:
                 _settle_error(forwarded, errors.deadline_not_applied(message))
                 continue
             batch.append(forwarded)
-        self._note_idle()
+        if not batch:
+            # Only now: what was taken is pending until answered; a drain that saw the stream
+            # idle meanwhile would half-close the call under its write (client/_batcher.py).
+            self._note_idle()
         return batch
 
     async def _read(self) -> str:

@@ -435,6 +435,26 @@ def test_batch_items_max_and_requests_in_flight_max_bound_what_is_on_the_wire() 
     assert sum(fake.request_sizes) == calls
 
 
+def test_a_stream_is_idle_only_when_nothing_is_queued_or_in_flight() -> None:
+    """Items being written count as pending: a drain must not half-close under their write."""
+    fake = fake_inventory(answer_delay_s=0.2)
+
+    async def scenario(address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            batcher = StreamBatcher(channel)
+            request = pb.ReserveRequest(lines=[reserve_line()], idempotency_key="order-1")
+            pending = asyncio.create_task(batcher.call("reserve", request, 5.0))
+            await asyncio.sleep(0.05)  # taken and written; its answer is 0.2 s away
+            stream = batcher._stream
+            assert stream is not None and stream.pending == 1
+            assert not stream._idle.is_set(), "idle with an item in flight"
+            await pending
+            assert stream._idle.is_set()
+            await batcher.close()
+
+    run_with(fake, scenario)
+
+
 def test_close_drains_pending_calls_and_leaves_no_task_behind() -> None:
     fake = fake_inventory(answer_delay_s=0.05)
 
