@@ -197,14 +197,23 @@ def change_to_proto(
 
 
 def _counts(row: StockRow) -> events_pb2.StockCounts:
+    available = row.available
+    if not (row.stale_since_ms or row.incoming):  # the common case: fewer fields to set
+        return events_pb2.StockCounts(
+            on_hand=row.on_hand,
+            reserved=row.reserved,
+            safety_stock=row.safety_stock,
+            available=available,
+            sellable=max(available, 0),
+        )
     return events_pb2.StockCounts(
         on_hand=row.on_hand,
         reserved=row.reserved,
         safety_stock=row.safety_stock,
-        available=row.available,
+        available=available,
         stale_buffer=row.stale_buffer,
         stale_since_ms=row.stale_since_ms,
-        sellable=max(row.available - row.stale_buffer, 0),
+        sellable=max(available - row.stale_buffer, 0),
         incoming=row.incoming,
         incoming_eta_ms=row.incoming_eta_ms,
     )
@@ -218,7 +227,12 @@ def bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
+_ZERO = b"$1\r\n0\r\n"
+
+
 def _number(value: int) -> bytes:
+    if not value:
+        return _ZERO  # most of a change's counts (stale buffer, incoming, ...) are 0
     digits = b"%d" % value
     return b"$%d\r\n%b\r\n" % (len(digits), digits)
 

@@ -122,6 +122,9 @@ class _Key:
     # end or before a count: rebuilding the history per event cost O(history) each).
     pending: list[Fact] = field(default_factory=list)
     recorded: bool = False
+    # The newest occurred_at of its events this record recorded (what its location was
+    # heard from at; kept per key, not per location: a location tuple per event cost ~1 µs).
+    newest_ms: int = 0
     # The kind of the first event applied to it, and whether others were applied too.
     first_kind: str = ""
     several: bool = False
@@ -143,8 +146,8 @@ class _Batch:
         # location -> why its events are refused (None: they are not), checked once a batch
         self._locations: dict[str, Invalid | None] = {}
         self._new_keys = 0
-        # The locations heard from: the newest occurred_at of the events recorded at each.
-        self._heard: dict[FeedLocation, int] = {}
+        # The heartbeat's locations heard from (those of recorded events are the keys').
+        self._beats: dict[FeedLocation, int] = {}
         # Units of expected deliveries received, per (delivery_id, key).
         self._received: dict[tuple[str, InventoryKey], int] = {}
 
@@ -181,9 +184,7 @@ class _Batch:
             if not work.recorded:
                 work.recorded = True
                 self._recorded.append((key, work))
-            location = FeedLocation(key.merchant_id, key.location_id)
-            if location not in self._heard or self._heard[location] < event.occurred_at_ms:
-                self._heard[location] = event.occurred_at_ms
+            work.newest_ms = max(work.newest_ms, event.occurred_at_ms)
             if event.delivery_id:
                 received = (event.delivery_id, key)
                 self._received[received] = self._received.get(received, 0) + event.quantity
@@ -191,14 +192,17 @@ class _Batch:
 
     def heartbeats(self, command: Ingest) -> tuple[str, ...]:
         """The heartbeat's locations whose health the record keeps; each is heard from."""
+        if not command.alive_at:
+            return ()
         kept = []
+        with_events = {(k.merchant_id, k.location_id) for k, _ in self._recorded}
         for location_id in command.alive_at:
             location = FeedLocation(command.merchant_id, location_id)
-            if location in self._heard:
-                continue  # its events were heard already
+            if location in with_events or location in self._beats:
+                continue  # its events were heard already (or it is named twice)
             if staleness.heartbeat_kept(self._state, location, command.source, self._now_ms):
                 kept.append(location_id)
-                self._heard[location] = 0
+                self._beats[location] = 0
         return tuple(kept)
 
     def _key_problem(self, key: InventoryKey, command: Ingest) -> Invalid | None:
@@ -311,7 +315,8 @@ class _Batch:
         """Write each key's row and history once, clear the flags of the stale locations
         heard from, keep the source's health; the keys left over-committed."""
         over_committed = []
-        resuming = staleness.resuming(state, self._heard)
+        heard = self._heard()
+        resuming = staleness.resuming(state, heard)
         received = deliveries.receive(state, self._received) if self._received else set()
         changed: set[InventoryKey] = set()
         # In the order of each key's first recorded event: the order a replay of the record
@@ -343,8 +348,18 @@ class _Batch:
                     over_committed.append(OverCommitted(key, over))
         if resuming:
             staleness.resume(state, at, resuming, changed)
-        staleness.heard(state, at, source, self._heard)
+        staleness.heard(state, at, source, heard)
         return tuple(over_committed)
+
+    def _heard(self) -> dict[FeedLocation, int]:
+        """The locations this record heard from, in the order of their first recorded event
+        (then the heartbeat's): the newest occurred_at of the events recorded at each (0 for
+        a heartbeat)."""
+        heard: dict[FeedLocation, int] = {}
+        for key, work in self._recorded:
+            location = FeedLocation(key.merchant_id, key.location_id)
+            heard[location] = max(heard.get(location, 0), work.newest_ms)
+        return heard | self._beats
 
 
 _WINDOW = (
