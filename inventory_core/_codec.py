@@ -87,7 +87,7 @@ def _trimmed(data: list[int]) -> list[int]:
 def row_from_data(data: Any) -> StockRow:
     if not _ROW_FIELDS_MIN <= len(data) <= _ROW_FIELDS_MAX:
         raise ValueError(f"a stock row has 4 to 8 fields, got {data!r}")
-    return StockRow(*(_int(v) for v in data))
+    return StockRow(*(integer(v) for v in data))
 
 
 _ROW_FIELDS_MIN, _ROW_FIELDS_MAX = 4, 8
@@ -108,7 +108,7 @@ def _line_to_data(line: Line) -> list[Any]:
 
 def _line_from_data(data: Any) -> Line:
     key, quantity = data
-    return Line(key_from_data(key), _int(quantity))
+    return Line(key_from_data(key), integer(quantity))
 
 
 def _level_to_data(level: StockLevel) -> Data:
@@ -138,7 +138,7 @@ def _over_commit_to_data(over: OverCommit) -> list[Any]:
 
 def _over_commit_from_data(data: Any) -> OverCommit:
     exposure, at_risk = data
-    return OverCommit(_int(exposure), tuple(str(r) for r in at_risk))
+    return OverCommit(integer(exposure), tuple(str(r) for r in at_risk))
 
 
 def _feed_event_to_data(event: FeedEvent) -> list[Any]:
@@ -175,9 +175,9 @@ def _feed_event_from_data(data: Any) -> FeedEvent:
         _str(event_id),
         None if kind is None else FeedEventKind(kind),
         key_from_data(key),
-        _int(occurred_at_ms),
-        _int(quantity),
-        None if count is None else _int(count),
+        integer(occurred_at_ms),
+        integer(quantity),
+        None if count is None else integer(count),
         _str(reason),
         _str(delivery_id),
     )
@@ -198,7 +198,8 @@ _COMPACT: dict[type[Any], tuple[Encode, Decode]] = {
 # ---------------------------------------------------------------------- by field type
 
 
-def _int(value: Any) -> int:
+def integer(value: Any) -> int:
+    """``value`` if it is an integer (a bool is not one); else ValueError: corrupt data."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected an integer, got {value!r}")
     return value
@@ -226,7 +227,7 @@ def _codec_of(hint: Any) -> tuple[Encode, Decode]:
     if hint in _COMPACT:
         return _COMPACT[hint]
     if hint is int:
-        return _identity, _int
+        return _identity, integer
     if hint is str:
         return _identity, _str
     if hint is bool:
@@ -395,7 +396,7 @@ def event_from_data(data: Any, partition: int, lsn: int) -> AvailabilityChanged:
         ChangeReason(reason),
         row_from_data(before),
         row_from_data(after),
-        _int(recorded_at_ms),
+        integer(recorded_at_ms),
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._codec import key_from_data, key_to_data
+from ._codec import integer, key_from_data, key_to_data
 from ._model import Line
 from ._tables import TableSchema
 
@@ -44,13 +44,10 @@ def _delivery_to_data(delivery: Delivery) -> list[Any]:
 
 def _delivery_from_data(data: Any) -> Delivery:
     location_id, lines, eta_ms = data
-    numbers = [eta_ms, *(quantity for _, quantity in lines)]
-    if any(isinstance(n, bool) or not isinstance(n, int) for n in numbers):
-        raise ValueError(f"expected integers, got {numbers!r}")
     return Delivery(
         str(location_id),
-        tuple(Line(key_from_data(key), quantity) for key, quantity in lines),
-        eta_ms,
+        tuple(Line(key_from_data(key), integer(quantity)) for key, quantity in lines),
+        integer(eta_ms),
     )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._codec import location_from_data, location_to_data
+from ._codec import integer, location_from_data, location_to_data
 from ._model import FeedLocation
 from ._tables import TableSchema
 
@@ -87,16 +87,11 @@ def _feed_to_data(feed: LocationFeed) -> dict[str, Any]:
 
 
 def _feed_from_data(data: Any) -> LocationFeed:
-    sources = []
-    for source, occurred, received, lag in data["sources"]:
-        numbers = (occurred, received, lag)
-        if any(isinstance(n, bool) or not isinstance(n, int) for n in numbers):
-            raise ValueError(f"expected integers, got {numbers!r}")
-        sources.append(SourceHealth(str(source), occurred, received, lag))
-    stale_since_ms = data.get("stale_since_ms", 0)
-    if isinstance(stale_since_ms, bool) or not isinstance(stale_since_ms, int):
-        raise ValueError(f"expected an integer, got {stale_since_ms!r}")
-    return LocationFeed(tuple(sources), stale_since_ms)
+    sources = tuple(
+        SourceHealth(str(source), integer(occurred), integer(received), integer(lag))
+        for source, occurred, received, lag in data["sources"]
+    )
+    return LocationFeed(sources, integer(data.get("stale_since_ms", 0)))
 
 
 FEED_LOCATIONS: TableSchema[FeedLocation, LocationFeed] = TableSchema(

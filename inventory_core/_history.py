@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import _limits as limits
-from ._codec import key_from_data, key_to_data
+from ._codec import integer, key_from_data, key_to_data
 from ._model import InventoryKey
 from ._tables import TableSchema
 
@@ -177,10 +177,7 @@ def _fact_to_data(fact: Fact) -> list[Any]:
 
 def _fact_from_data(data: Any) -> Fact:
     occurred_at_ms, source, event_id, quantity, kind = data
-    for number in (occurred_at_ms, quantity):
-        if isinstance(number, bool) or not isinstance(number, int):
-            raise ValueError(f"expected an integer, got {number!r}")
-    return Fact(occurred_at_ms, str(source), str(event_id), quantity, str(kind))
+    return Fact(integer(occurred_at_ms), str(source), str(event_id), integer(quantity), str(kind))
 
 
 def _history_to_data(history: KeyHistory) -> dict[str, Any]:
