@@ -24,7 +24,11 @@ batching and any queueing.
 Per phase and target: events offered and acknowledged per second, lag p50 / p95 / p99 /
 max, and the CPU of every process (router, shards, PostgreSQL, Redis, this generator) as
 cores and as CPU microseconds per acknowledged event. After each phase an audit reads every
-key back: its on_hand must be the sum of its distinct events. Each phase's events sit at
+key back: its on_hand must be the sum of its distinct events. Then the run **settles**
+before the next phase: a PostgreSQL ``CHECKPOINT`` writes out what the phase dirtied, and
+the run waits (at most ``--settle-s-max``) until the servers together use less than
+``SETTLED_CORES``, so that no phase pays for the one before it (a PostgreSQL phase leaves
+its server flushing and vacuuming for seconds). Each phase's events sit at
 keys of their own (a fresh merchant per phase and target), so phases never mix. Results:
 ``results.json`` and ``report.md`` in ``--output-dir`` (default
 ``benchmarks/results/ingest/``).
@@ -76,6 +80,10 @@ CALL_TIMEOUT_S = 30.0
 # A phase's events still unanswered this long after its last one is due are counted lost.
 DRAIN_S_MAX = 30.0
 GENERATOR = "generator"
+# Between phases: quiet means the servers (not this generator) use less than this together,
+# over a SETTLE_SAMPLE_S window; the wait is bounded (--settle-s-max).
+SETTLED_CORES = 0.3
+SETTLE_SAMPLE_S = 1.0
 # Why events were not acknowledged (the status messages, cut), over the run.
 FAILED: Counter[str] = Counter()
 FAILED_MESSAGE_CHARS = 90
@@ -125,6 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pg-connections", type=int, default=32)
     parser.add_argument("--pg-in-flight", type=int, default=256)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--settle-s-max", type=float, default=60.0, help="wait between phases for quiet, at most"
+    )
     parser.add_argument(
         "--database-url", default="", help="a PostgreSQL server (else an embedded one)"
     )
@@ -528,10 +539,14 @@ async def _run(
                     },
                     audit_mismatches=mismatches(stream.expected(offered), levels),
                 )
-                phases.append(asdict_result(result) | {"failed": dict(FAILED)})
                 print(_row(result), flush=True)
                 if FAILED:
                     print(f"  not acknowledged: {dict(FAILED)}", flush=True)
+                settled_s = await settle(pool, sampler, label, options.settle_s_max)
+                print(f"  settled in {settled_s:.1f} s", flush=True)
+                phases.append(
+                    asdict_result(result) | {"failed": dict(FAILED), "settled_s": settled_s}
+                )
                 FAILED.clear()
     finally:
         await pool.close()
@@ -549,6 +564,25 @@ async def _run(
         },
         "phases": phases,
     }
+
+
+async def settle(pool: asyncpg.Pool, sampler: CpuSampler, label: str, wait_s_max: float) -> float:
+    """Checkpoint PostgreSQL, then wait until the servers are quiet (``SETTLED_CORES``);
+    the seconds it took (about ``wait_s_max`` at most)."""
+    started = time.monotonic()
+    with contextlib.suppress(asyncpg.InsufficientPrivilegeError):  # a server not ours
+        await pool.execute("CHECKPOINT")
+    sample = 0
+    while time.monotonic() - started < wait_s_max:
+        first, last = f"{label}:settle:{sample}", f"{label}:settle:{sample + 1}"
+        sampler.mark(first)
+        await asyncio.sleep(SETTLE_SAMPLE_S)
+        sampler.mark(last)
+        sample += 2
+        cores = sampler.window(first, last)
+        if sum(v for k, v in cores.items() if k != GENERATOR) < SETTLED_CORES:
+            break
+    return round(time.monotonic() - started, 1)
 
 
 def asdict_result(result: PhaseResult) -> dict[str, Any]:

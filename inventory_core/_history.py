@@ -82,6 +82,11 @@ class KeyHistory:
         """The count (if any), then the deltas after it."""
         return self.deltas if self.count is None else (self.count, *self.deltas)
 
+    @property
+    def fact_count(self) -> int:
+        """``len(self.facts)``, without building them."""
+        return len(self.deltas) + (self.count is not None)
+
     def covered_by_count(self, order: Order) -> bool:
         return self.count is not None and order <= self.count.order
 

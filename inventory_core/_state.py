@@ -119,6 +119,7 @@ class PartitionState:
         "deliveries",
         "expiry",
         "feed",
+        "feed_fact_count",
         "feed_ids",
         "feed_locations",
         "finished",
@@ -142,6 +143,7 @@ class PartitionState:
         self.idempotency: Table[Scope, IdempotencyEntry] = Table(IDEMPOTENCY)
         self.feed: Table[InventoryKey, KeyHistory] = Table(FEED)
         self.feed_ids: dict[FeedId, tuple[InventoryKey, Fact]] = {}
+        self.feed_fact_count = 0  # facts the histories keep (own ones too)
         self.feed_locations: Table[FeedLocation, LocationFeed] = Table(FEED_LOCATIONS)
         self.silence: dict[FeedLocation, None] = {}
         self.stale_keys: dict[FeedLocation, dict[InventoryKey, None]] = {}
@@ -180,17 +182,21 @@ class PartitionState:
     def attach(self, usage: ProcessUsage) -> None:
         """Count this partition into the process's totals from now on."""
         assert not self.attached, "attached twice"
-        usage.add(len(self.stock), self.live_reservation_count, len(self.idempotency))
+        usage.add(*self._counted())
         self.usage, self.attached = usage, True
 
     def detach(self) -> None:
         """The process no longer holds this partition: take its counts out of the totals."""
         if self.attached:
-            self.usage.add(-len(self.stock), -self.live_reservation_count, -len(self.idempotency))
-            self.usage = ProcessUsage(
-                len(self.stock), self.live_reservation_count, len(self.idempotency)
-            )
+            counted = self._counted()
+            self.usage.add(*(-n for n in counted))
+            self.usage = ProcessUsage(*counted)
             self.attached = False
+
+    def _counted(self) -> tuple[int, int, int, int]:
+        """What this partition counts into its usage, in ``ProcessUsage.add``'s order."""
+        counts = (len(self.stock), self.live_reservation_count, len(self.idempotency))
+        return (*counts, self.feed_fact_count)
 
     def refuse_new_key(self, pending: int = 0) -> CapacityExhausted | None:
         """A new key, ``pending`` more already promised by the record being decided."""
@@ -207,6 +213,9 @@ class PartitionState:
         if len(self.idempotency) >= limits.idempotency_keys_max:
             return CapacityExhausted("idempotency_keys_max", limits.idempotency_keys_max)
         return self.usage.refuse_idempotency_entry() if self.live_apply else None
+
+    def refuse_feed_facts(self) -> CapacityExhausted | None:
+        return self.usage.refuse_feed_facts() if self.live_apply else None
 
     # -------------------------------------------------------------------------- stock
 
@@ -322,6 +331,14 @@ class PartitionState:
 
     # ------------------------------------------------------------------- feed history
 
+    def put_history(self, key: InventoryKey, before: KeyHistory, after: KeyHistory) -> None:
+        """A key's history, ``before`` as the table held it (EMPTY_HISTORY: none), is now
+        ``after``; its facts are counted against the process's bound."""
+        grown = after.fact_count - before.fact_count
+        self.feed_fact_count += grown
+        self.usage.feed_facts += grown
+        self.feed.put(key, after)
+
     def index_facts(self, key: InventoryKey, facts: Iterable[Fact]) -> None:
         """Feed facts a key's history now keeps: found by (merchant, source, event_id)."""
         for fact in facts:
@@ -374,8 +391,10 @@ class PartitionState:
         self.holds = {}
         self.finished = OrderedDict()
         self.feed_ids = {}
+        self.feed_fact_count = 0
         for key, history in self.feed.items():
             self.index_facts(key, history.facts)
+            self.feed_fact_count += history.fact_count
         self.silence = {}
         self.stale_keys = {}
         for location, feed in self.feed_locations.items():  # least recently heard first
@@ -399,7 +418,7 @@ class PartitionState:
         for reservation in sorted(live, key=lambda r: r.created_lsn):  # holds: oldest first
             self.expiry.set(reservation.reservation_id, reservation.expires_at_ms)
             self.hold(reservation)
-        self.usage = ProcessUsage(len(self.stock), len(live), len(self.idempotency))
+        self.usage = ProcessUsage(*self._counted())
         self.over_committed = {k: None for k, row in self.stock.items() if row.available < 0}
 
     # ---------------------------------------------------------------------- invariants
@@ -436,16 +455,18 @@ class PartitionState:
         assert set(self.over_committed) == {k for k, r in self.stock.items() if r.available < 0}
         self._check_feed()
         if not self.attached:  # a private usage counts exactly this partition
-            own = (len(self.stock), live, len(self.idempotency))
+            own = (len(self.stock), live, len(self.idempotency), self.feed_fact_count)
             assert (
                 self.usage.keys,
                 self.usage.reservations_live,
                 self.usage.idempotency_entries,
+                self.usage.feed_facts,
             ) == own
 
     def _check_feed(self) -> None:
-        indexed = 0
+        indexed = facts = 0
         for key, history in self.feed.items():
+            facts += history.fact_count
             assert key in self.stock, ("a history of a key with no row", key)
             orders = [d.order for d in history.deltas]
             assert orders == sorted(orders) and len(set(orders)) == len(orders), (key, history)
@@ -458,6 +479,7 @@ class PartitionState:
                     found = self.feed_ids.get((key.merchant_id, fact.source, fact.event_id))
                     assert found == (key, fact), (key, fact, found)
         assert indexed == len(self.feed_ids), "the feed index holds a fact no history keeps"
+        assert facts == self.feed_fact_count, (facts, self.feed_fact_count)
         self._check_staleness()
         self._check_deliveries()
 

@@ -24,7 +24,7 @@ from .. import _validate
 from .._commands import FeedEvent, Ingest
 from .._history import EMPTY_HISTORY, OWN_SOURCE, Fact, KeyHistory
 from .._model import ChangeReason, FeedEventKind, FeedLocation, InventoryKey, StockRow, partition_of
-from .._outcomes import AckStatus, EventAck, Ingested, Invalid, OverCommitted
+from .._outcomes import AckStatus, CapacityExhausted, EventAck, Ingested, Invalid, OverCommitted
 from .._state import Effects, PartitionState
 from . import deliveries, staleness
 
@@ -38,7 +38,12 @@ _REASONS = {kind.value: ChangeReason(kind.value) for kind in FeedEventKind}
 _UNCHECKED = Invalid("", "")  # a key not checked yet in this batch
 
 
-def ingest(state: PartitionState, command: Ingest, at: Effects) -> Ingested | Invalid:
+def ingest(
+    state: PartitionState, command: Ingest, at: Effects
+) -> Ingested | Invalid | CapacityExhausted:
+    full = state.refuse_feed_facts() if command.events else None
+    if full is not None:  # the process's histories are full: nothing of it is applied
+        return full
     for index, location_id in enumerate(command.alive_at):
         if partition_of(command.merchant_id, location_id) != state.partition:
             return Invalid(f"alive_at[{index}]", f"not in partition {state.partition}")
@@ -104,7 +109,7 @@ def _keep(
 ) -> None:
     if after is not before:
         state.unindex_facts(key, dropped)
-        state.feed.put(key, after)
+        state.put_history(key, before, after)
 
 
 # ------------------------------------------------------------------------ one batch
@@ -324,7 +329,7 @@ class _Batch:
         for key, work in self._recorded:
             self._merge(key, work)
             if work.history is not work.found:
-                state.feed.put(key, work.history)
+                state.put_history(key, work.found, work.history)
             row = work.row
             moved = work.first_kind and (row is None or work.on_hand != row.on_hand)
             resumed = bool(resuming) and (key.merchant_id, key.location_id) in resuming

@@ -855,6 +855,7 @@ class Owner:
             "keys": self.usage.keys,
             "live_reservations": self.usage.reservations_live,
             "idempotency_entries": self.usage.idempotency_entries,
+            "feed_facts": self.usage.feed_facts,
             "over_committed_keys": sum(core.over_committed_count for core in cores),
             "stale_locations": sum(core.stale_location_count for core in cores),
         }

@@ -27,7 +27,7 @@ def test_smoke_run_measures_both_targets_and_audits_their_state(
             "--seed", "7",
             "--rates", "300,600", "--duration-s", "1",
             "--stores", "3", "--skus", "20", "--duplicate-share", "0.2",
-            "--pg-connections", "4",
+            "--pg-connections", "4", "--settle-s-max", "5",
             "--output-dir", str(output),
         ]
     )  # fmt: skip
@@ -42,5 +42,6 @@ def test_smoke_run_measures_both_targets_and_audits_their_state(
         assert phase["audit_mismatches"] == 0, phase
         assert phase["lag"]["count"] == phase["acknowledged"], phase
         assert phase["cpu_us_per_event"]["generator"] > 0, phase
+        assert 0 <= phase["settled_s"] <= 5 + 2 * ingest_load.SETTLE_SAMPLE_S, phase
     service = [p for p in results["phases"] if p["target"] == "service"]
     assert all(p["cpu_cores"]["router"] > 0 and p["cpu_cores"]["shards"] > 0 for p in service)

@@ -172,13 +172,65 @@ def test_replay_is_never_refused_by_process_bounds() -> None:
     assert (full.keys, full.idempotency_entries) == (11, 11)
 
 
+def _sales(key: InventoryKey, *event_ids: str, count: int | None = None) -> Ingest:
+    """One Ingest of a sale per event id at ``key`` (led by a count, if given)."""
+    events = [FeedEvent(f"c-{event_ids[0]}", FeedEventKind.COUNT, key, T0, 0, count, "", "")]
+    events = events if count is not None else []
+    events += [
+        FeedEvent(e, FeedEventKind.SALE, key, T0 + 1 + i, 1, None, "", "")
+        for i, e in enumerate(event_ids)
+    ]
+    return Ingest(key.merchant_id, "pos", tuple(events), T0 + 1000, "", ())
+
+
+def test_process_feed_facts_bound_refuses_an_ingest_whole_but_never_the_service() -> None:
+    usage = ProcessUsage(feed_facts_max=3)
+    first, second = Partition(P), Partition(partition_of(M, "l2"))
+    first.attach(usage)
+    second.attach(usage)
+    assert first.apply(_sales(key("a"), "e1", count=10)).records  # a count and a sale
+    other = InventoryKey(M, "a", "l2")
+    assert second.apply(_sales(other, "e2")).records
+    assert usage.feed_facts == 3
+    before = first.snapshot()
+    step = first.apply(_sales(key("a"), "e3"))
+    assert step.outcome == CapacityExhausted("process_feed_facts_max", 3)
+    assert not step.records and first.snapshot() == before  # nothing of it applied
+    # The service's own physical facts are never refused; a SetStock replaces the history.
+    assert first.apply(SetStock(key("a"), "s1", 7, None, T0 + 2000)).records
+    assert usage.feed_facts == 2
+    # Accepted again (recorded, superseded: it occurred before the SetStock, so not kept).
+    assert first.apply(_sales(key("a"), "e3")).records
+    assert usage.feed_facts == 2
+    # Dropping a partition gives its facts back.
+    second.detach()
+    assert usage.feed_facts == 1  # and its private usage counts its own (the invariants)
+    first.check_invariants()
+    second.check_invariants()
+
+
+def test_replay_is_never_refused_by_the_feed_facts_bound() -> None:
+    live = Partition(P)
+    step = live.apply(_sales(key("a"), "e1", "e2", count=5))
+    full = ProcessUsage(feed_facts=10, feed_facts_max=1)
+    replica = Partition(P)
+    replica.attach(full)
+    for record in step.records:
+        replica.replay(Record(record.partition, record.lsn, record.command))
+    assert replica.snapshot() == live.snapshot()
+    assert full.feed_facts == 13
+    replica.check_invariants()
+
+
 def test_process_bounds_fit_in_a_machine() -> None:
     # The figures behind _limits.py's comment: ~0.26 KiB a key, ~1.3 KiB a live reservation,
-    # ~0.45 KiB an entry (tracemalloc over 20,000 of each); the total stays under 8 GiB.
+    # ~0.45 KiB an entry (tracemalloc over 20,000 of each), ~0.2 KiB a feed fact (over
+    # 100,000); the total stays under 8 GiB.
     total_kib = (
         0.26 * limits.process_keys_max
         + 1.3 * limits.process_reservations_live_max
         + 0.45 * limits.process_idempotency_entries_max
+        + 0.2 * limits.process_feed_facts_max
     )
     assert total_kib < 8 * 1024 * 1024
     assert limits.process_keys_max >= limits.partition_keys_max
