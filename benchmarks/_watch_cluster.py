@@ -230,13 +230,24 @@ class CpuSampler:
 
 
 def _cpu_s(process: psutil.Process, children: bool) -> float:
-    """The process's CPU seconds, with its live children's when asked (PostgreSQL backends)."""
-    total = 0.0
-    with contextlib.suppress(psutil.Error):
+    """The process's CPU seconds, with its children's when asked (PostgreSQL backends): the
+    live ones', and those of the children it has reaped (a backend that exited mid-phase
+    would otherwise take its CPU with it, and a window could even come out negative). Each
+    step is read on its own: a child exiting while they are listed costs only its share."""
+    try:
         times = process.cpu_times()
-        total += times.user + times.system
-        for child in process.children(recursive=True) if children else []:
-            with contextlib.suppress(psutil.Error):
-                child_times = child.cpu_times()
-                total += child_times.user + child_times.system
+    except psutil.Error:
+        return 0.0
+    total = times.user + times.system
+    if not children:
+        return total
+    total += times.children_user + times.children_system
+    try:
+        found = process.children(recursive=True)
+    except psutil.Error:
+        found = []
+    for child in found:
+        with contextlib.suppress(psutil.Error):
+            child_times = child.cpu_times()
+            total += child_times.user + child_times.system
     return total
