@@ -71,7 +71,7 @@ class FakeInventory(pb_grpc.InventoryServicer):
     # Items per BatchRequest received, and the timeout_ms of every item.
     request_sizes: list[int] = field(default_factory=list)
     timeouts_ms: list[int] = field(default_factory=list)
-    # BatchRequests received but not yet answered on a stream, and the most ever seen.
+    # BatchRequests received and not yet answered in full, and the most ever seen.
     requests_outstanding: int = 0
     requests_outstanding_max: int = 0
     # Seconds each OK Reserve takes (lets requests pile up).
@@ -187,16 +187,31 @@ class FakeInventory(pb_grpc.InventoryServicer):
         )
         dispatch["reserve"] = self.reserve
         dispatch["get_reservation"] = self.get_reservation
+        unanswered: dict[int, int] = {}  # a request's number -> its items not yet answered
+        request_of: dict[int, int] = {}  # an item's id -> its request's number
         async for response in batching.serve_stream(
-            self._recorded(requests), dispatch, _refusal_status
+            self._recorded(requests, unanswered, request_of), dispatch, _refusal_status
         ):
-            self.requests_outstanding -= 1
+            # A response carries whatever results were ready: parts of requests, or the ends
+            # of several. A request is outstanding until its last item is answered.
+            for result in response.results:
+                number = request_of.pop(result.id)
+                unanswered[number] -= 1
+                if not unanswered[number]:
+                    del unanswered[number]
+                    self.requests_outstanding -= 1
             yield response
 
     async def _recorded(
-        self, requests: AsyncIterator[pb.BatchRequest]
+        self,
+        requests: AsyncIterator[pb.BatchRequest],
+        unanswered: dict[int, int],
+        request_of: dict[int, int],
     ) -> AsyncIterator[pb.BatchRequest]:
         async for request in requests:
+            number = len(self.request_sizes)
+            unanswered[number] = len(request.items)
+            request_of.update((item.id, number) for item in request.items)
             self.request_sizes.append(len(request.items))
             self.timeouts_ms.extend(item.timeout_ms for item in request.items)
             self.requests_outstanding += 1
