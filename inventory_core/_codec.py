@@ -62,8 +62,9 @@ def key_from_data(data: Any) -> InventoryKey:
 
 def row_to_data(row: StockRow) -> list[int]:
     """``[on_hand, reserved, safety_stock, version, stale_buffer, stale_since_ms, incoming,
-    incoming_eta_ms]``, trailing zeros left out: a live key with nothing incoming is four
-    numbers, as rows were before staleness and deliveries (they decode as such)."""
+    incoming_eta_ms, allotted]``, trailing zeros left out: a live key with nothing incoming
+    and no buckets is four numbers, as rows were before staleness, deliveries and hot keys
+    (they decode as such)."""
     return _trimmed(
         [
             row.on_hand,
@@ -74,6 +75,7 @@ def row_to_data(row: StockRow) -> list[int]:
             row.stale_since_ms,
             row.incoming,
             row.incoming_eta_ms,
+            row.allotted,
         ]
     )
 
@@ -86,11 +88,11 @@ def _trimmed(data: list[int]) -> list[int]:
 
 def row_from_data(data: Any) -> StockRow:
     if not _ROW_FIELDS_MIN <= len(data) <= _ROW_FIELDS_MAX:
-        raise ValueError(f"a stock row has 4 to 8 fields, got {data!r}")
+        raise ValueError(f"a stock row has 4 to 9 fields, got {data!r}")
     return StockRow(*(integer(v) for v in data))
 
 
-_ROW_FIELDS_MIN, _ROW_FIELDS_MAX = 4, 8
+_ROW_FIELDS_MIN, _ROW_FIELDS_MAX = 4, 9
 
 
 def location_to_data(location: FeedLocation) -> list[str]:
@@ -122,6 +124,7 @@ def _level_to_data(level: StockLevel) -> Data:
             level.stale_since_ms,
             level.incoming,
             level.incoming_eta_ms,
+            level.allotted,
         ]
     )
     return {"key": key_to_data(level.key), "row": row, "exists": level.exists}

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _limits as limits
-from ._model import AdjustmentReason, FeedEventKind, FeedLocation, InventoryKey, Line
+from ._model import AdjustmentReason, FeedEventKind, FeedLocation, InventoryKey, Line, Transfer
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,11 @@ class Reserve:
     lines: tuple[Line, ...]
     ttl_s: int
     now_ms: int
+    # A refusal for insufficient stock is recorded and remembered under the idempotency key
+    # like an answer, so a retry gets it again. The router asks for it on a hot key's bucket
+    # before it tries the next one: a retry that walks the buckets again then finds every
+    # answer the first walk got, and never takes units twice (DESIGN section 10).
+    keep_refusal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +179,85 @@ class MarkStale:
 
 
 @dataclass(frozen=True, slots=True)
+class SplitKey:
+    """Split a hot key at its home into buckets (DESIGN section 10; ``_buckets.py``).
+
+    Each number names a bucket, a key of its own (``bucket_key``) whose partition the caller
+    chose on another owner than the home's and the other buckets'. A key already split keeps
+    its buckets (a split that was merging is split again): the answer says which it has.
+    """
+
+    key: InventoryKey
+    idempotency_key: str
+    buckets: tuple[int, ...]
+    now_ms: int
+
+    @property
+    def merchant_id(self) -> str:
+        return self.key.merchant_id
+
+
+@dataclass(frozen=True, slots=True)
+class MergeKey:
+    """Merge a hot key's buckets back into its home: no more grants; the split row goes once
+    the buckets have returned every unit (at once if they hold none)."""
+
+    key: InventoryKey
+    idempotency_key: str
+    now_ms: int
+
+    @property
+    def merchant_id(self) -> str:
+        return self.key.merchant_id
+
+
+@dataclass(frozen=True, slots=True)
+class SendQuota:
+    """Debit a transfer at its source (``key``): at a hot key's home, a grant of
+    ``quantity`` units to one of its buckets; at a bucket, a return of ``quantity`` free units
+    to its home, with every unit its reservations committed since its last return."""
+
+    key: InventoryKey
+    idempotency_key: str
+    target: InventoryKey
+    quantity: int
+    now_ms: int
+
+    @property
+    def merchant_id(self) -> str:
+        return self.key.merchant_id
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveQuota:
+    """Credit a transfer at its target, once: its answer is remembered under its id."""
+
+    transfer: Transfer
+    now_ms: int
+
+    @property
+    def merchant_id(self) -> str:
+        return self.transfer.target.merchant_id
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"transfer:{self.transfer.transfer_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class SettleTransfer:
+    """The source forgets a transfer its target has credited (nothing if it had already)."""
+
+    key: InventoryKey
+    transfer_id: str
+    now_ms: int
+
+    @property
+    def merchant_id(self) -> str:
+        return self.key.merchant_id
+
+
+@dataclass(frozen=True, slots=True)
 class Expire:
     """Expire the listed reservations, each due at or before now_ms."""
 
@@ -183,8 +267,19 @@ class Expire:
 
 # Commands that carry an idempotency key: their answers are remembered for retries.
 KeyedCommand = (
-    Reserve | Commit | Release | Extend | AdjustStock | SetStock | SetSafetyStock | ExpectDelivery
+    Reserve
+    | Commit
+    | Release
+    | Extend
+    | AdjustStock
+    | SetStock
+    | SetSafetyStock
+    | ExpectDelivery
+    | SplitKey
+    | MergeKey
+    | SendQuota
+    | ReceiveQuota
 )
 # Commands a client sends; each is scoped to a merchant.
-ClientCommand = KeyedCommand | Ingest
+ClientCommand = KeyedCommand | Ingest | SettleTransfer
 Command = ClientCommand | Expire | MarkStale

@@ -24,7 +24,7 @@ from typing import Any
 
 from ._codec import canonical_bytes, dataclass_codec
 from ._model import InventoryKey, Line
-from ._outcomes import Accepted, IdempotencyKeyReused, Outcome
+from ._outcomes import Accepted, IdempotencyKeyReused, InsufficientStock, Outcome
 from ._tables import Table, TableSchema
 
 Scope = tuple[str, str]  # (merchant_id, idempotency_key)
@@ -40,7 +40,8 @@ class IdempotencyEntry:
     idempotency_key: str
     kind: str
     fingerprint: str
-    outcome: Accepted
+    # An accepted answer, or a refusal its command asked to keep (``Reserve.keep_refusal``).
+    outcome: Accepted | InsufficientStock
     lsn: int
     recorded_at_ms: int
 

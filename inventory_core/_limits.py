@@ -140,3 +140,20 @@ delivery_lines_max: Final = 1000
 # until received or cancelled; 10,000 is years of a busy store's overdue notices, and bounds
 # the table (~100 B a line) at a few MiB per partition.
 deliveries_max: Final = 10_000
+
+# Hot keys (DESIGN section 10; ``_buckets.py``). Buckets of one split key besides its home:
+# one per shard at most is useful (each bucket must sit on another owner), and 15 (K = 16)
+# spreads one key over more cores than a router tier feeds; it bounds a split row and the
+# rebalancer's fan-out.
+split_buckets_max: Final = 15
+# A bucket's number picks its partition (``bucket_key``): the splitter tries numbers in order
+# until each bucket sits on another owner. 1000 numbers find 15 distinct owners among a
+# thousand partitions with room to spare, and keep a bucket's location short.
+bucket_number_max: Final = 1000
+# Transfers a split key's home or one bucket may have debited and not yet settled. The
+# rebalancer keeps one in flight per bucket and direction; 32 lets a home have one to each of
+# 15 buckets and a retry's worth more, and bounds the row.
+quota_transfers_pending_max: Final = 32
+# Commit facts one return carries: a bucket's history keeps at most feed_history_per_key_max
+# of them, and everything older travels as one more (``rules/buckets.py``).
+transfer_consumed_max: Final = feed_history_per_key_max + 1

@@ -43,6 +43,30 @@ def partition_of(merchant_id: str, location_id: str, partition_count: int = PART
     return int.from_bytes(digest, "big") % partition_count
 
 
+# A hot key's bucket is a key of its own (DESIGN section 10): the home key's location with
+# this separator and the bucket's number ("store-7~3"). Callers' identifiers never hold it
+# (``_validate.IDENTIFIER_CHARACTERS``), so no caller can name a bucket, and a bucket's
+# events and read-view row never collide with a real key's.
+BUCKET_SEPARATOR = "~"
+
+
+def bucket_key(key: InventoryKey, number: int) -> InventoryKey:
+    """Bucket ``number`` (1 and up) of a hot key: its partition is that of its location."""
+    return InventoryKey(key.merchant_id, key.sku_id, f"{key.location_id}{BUCKET_SEPARATOR}{number}")
+
+
+def home_key(key: InventoryKey) -> InventoryKey:
+    """The key a bucket belongs to (a key that is not a bucket is its own home)."""
+    location_id, separator, _ = key.location_id.partition(BUCKET_SEPARATOR)
+    return InventoryKey(key.merchant_id, key.sku_id, location_id) if separator else key
+
+
+def bucket_number(key: InventoryKey) -> int:
+    """A bucket's number (0 for a key that is not a bucket)."""
+    _, separator, number = key.location_id.partition(BUCKET_SEPARATOR)
+    return int(number) if separator and number.isascii() and number.isdecimal() else 0
+
+
 def locations_by_partition(merchant_id: str, location_ids: Iterable[str]) -> dict[int, list[str]]:
     """A merchant's locations grouped by their partition (each location once, first-seen
     order): one request per partition owner."""
@@ -66,15 +90,22 @@ class StockRow:
     # earliest ETA among them (0: none). Never part of available.
     incoming: int = 0
     incoming_eta_ms: int = 0
+    # A hot key's home (DESIGN section 10): the units handed to its buckets as their quota
+    # and not yet back (in transit either way, held or reserved there, or committed there and
+    # not yet reported). Not offered here, and still part of on_hand: the buckets sell them.
+    allotted: int = 0
 
     @property
     def available(self) -> int:
+        """The physical basis of over-commitment: below zero, units promised online (here
+        or, for a hot key, by its buckets) are not there."""
         return self.on_hand - self.reserved - self.safety_stock
 
     @property
     def offered(self) -> int:
-        """What may be promised online now: available less the stale buffer."""
-        return self.on_hand - self.reserved - self.safety_stock - self.stale_buffer
+        """What this row may promise online now: available less the stale buffer and less
+        the units its buckets hold."""
+        return self.on_hand - self.reserved - self.safety_stock - self.stale_buffer - self.allotted
 
 
 EMPTY_ROW = StockRow()
@@ -94,6 +125,7 @@ class StockLevel:
     stale_since_ms: int = 0
     incoming: int = 0
     incoming_eta_ms: int = 0
+    allotted: int = 0
 
     @property
     def available(self) -> int:
@@ -105,9 +137,16 @@ class StockLevel:
         return self.stale_since_ms != 0
 
     @property
+    def offered(self) -> int:
+        """What this row may promise online: available less the stale buffer and the units
+        its buckets hold (below zero when a physical fact took more than it had)."""
+        return self.available - self.stale_buffer - self.allotted
+
+    @property
     def sellable(self) -> int:
-        """What shoppers see: available less the stale buffer, never below zero."""
-        return max(self.available - self.stale_buffer, 0)
+        """What shoppers see of this row: what it offers, never below zero. A hot key's
+        total is its home's offer plus its buckets' (the router adds them up)."""
+        return max(self.offered, 0)
 
     @staticmethod
     def of(key: InventoryKey, row: StockRow | None) -> StockLevel:
@@ -123,6 +162,7 @@ class StockLevel:
             r.stale_since_ms,
             r.incoming,
             r.incoming_eta_ms,
+            r.allotted,
         )
 
 
@@ -157,6 +197,9 @@ class ChangeReason(enum.Enum):
     TRANSFER = "transfer"
     SET_STOCK = "set_stock"
     SET_SAFETY_STOCK = "set_safety_stock"
+    # A hot key's units moved between its home and its buckets, or its split changed
+    # (DESIGN section 10): what each part may promise changed, the shelf did not.
+    QUOTA = "quota"
     # Feeds (DESIGN section 9): an adjustment and a count from a POS or supplier feed, and
     # several feed events of one record on one key (one change per key per record).
     ADJUSTMENT = "adjustment"
@@ -234,6 +277,44 @@ def partition_of_reservation(reservation_id: str) -> int | None:
 def _ascii_number(text: str) -> bool:
     """Only 0-9: str.isdigit also accepts superscripts and other scripts' digits."""
     return text.isascii() and text.isdecimal()
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed:
+    """Units a bucket's reservations committed (took off the shelf), and when."""
+
+    occurred_at_ms: int
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """Units on their way between a hot key's home and one of its buckets."""
+
+    # "t<partition>-<lsn>" of the record that debited the source: unique, and the key its
+    # credit is remembered under.
+    transfer_id: str
+    source: InventoryKey
+    target: InventoryKey
+    # The split's generation (the lsn of the record that split the key).
+    generation: int
+    # Free units moved: a grant's quota, or the free units a return gives back.
+    quantity: int
+    # A return's committed units, oldest first (a grant carries none).
+    consumed: tuple[Consumed, ...] = ()
+
+    @property
+    def consumed_units(self) -> int:
+        return sum(c.quantity for c in self.consumed)
+
+    @property
+    def units(self) -> int:
+        """What it takes off the home's ``allotted`` when a return is credited."""
+        return self.quantity + self.consumed_units
+
+
+def transfer_id_for(partition: int, lsn: int) -> str:
+    return f"t{partition:04d}-{lsn:010d}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,12 @@ first that applies.
     ReservationNotFound     no such reservation for this merchant
     ReservationNotActive    committed, released or expired already (state and when)
     VersionMismatch         compare-and-set refused (current version given)
+    SplitConflict           a hot key's split does not allow it (the key and why)
     InsufficientStock       a reserve line exceeds available (requested and available per line)
 
 Accepted outcomes: ``Reserved``, ``Committed``, ``Released``, ``Extended``, ``StockChanged``,
-``Expired``, ``Ingested``, ``MarkedStale``, ``DeliveryExpected``. An ``Ingested`` answers
+``Expired``, ``Ingested``, ``MarkedStale``, ``DeliveryExpected``, and a hot key's ``KeySplit``,
+``QuotaSent``, ``QuotaReceived``, ``TransferSettled``. An ``Ingested`` answers
 each event of a feed batch on its own (``EventAck``): applied, duplicate, superseded, or
 refused with the field and the reason.
 """
@@ -24,7 +26,14 @@ import enum
 from dataclasses import dataclass
 from typing import get_args
 
-from ._model import FeedLocation, InventoryKey, Reservation, ReservationState, StockLevel
+from ._model import (
+    FeedLocation,
+    InventoryKey,
+    Reservation,
+    ReservationState,
+    StockLevel,
+    Transfer,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,15 @@ class VersionMismatch:
 
 
 @dataclass(frozen=True, slots=True)
+class SplitConflict:
+    """A hot key's split does not allow the command: a grant while it merges, a transfer
+    between keys that are not a key and one of its buckets, a return with nothing in it."""
+
+    key: InventoryKey
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ShortLine:
     key: InventoryKey
     requested: int
@@ -84,6 +102,7 @@ Rejection = (
     | ReservationNotFound
     | ReservationNotActive
     | VersionMismatch
+    | SplitConflict
     | InsufficientStock
 )
 
@@ -179,6 +198,43 @@ class MarkedStale:
 
 
 @dataclass(frozen=True, slots=True)
+class KeySplit:
+    """A hot key's split as it stands: its buckets (none: the key is whole), the split's
+    generation (0: whole), whether it is merging, and the home's level."""
+
+    level: StockLevel
+    buckets: tuple[InventoryKey, ...] = ()
+    generation: int = 0
+    merging: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSent:
+    """A transfer debited at its source: credit it at its target (``ReceiveQuota``), then
+    settle it here (``SettleTransfer``)."""
+
+    transfer: Transfer
+    level: StockLevel
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaReceived:
+    """A transfer credited at its target (once, however often it is carried)."""
+
+    transfer_id: str
+    level: StockLevel
+    # A return that brought a merging key's last unit home: the key is whole again.
+    merged: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TransferSettled:
+    transfer_id: str
+    # False: the source had forgotten it already (settled before); nothing changed.
+    settled: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Expired:
     reservation_ids: tuple[str, ...]
 
@@ -193,6 +249,10 @@ Accepted = (
     | Ingested
     | MarkedStale
     | DeliveryExpected
+    | KeySplit
+    | QuotaSent
+    | QuotaReceived
+    | TransferSettled
 )
 Outcome = Accepted | Rejection
 

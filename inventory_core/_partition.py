@@ -36,7 +36,14 @@ from ._model import (
     StockLevel,
     StockRow,
 )
-from ._outcomes import Accepted, Expired, Outcome, OverCommitted, is_accepted
+from ._outcomes import (
+    Accepted,
+    Expired,
+    InsufficientStock,
+    Outcome,
+    OverCommitted,
+    is_accepted,
+)
 from ._registry import BY_TYPE, kind_of
 from ._state import Effects, PartitionState
 from ._usage import ProcessUsage
@@ -143,7 +150,7 @@ class Partition:
             outcome, logged = self._execute(record.command, record.lsn, events)
         finally:
             self._state.live_apply = True
-        if not is_accepted(outcome):
+        if logged is None:
             raise AssertionError(f"replayed record {record.lsn} was refused: {outcome}")
         if logged != record.command:
             raise AssertionError(f"replayed record {record.lsn} would log {logged}")
@@ -290,8 +297,12 @@ class Partition:
             state, command, Effects(self.partition, lsn, command.now_ms, events)
         )
         if not is_accepted(outcome):
-            return outcome, None
-        logged: Command | None = kind.record_of(command, outcome)
+            if not kind.keeps_refusal(command, outcome):
+                return outcome, None
+            assert len(events) == emitted, f"a kept refusal of {kind.name} changed keys"
+            logged: Command | None = command
+        else:
+            logged = kind.record_of(command, outcome)
         if logged is None:
             assert len(events) == emitted, f"{kind.name} logs nothing but changed keys"
             return outcome, None
@@ -302,7 +313,9 @@ class Partition:
             self._remember(command, outcome, lsn)  # type: ignore[arg-type]
         return outcome, logged
 
-    def _remember(self, command: KeyedCommand, outcome: Accepted, lsn: int) -> None:
+    def _remember(
+        self, command: KeyedCommand, outcome: Accepted | InsufficientStock, lsn: int
+    ) -> None:
         entry = IdempotencyEntry(
             command.merchant_id,
             command.idempotency_key,

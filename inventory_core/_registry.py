@@ -27,14 +27,26 @@ from ._commands import (
     Extend,
     Ingest,
     MarkStale,
+    MergeKey,
+    ReceiveQuota,
     Release,
     Reserve,
+    SendQuota,
     SetSafetyStock,
     SetStock,
+    SettleTransfer,
+    SplitKey,
 )
-from ._outcomes import Ingested, Invalid, MarkedStale, Outcome
+from ._outcomes import (
+    Ingested,
+    InsufficientStock,
+    Invalid,
+    MarkedStale,
+    Outcome,
+    TransferSettled,
+)
 from ._state import Effects, PartitionState
-from .rules import counts, deliveries, feeds, reservations, staleness
+from .rules import buckets, counts, deliveries, feeds, reservations, staleness
 
 C = TypeVar("C")
 
@@ -54,6 +66,12 @@ class CommandKind(Generic[C]):
     # The work a command is, in units of a one-line request (what bounds a shell's batch):
     # 1 unless this says otherwise.
     units: Callable[[C], int] | None = None
+    # A refusal to record and remember like an answer (the command is logged as it is):
+    # none unless this says so.
+    keeps: Callable[[C, Outcome], bool] | None = None
+
+    def keeps_refusal(self, command: C, outcome: Outcome) -> bool:
+        return self.keeps is not None and self.keeps(command, outcome)
 
     def record_of(self, command: C, outcome: Outcome) -> C | None:
         return command if self.to_record is None else self.to_record(command, outcome)
@@ -85,8 +103,21 @@ def _mark_stale_record(command: MarkStale, outcome: MarkedStale) -> MarkStale | 
     )
 
 
+def _settle_record(command: SettleTransfer, outcome: TransferSettled) -> SettleTransfer | None:
+    """Nothing when the source had forgotten the transfer already."""
+    return command if outcome.settled else None
+
+
 REGISTRY: tuple[CommandKind[Any], ...] = (
-    CommandKind("reserve", Reserve, _validate.reserve, reservations.reserve),
+    CommandKind(
+        "reserve",
+        Reserve,
+        _validate.reserve,
+        reservations.reserve,
+        keeps=lambda command, outcome: (
+            command.keep_refusal and isinstance(outcome, InsufficientStock)
+        ),
+    ),
     CommandKind("commit", Commit, _validate.commit, reservations.commit),
     CommandKind("release", Release, _validate.release, reservations.release),
     CommandKind("extend", Extend, _validate.extend, reservations.extend),
@@ -120,6 +151,24 @@ REGISTRY: tuple[CommandKind[Any], ...] = (
         from_caller=False,
         remembered=False,
         to_record=_mark_stale_record,
+    ),
+    CommandKind("split_key", SplitKey, _validate.split_key, buckets.split_key),
+    CommandKind("merge_key", MergeKey, _validate.merge_key, buckets.merge_key),
+    CommandKind("send_quota", SendQuota, _validate.send_quota, buckets.send_quota),
+    CommandKind(
+        "receive_quota",
+        ReceiveQuota,
+        _validate.receive_quota,
+        buckets.receive_quota,
+        units=lambda command: max(len(command.transfer.consumed), 1),
+    ),
+    CommandKind(
+        "settle_transfer",
+        SettleTransfer,
+        _validate.settle_transfer,
+        buckets.settle_transfer,
+        remembered=False,
+        to_record=_settle_record,
     ),
 )
 BY_TYPE: dict[type[Any], CommandKind[Any]] = {row.type: row for row in REGISTRY}

@@ -9,6 +9,8 @@ over ``TABLES`` by name, with no code per table):
     feed           InventoryKey -> KeyHistory                last count, deltas after it
     feed_locations FeedLocation -> LocationFeed              each source's health, staleness
     deliveries     (merchant_id, delivery_id) -> Delivery    units still expected, ETA
+    splits         InventoryKey -> Split                     a hot key at its home: buckets
+    quotas         InventoryKey -> Quota                     a hot key's bucket: its grants
 
 Indexes derived from the tables, rebuilt by ``rebuild_indexes`` after a restore:
     expiry         live reservations by expiry (``ExpiryIndex``)
@@ -26,6 +28,8 @@ Invariants (``check_invariants``), true after every step:
   - a key's feed history is in order, after its count, and within its bound;
   - a row is flagged stale (with its location's time) exactly while its location is stale;
   - a row's incoming is the units its deliveries still expect, at their earliest ETA;
+  - a hot key's home allots exactly what its split counts out; a bucket holds no more than it
+    was granted, never offers below zero, and has no physical facts but its commits;
   - the indexes agree with the tables; every bound holds.
 """
 
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _limits as limits
+from ._buckets import QUOTAS, SPLITS, Quota, Split
 from ._codec import dataclass_codec, key_from_data, key_to_data, row_from_data, row_to_data
 from ._deliveries import DELIVERIES, Delivery, DeliveryId
 from ._expiry import ExpiryIndex
@@ -53,6 +58,8 @@ from ._model import (
     ReservationState,
     StockLevel,
     StockRow,
+    bucket_number,
+    home_key,
 )
 from ._outcomes import CapacityExhausted, OverCommit
 from ._tables import Table, TableSchema
@@ -87,7 +94,16 @@ RESERVATIONS: TableSchema[str, Reservation] = TableSchema(
 # Every table, by name: what a checkpoint writes and a restore reads.
 TABLES: dict[str, TableSchema[Any, Any]] = {
     schema.name: schema
-    for schema in (STOCK, RESERVATIONS, IDEMPOTENCY, FEED, FEED_LOCATIONS, DELIVERIES)
+    for schema in (
+        STOCK,
+        RESERVATIONS,
+        IDEMPOTENCY,
+        FEED,
+        FEED_LOCATIONS,
+        DELIVERIES,
+        SPLITS,
+        QUOTAS,
+    )
 }
 FeedId = tuple[str, str, str]  # (merchant_id, source, event_id)
 _COUNTS = frozenset(
@@ -99,6 +115,7 @@ _COUNTS = frozenset(
         "stale_since_ms",
         "incoming",
         "incoming_eta_ms",
+        "allotted",
     }
 )
 
@@ -129,8 +146,10 @@ class PartitionState:
         "live_apply",
         "over_committed",
         "partition",
+        "quotas",
         "reservations",
         "silence",
+        "splits",
         "stale_keys",
         "stock",
         "usage",
@@ -149,6 +168,8 @@ class PartitionState:
         self.stale_keys: dict[FeedLocation, dict[InventoryKey, None]] = {}
         self.deliveries: Table[DeliveryId, Delivery] = Table(DELIVERIES)
         self.incoming: dict[InventoryKey, dict[str, int]] = {}
+        self.splits: Table[InventoryKey, Split] = Table(SPLITS)
+        self.quotas: Table[InventoryKey, Quota] = Table(QUOTAS)
         self.expiry = ExpiryIndex()
         self.holds: dict[InventoryKey, dict[str, int]] = {}
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -170,6 +191,8 @@ class PartitionState:
             self.feed,
             self.feed_locations,
             self.deliveries,
+            self.splits,
+            self.quotas,
         )
         return {t.schema.name: t for t in tables}
 
@@ -241,6 +264,7 @@ class PartitionState:
             counts.get("stale_since_ms", stale_since_ms),
             counts.get("incoming", before.incoming),
             counts.get("incoming_eta_ms", before.incoming_eta_ms),
+            counts.get("allotted", before.allotted),
         )
         assert counts.keys() <= _COUNTS, counts
         if after.reserved < 0:
@@ -482,6 +506,41 @@ class PartitionState:
         assert facts == self.feed_fact_count, (facts, self.feed_fact_count)
         self._check_staleness()
         self._check_deliveries()
+        self._check_buckets()
+
+    def _check_buckets(self) -> None:
+        for key, split in self.splits.items():
+            row = self.stock.get(key)
+            assert row is not None and not bucket_number(key), ("a split of no home row", key)
+            assert len(split.granted) == len(split.buckets) <= limits.split_buckets_max, split
+            assert len(set(split.buckets)) == len(split.buckets), split
+            assert all(home_key(b) == key and bucket_number(b) for b in split.buckets), split
+            assert all(g >= 0 for g in split.granted), (key, split)
+            assert row.allotted == sum(split.granted), (key, row, split)
+            assert len(split.sending) <= limits.quota_transfers_pending_max, split
+            for transfer in split.sending:
+                assert transfer.source == key and transfer.target in split.buckets, transfer
+        for key, row in self.stock.items():
+            assert row.allotted >= 0, (key, row)
+            if row.allotted:
+                assert key in self.splits, ("allots units with no split", key, row)
+            if not bucket_number(key):
+                assert key not in self.quotas, ("a quota of a key that is no bucket", key)
+                continue
+            quota = self.quotas.get(key)
+            assert quota is not None, ("a bucket with no quota", key)
+            assert quota.home == home_key(key), (key, quota)
+            assert row.safety_stock == row.stale_buffer == row.incoming == 0, (key, row)
+            assert 0 <= row.reserved <= row.on_hand <= quota.granted, (key, row, quota)
+            history = self.feed.get(key)
+            if history is not None:
+                assert history.count is None, (key, history)
+                assert all(f.is_own and f.kind == "commit" for f in history.deltas), history
+        for key, quota in self.quotas.items():
+            assert key in self.stock and bucket_number(key), ("a quota of no bucket row", key)
+            assert len(quota.sending) <= limits.quota_transfers_pending_max, quota
+            for transfer in quota.sending:
+                assert transfer.source == key and transfer.target == quota.home, transfer
 
     def _check_deliveries(self) -> None:
         expecting: dict[InventoryKey, dict[str, int]] = {}

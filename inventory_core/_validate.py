@@ -21,12 +21,25 @@ from ._commands import (
     FeedEvent,
     Ingest,
     MarkStale,
+    MergeKey,
+    ReceiveQuota,
     Release,
     Reserve,
+    SendQuota,
     SetSafetyStock,
     SetStock,
+    SettleTransfer,
+    SplitKey,
 )
-from ._model import FeedEventKind, InventoryKey, Line, partition_of
+from ._model import (
+    BUCKET_SEPARATOR,
+    FeedEventKind,
+    InventoryKey,
+    Line,
+    bucket_number,
+    home_key,
+    partition_of,
+)
 from ._outcomes import Invalid
 
 IDENTIFIER_CHARACTERS = frozenset(
@@ -44,7 +57,7 @@ def reserve(command: Reserve) -> Invalid | None:
     first = command.lines[0].key
     for index, line in enumerate(command.lines):
         field = f"lines[{index}]"
-        problem = _key(f"{field}.key", line.key) or _bounded(
+        problem = _line_key(f"{field}.key", line.key) or _bounded(
             f"{field}.quantity", line.quantity, 1, limits.line_quantity_max
         )
         if problem:
@@ -168,6 +181,86 @@ def validate_ingest_request(
     for index, location_id in enumerate(alive_at):
         problem = problem or _identifier(f"alive_at[{index}]", location_id)
     return problem
+
+
+def split_key(command: SplitKey) -> Invalid | None:
+    """A key a caller names (never a bucket), and 1 to ``split_buckets_max`` distinct bucket
+    numbers, each 1 to ``bucket_number_max``."""
+    problem = _key_scope(command.key, command.idempotency_key)
+    if problem:
+        return problem
+    count = len(command.buckets)
+    if not 0 < count <= limits.split_buckets_max:
+        return Invalid("buckets", f"1 to {limits.split_buckets_max} buckets, got {count}")
+    for index, number in enumerate(command.buckets):
+        problem = _bounded(f"buckets[{index}]", number, 1, limits.bucket_number_max)
+        if problem:
+            return problem
+    if len(set(command.buckets)) != count:
+        return Invalid("buckets", "a bucket is named twice")
+    return None
+
+
+def merge_key(command: MergeKey) -> Invalid | None:
+    return _key_scope(command.key, command.idempotency_key)
+
+
+def send_quota(command: SendQuota) -> Invalid | None:
+    """A grant (home to one of its buckets, at least one unit) or a return (bucket to its
+    home, any number of free units: it also carries what the bucket committed)."""
+    problem = (
+        _transfer_ends(command.key, command.target, "key", "target")
+        or _idempotency_key(command.idempotency_key)
+        or _bounded("quantity", command.quantity, 0, limits.stock_quantity_max)
+    )
+    if problem is None and command.quantity == 0 and not bucket_number(command.key):
+        return Invalid("quantity", "a grant moves at least one unit")
+    return problem
+
+
+def receive_quota(command: ReceiveQuota) -> Invalid | None:
+    """A transfer as its source's answer described it."""
+    transfer = command.transfer
+    head, dash, lsn = transfer.transfer_id[1:].partition("-")
+    well_formed = transfer.transfer_id[:1] == "t" and dash and head.isdecimal() and lsn.isdecimal()
+    if not well_formed or len(transfer.transfer_id) > limits.identifier_length_max:
+        return Invalid("transfer.transfer_id", "not a transfer's id (t<partition>-<lsn>)")
+    problem = _transfer_ends(
+        transfer.source, transfer.target, "transfer.source", "transfer.target"
+    ) or _bounded("transfer.generation", transfer.generation, 1, 2**62)
+    problem = problem or _bounded(
+        "transfer.quantity", transfer.quantity, 0, limits.stock_quantity_max
+    )
+    if problem:
+        return problem
+    is_return = bucket_number(transfer.source) != 0
+    if not is_return and (transfer.consumed or transfer.quantity == 0):
+        return Invalid("transfer", "a grant moves at least one unit, and reports no commits")
+    if len(transfer.consumed) > limits.transfer_consumed_max:
+        count_max = limits.transfer_consumed_max
+        return Invalid("transfer.consumed", f"at most {count_max}, got {len(transfer.consumed)}")
+    for index, consumed in enumerate(transfer.consumed):
+        problem = problem or _bounded(
+            f"transfer.consumed[{index}].quantity", consumed.quantity, 1, limits.stock_quantity_max
+        )
+    return problem
+
+
+def settle_transfer(command: SettleTransfer) -> Invalid | None:
+    return _line_key("key", command.key) or _identifier("transfer_id", command.transfer_id)
+
+
+def _transfer_ends(
+    source: InventoryKey, target: InventoryKey, source_field: str, target_field: str
+) -> Invalid | None:
+    """One end is a key, the other one of its buckets."""
+    problem = _line_key(source_field, source) or _line_key(target_field, target)
+    if problem:
+        return problem
+    bucket, home = (source, target) if bucket_number(source) else (target, source)
+    if bucket_number(home) or not bucket_number(bucket) or home_key(bucket) != home:
+        return Invalid(target_field, f"must be a bucket of {source_field}, or its home")
+    return None
 
 
 def mark_stale(command: MarkStale) -> Invalid | None:
@@ -324,7 +417,7 @@ def _commit_lines(lines: tuple[Line, ...]) -> Invalid | None:
     seen: dict[InventoryKey, int] = {}
     for index, line in enumerate(lines):
         field = f"lines[{index}]"
-        problem = _key(f"{field}.key", line.key) or _bounded(
+        problem = _line_key(f"{field}.key", line.key) or _bounded(
             f"{field}.quantity", line.quantity, 0, limits.line_quantity_max
         )
         if problem:
@@ -353,6 +446,20 @@ def _scope(merchant_id: str, idempotency_key: str) -> Invalid | None:
 
 def _key_scope(key: InventoryKey, idempotency_key: str) -> Invalid | None:
     return _key("key", key) or _idempotency_key(idempotency_key)
+
+
+def _line_key(field: str, key: InventoryKey) -> Invalid | None:
+    """A key a reservation may hold: a caller's key, or one of its buckets (``bucket_key``),
+    which the router names when it reserves a hot key there."""
+    location_id, separator, number = key.location_id.partition(BUCKET_SEPARATOR)
+    if not separator:
+        return _key(field, key)
+    problem = _key(field, InventoryKey(key.merchant_id, key.sku_id, location_id))
+    if problem is None and not bucket_number(key):
+        return Invalid(f"{field}.location_id", f"bucket number {number!r} is not a number")
+    if problem is None and bucket_number(key) > limits.bucket_number_max:
+        return Invalid(f"{field}.location_id", f"bucket number above {limits.bucket_number_max}")
+    return problem
 
 
 def _key(field: str, key: InventoryKey) -> Invalid | None:

@@ -26,6 +26,7 @@ from inventory_core import (
     ReservationNotFound,
     ReservationState,
     ShortLine,
+    SplitConflict,
     VersionMismatch,
 )
 from shard_router.common import batching, errors, rpcs, servicer
@@ -45,6 +46,7 @@ EXAMPLES: list[Rejection] = [
     ),
     VersionMismatch(KEY, 3, 5),
     VersionMismatch(KEY, 0, 1),
+    SplitConflict(KEY, "merging: its buckets get no more units"),
     InsufficientStock((ShortLine(KEY, 4, 1), ShortLine(OTHER_KEY, 2, 9))),
     InsufficientStock((ShortLine(KEY, 1, 0),)),
 ]

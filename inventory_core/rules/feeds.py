@@ -73,11 +73,13 @@ def own_delta(
     *,
     occurred_at_ms: int,
     kind: str,
+    event_id: str = "",
 ) -> int:
     """A physical change the service makes itself: the change of on_hand it makes now (0
-    when a later count already covers it). The caller changes the row."""
+    when a later count already covers it). The caller changes the row. Its id is the
+    record's lsn unless the record makes several facts of one key (``event_id``)."""
     found = state.feed.get(key) or EMPTY_HISTORY
-    fact = Fact(occurred_at_ms, OWN_SOURCE, f"{at.lsn:012d}", delta, kind)
+    fact = Fact(occurred_at_ms, OWN_SOURCE, event_id or f"{at.lsn:012d}", delta, kind)
     if found.covered_by_count(fact.order):
         return 0
     kept, dropped = history_rules.with_delta(found, fact, at.now_ms)

@@ -22,6 +22,7 @@ from .._model import (
     Line,
     Reservation,
     ReservationState,
+    home_key,
     reservation_id_for,
 )
 from .._outcomes import (
@@ -81,14 +82,15 @@ def commit(state: PartitionState, command: Commit, at: Effects) -> Outcome:
     held = {line.key: line.quantity for line in found.lines}
     taken = dict(held) if not command.lines else dict.fromkeys(held, 0)
     for index, line in enumerate(command.lines):
-        if line.key not in held:
+        key = _held_key(line.key, held)
+        if key is None:
             return Invalid(f"lines[{index}].key", "not held by this reservation")
-        if line.quantity > held[line.key]:
+        if line.quantity > held[key]:
             return Invalid(
                 f"lines[{index}].quantity",
-                f"exceeds the {held[line.key]} units the reservation holds",
+                f"exceeds the {held[key]} units the reservation holds",
             )
-        taken[line.key] = line.quantity
+        taken[key] = line.quantity
     for key, quantity in held.items():
         row = state.stock[key]
         # Units picked for the order: a physical fact a late count must account for.
@@ -151,6 +153,14 @@ def _active(
     if found.state is not ReservationState.ACTIVE:
         return ReservationNotActive(reservation_id, found.state, found.state_changed_at_ms)
     return found
+
+
+def _held_key(key: InventoryKey, held: dict[InventoryKey, int]) -> InventoryKey | None:
+    """The held key a commit line names: itself, or for a reservation a hot key's bucket
+    holds, the key the caller knows it by (its home)."""
+    if key in held:
+        return key
+    return next((k for k in held if home_key(k) == key), None)
 
 
 def _return_holds(

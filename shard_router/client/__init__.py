@@ -27,6 +27,7 @@ from ._errors import (
     Overloaded,
     ReservationNotActive,
     ReservationNotFound,
+    SplitConflict,
     Unavailable,
     VersionMismatch,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "Overloaded",
     "ReservationNotActive",
     "ReservationNotFound",
+    "SplitConflict",
     "StreamBatcher",
     "Unavailable",
     "VersionMismatch",

@@ -9,6 +9,7 @@
     ├── VersionMismatch         .key, .expected_version, .current_version    ABORTED
     ├── IdempotencyKeyReused    .idempotency_key, .original_kind             ALREADY_EXISTS
     ├── CapacityExhausted       .limit_name, .limit                          RESOURCE_EXHAUSTED
+    ├── SplitConflict           .key, .reason (a hot key's admin calls)      FAILED_PRECONDITION
     ├── NotApplied              retryable: the server knows nothing was applied
     │   └── Overloaded          load shed, by this process's pending queue or the server
     └── OutcomeUnknown          it may have been applied: retry with the same idempotency key
@@ -18,7 +19,7 @@
 Every answer is one of three classes (``AnswerClass``, DESIGN section 11), and the class is
 the caller's next step:
 
-- **final**: the caller has its answer. The seven rejections of ``inventory_core`` (read by
+- **final**: the caller has its answer. The eight rejections of ``inventory_core`` (read by
   ``shard_router.common.errors.rejection_from_status``, the one table both ways; each carries
   its fields and ``.rejection``) applied nothing; sending the same request again gets the same
   answer. Any other final status (UNIMPLEMENTED, PERMISSION_DENIED, ...) is a plain
@@ -149,6 +150,15 @@ class CapacityExhausted(_Rejected):
         self.limit = rejection.limit
 
 
+class SplitConflict(_Rejected):
+    """A hot key's split does not allow the call (an admin's or the rebalancer's)."""
+
+    def __init__(self, status: status_pb2.Status, rejection: core.SplitConflict) -> None:
+        super().__init__(status, rejection)
+        self.key: core.InventoryKey = rejection.key
+        self.reason = rejection.reason
+
+
 class NotApplied(InventoryError):
     """Retryable: the server knows nothing was applied (``.code`` and ``.reason`` say why).
 
@@ -255,5 +265,7 @@ def _final(status: status_pb2.Status) -> InventoryError:
             return IdempotencyKeyReused(status, rejection)
         case core.CapacityExhausted() as rejection:
             return CapacityExhausted(status, rejection)
+        case core.SplitConflict() as rejection:
+            return SplitConflict(status, rejection)
         case None:
             return InventoryError(status)

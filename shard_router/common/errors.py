@@ -47,6 +47,7 @@ from inventory_core import (
     ReservationNotActive,
     ReservationNotFound,
     ShortLine,
+    SplitConflict,
     VersionMismatch,
 )
 
@@ -126,6 +127,13 @@ VERSION_MISMATCH = Answer(
     (FINAL,),
     "VersionMismatch",
     "expected_version did not match; the detail has the current one",
+)
+SPLIT_CONFLICT = Answer(
+    "SPLIT_CONFLICT",
+    grpc.StatusCode.FAILED_PRECONDITION,
+    (FINAL,),
+    "SplitConflict",
+    "a hot key's split does not allow the call (the key and why)",
 )
 INSUFFICIENT_STOCK = Answer(
     "INSUFFICIENT_STOCK",
@@ -242,6 +250,7 @@ REJECTIONS: dict[type[Rejection], Answer] = {
     ReservationNotFound: RESERVATION_NOT_FOUND,
     ReservationNotActive: RESERVATION_NOT_ACTIVE,
     VersionMismatch: VERSION_MISMATCH,
+    SplitConflict: SPLIT_CONFLICT,
     InsufficientStock: INSUFFICIENT_STOCK,
 }
 SHELL: tuple[Answer, ...] = (
@@ -492,6 +501,8 @@ def _message(rejection: Rejection) -> str:
             return f"reservation {reservation_id!r} is {state.value} since {since}"
         case VersionMismatch(key, expected, current):
             return f"version of {convert.key_text(key)} is {current}, expected {expected}"
+        case SplitConflict(key, reason):
+            return f"{convert.key_text(key)}: {reason}"
         case InsufficientStock(lines):
             short = [line for line in lines if line.requested > line.available]
             return "insufficient stock: " + ", ".join(
@@ -525,6 +536,8 @@ def _detail(rejection: Rejection) -> Message:
             return errors_pb2.VersionMismatch(
                 key=convert.key_to_proto(key), expected_version=expected, current_version=current
             )
+        case SplitConflict(key, reason):
+            return errors_pb2.SplitConflict(key=convert.key_to_proto(key), reason=reason)
         case InsufficientStock(lines):
             return errors_pb2.InsufficientStock(
                 lines=[
@@ -583,6 +596,9 @@ def _from_detail(kind: type[Rejection], typed: dict[str, any_pb2.Any]) -> Reject
             mismatch.expected_version,
             mismatch.current_version,
         )
+    if kind is SplitConflict:
+        conflict = _unpack(typed, errors_pb2.SplitConflict())
+        return SplitConflict(convert.key_from_proto(conflict.key), conflict.reason)
     short = _unpack(typed, errors_pb2.InsufficientStock())
     return InsufficientStock(
         tuple(

@@ -22,6 +22,7 @@ from inventory_core import (
     Command,
     Commit,
     Committed,
+    Consumed,
     DeliveryExpected,
     EventAck,
     ExpectDelivery,
@@ -35,22 +36,32 @@ from inventory_core import (
     Ingest,
     Ingested,
     InventoryKey,
+    KeySplit,
     Line,
     MarkedStale,
     MarkStale,
+    MergeKey,
     OverCommit,
     OverCommitted,
+    QuotaReceived,
+    QuotaSent,
+    ReceiveQuota,
     Release,
     Released,
     Reservation,
     ReservationState,
     Reserve,
     Reserved,
+    SendQuota,
     SetSafetyStock,
     SetStock,
+    SettleTransfer,
+    SplitKey,
     StockChanged,
     StockLevel,
     StockRow,
+    Transfer,
+    TransferSettled,
     canonical_bytes,
     command_from_data,
     command_to_data,
@@ -82,7 +93,7 @@ naturals = st.integers(0, 2**53)
 keys = st.builds(InventoryKey, strings, strings, strings)
 lines = st.lists(st.builds(Line, keys, naturals), max_size=4).map(tuple)
 # A row is live (no buffer) or stale since a time, with a buffer held back; with or
-# without units incoming.
+# without units incoming; a hot key's home allots units to its buckets.
 rows = st.builds(StockRow, ints, naturals, naturals, naturals) | st.builds(
     StockRow,
     ints,
@@ -93,12 +104,22 @@ rows = st.builds(StockRow, ints, naturals, naturals, naturals) | st.builds(
     st.integers(1, 2**53),
     naturals,
     naturals,
+    naturals,
 )
 locations = st.builds(FeedLocation, strings, strings)
 versions = st.none() | naturals
+transfers = st.builds(
+    Transfer,
+    strings,
+    keys,
+    keys,
+    naturals,
+    naturals,
+    st.lists(st.builds(Consumed, naturals, naturals), max_size=3).map(tuple),
+)
 
 COMMAND_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
-    Reserve: st.builds(Reserve, strings, strings, lines, naturals, naturals),
+    Reserve: st.builds(Reserve, strings, strings, lines, naturals, naturals, st.booleans()),
     Commit: st.builds(Commit, strings, strings, strings, lines, naturals),
     Release: st.builds(Release, strings, strings, strings, naturals),
     Extend: st.builds(Extend, strings, strings, strings, naturals, naturals),
@@ -136,6 +157,13 @@ COMMAND_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     MarkStale: st.builds(
         MarkStale, st.lists(locations, max_size=3).map(tuple), naturals, st.integers(1, 2**40)
     ),
+    SplitKey: st.builds(
+        SplitKey, keys, strings, st.lists(naturals, max_size=4).map(tuple), naturals
+    ),
+    MergeKey: st.builds(MergeKey, keys, strings, naturals),
+    SendQuota: st.builds(SendQuota, keys, strings, keys, naturals, naturals),
+    ReceiveQuota: st.builds(ReceiveQuota, transfers, naturals),
+    SettleTransfer: st.builds(SettleTransfer, keys, strings, naturals),
 }
 commands: st.SearchStrategy[Command] = st.one_of(*COMMAND_STRATEGIES.values())
 
@@ -184,6 +212,12 @@ OUTCOME_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     ),
     MarkedStale: st.builds(MarkedStale, st.lists(locations, max_size=3).map(tuple)),
     DeliveryExpected: st.builds(DeliveryExpected, level_tuples),
+    KeySplit: st.builds(
+        KeySplit, levels(), st.lists(keys, max_size=3).map(tuple), naturals, st.booleans()
+    ),
+    QuotaSent: st.builds(QuotaSent, transfers, levels()),
+    QuotaReceived: st.builds(QuotaReceived, strings, levels(), st.booleans()),
+    TransferSettled: st.builds(TransferSettled, strings, st.booleans()),
 }
 outcomes = st.one_of(*OUTCOME_STRATEGIES.values())
 events = st.builds(

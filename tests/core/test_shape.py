@@ -24,9 +24,14 @@ from inventory_core import (
     Line,
     Partition,
     ProcessUsage,
+    QuotaSent,
+    ReceiveQuota,
     Record,
     Reserve,
+    SendQuota,
     SetStock,
+    SplitKey,
+    bucket_key,
     limits,
     partition_of,
     validate_read,
@@ -61,6 +66,11 @@ def test_every_command_type_has_exactly_one_registry_row_with_today_s_names() ->
         "ingest",
         "expect_delivery",
         "mark_stale",
+        "split_key",
+        "merge_key",
+        "send_quota",
+        "receive_quota",
+        "settle_transfer",
     ]
     assert [row.name for row in REGISTRY if not row.from_caller] == ["expire", "mark_stale"]
 
@@ -74,6 +84,13 @@ def test_every_table_round_trips_its_keys_and_rows_through_its_schema() -> None:
     partition.on_timer(T0 + 2 + limits.feed_silence_stale_ms)  # a stale location, stale rows
     later = T0 + 3 + limits.feed_silence_stale_ms
     partition.apply(ExpectDelivery(M, "asn", "d1", L, (Line(key("a"), 4),), later + 60_000, later))
+    # A hot key's split at its home and, here too, one of its buckets with a return in transit
+    # (the core does not mind which partition a bucket is in; the shell routes it).
+    partition.apply(SplitKey(key("a"), "split", (1,), later))
+    sent = partition.apply(SendQuota(key("a"), "grant", bucket_key(key("a"), 1), 1, later))
+    assert isinstance(sent.outcome, QuotaSent), sent.outcome
+    partition.apply(ReceiveQuota(sent.outcome.transfer, later))
+    partition.apply(SendQuota(bucket_key(key("a"), 1), "return", key("a"), 1, later))
     snapshot = partition.snapshot()
     assert snapshot.stock[key("a")].stale_since_ms
     assert set(snapshot.tables) == set(TABLES)

@@ -177,3 +177,30 @@ class CapacityExhausted(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CapacityExhausted: _TypeAlias = CapacityExhausted  # noqa: Y015
+
+@_typing.final
+class SplitConflict(_message.Message):
+    """FAILED_PRECONDITION (final): a hot key's split does not allow the call (a grant while the
+    key merges, a transfer between keys that are not a key and one of its buckets).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    @_builtins.property
+    def key(self) -> _inventory_pb2.InventoryKey: ...
+    def __init__(
+        self,
+        *,
+        key: _inventory_pb2.InventoryKey | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitConflict: _TypeAlias = SplitConflict  # noqa: Y015

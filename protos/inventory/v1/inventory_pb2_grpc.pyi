@@ -35,6 +35,8 @@ are never outcome_unknown.
                                                                 (InsufficientStock per line)
                        RESERVATION_NOT_ACTIVE  final            committed, released or expired
                                                                 (ReservationNotActive: state, since)
+                       SPLIT_CONFLICT          final            a hot key's split does not allow it
+                                                                (SplitConflict: key, reason)
                        ORDER_RELEASED          final            a retried ReserveOrder that failed
                                                                 before: order again with a new key
   NOT_FOUND            RESERVATION_NOT_FOUND   final            unknown reservation (ResourceInfo)
