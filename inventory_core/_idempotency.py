@@ -65,9 +65,14 @@ IDEMPOTENCY: TableSchema[Scope, IdempotencyEntry] = TableSchema(
 )
 
 
+# Fields that are not what is asked: the time it is applied at, and how to answer a refusal
+# (``Reserve.keep_refusal``: a router's retry may set it where the first attempt did not).
+_NOT_PAYLOAD = frozenset({"now_ms", "keep_refusal"})
+
+
 def fingerprint(payload: dict[str, Any]) -> str:
     """Identity of a request's encoded payload, without its time: retries compare equal."""
-    without_time = {k: v for k, v in payload.items() if k != "now_ms"}
+    without_time = {k: v for k, v in payload.items() if k not in _NOT_PAYLOAD}
     digest = hashlib.blake2b(canonical_bytes(without_time), digest_size=16).hexdigest()
     return FINGERPRINT_PREFIX + digest
 

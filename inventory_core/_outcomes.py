@@ -209,6 +209,19 @@ class KeySplit:
 
 
 @dataclass(frozen=True, slots=True)
+class HotKeyPart:
+    """One part of a hot key as its partition holds it: at the home, its split; at a bucket,
+    its home and what it was granted. Either way, the transfers it has debited and not yet
+    settled. (A read, not an outcome of a command.)"""
+
+    level: StockLevel
+    split: KeySplit | None = None
+    home: InventoryKey | None = None
+    granted: int = 0
+    sending: tuple[Transfer, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class QuotaSent:
     """A transfer debited at its source: credit it at its target (``ReceiveQuota``), then
     settle it here (``SettleTransfer``)."""

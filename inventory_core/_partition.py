@@ -39,7 +39,9 @@ from ._model import (
 from ._outcomes import (
     Accepted,
     Expired,
+    HotKeyPart,
     InsufficientStock,
+    KeySplit,
     Outcome,
     OverCommitted,
     is_accepted,
@@ -200,6 +202,31 @@ class Partition:
         if found.state is ReservationState.ACTIVE and found.expires_at_ms <= now_ms:
             return replace(found, state=ReservationState.EXPIRED, state_changed_at_ms=now_ms)
         return found
+
+    def hot_key_parts(self, keys: Iterable[InventoryKey], now_ms: int) -> tuple[HotKeyPart, ...]:
+        """The hot keys' parts this partition holds among ``keys`` (homes and buckets; any
+        other key is left out), in the order asked, with levels as of ``now_ms``."""
+        state, answer = self._state, []
+        for key in dict.fromkeys(keys):
+            split, quota = state.splits.get(key), state.quotas.get(key)
+            if split is None and quota is None:
+                continue
+            (level,) = self.levels([key], now_ms)
+            if split is not None:
+                view = KeySplit(level, split.buckets, split.generation, split.merging)
+                answer.append(HotKeyPart(level, split=view, sending=split.sending))
+            elif quota is not None:
+                answer.append(HotKeyPart(level, None, quota.home, quota.granted, quota.sending))
+        return tuple(answer)
+
+    @property
+    def split_count(self) -> int:
+        return len(self._state.splits)
+
+    @property
+    def split_keys(self) -> tuple[InventoryKey, ...]:
+        """The hot keys whose home this partition is."""
+        return tuple(self._state.splits)
 
     @property
     def live_reservation_count(self) -> int:

@@ -361,11 +361,24 @@ def validate_key(field: str, key: InventoryKey) -> Invalid | None:
 
 
 def validate_read(keys: Sequence[InventoryKey]) -> Invalid | None:
-    """An availability read: 1 to ``availability_keys_max`` well-formed keys."""
+    """An availability read: 1 to ``availability_keys_max`` well-formed keys (a hot key's
+    buckets among them: the router reads them to add a split key up)."""
     if not 0 < len(keys) <= limits.availability_keys_max:
         return Invalid("keys", f"1 to {limits.availability_keys_max} keys, got {len(keys)}")
     for index, key in enumerate(keys):
-        problem = _key(f"keys[{index}]", key)
+        problem = _line_key(f"keys[{index}]", key)
+        if problem:
+            return problem
+    return None
+
+
+def validate_hot_keys_read(keys: Sequence[InventoryKey]) -> Invalid | None:
+    """A read of hot keys' parts: up to ``availability_keys_max`` keys (homes or buckets;
+    none: every split key)."""
+    if len(keys) > limits.availability_keys_max:
+        return Invalid("keys", f"at most {limits.availability_keys_max} keys, got {len(keys)}")
+    for index, key in enumerate(keys):
+        problem = _line_key(f"keys[{index}]", key)
         if problem:
             return problem
     return None

@@ -125,7 +125,8 @@ def parse_stream_id(entry_id: str) -> tuple[int, int]:
 # KEYS: per change, stream key, level key, index key.
 # ARGV[1] = the stream's approximate length cap; then per change:
 #   lsn, index, payload, version, on_hand, reserved, safety_stock, available, partition,
-#   committed_at_ms, index member, stale_buffer, stale_since_ms, incoming, incoming_eta_ms.
+#   committed_at_ms, index member, stale_buffer, stale_since_ms, incoming, incoming_eta_ms,
+#   allotted.
 # Returns {appended, duplicates (stream entries refused), levels written}.
 # Numbers are Lua doubles: exact up to 2^53, far beyond any lsn or version.
 APPLY_SCRIPT = """
@@ -134,7 +135,7 @@ local last = {}
 local appended, duplicates, written = 0, 0, 0
 for i = 0, #KEYS / 3 - 1 do
   local stream, level, index = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  local a = 1 + 15 * i
+  local a = 1 + 16 * i
   local lsn, position = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local top = last[stream]
   if top == nil then
@@ -161,7 +162,7 @@ for i = 0, #KEYS / 3 - 1 do
                'version', ARGV[a + 4], 'partition', ARGV[a + 9], 'lsn', ARGV[a + 1],
                'committed_at_ms', ARGV[a + 10], 'stale_buffer', ARGV[a + 12],
                'stale_since_ms', ARGV[a + 13], 'incoming', ARGV[a + 14],
-               'incoming_eta_ms', ARGV[a + 15])
+               'incoming_eta_ms', ARGV[a + 15], 'allotted', ARGV[a + 16])
     redis.call('SADD', index, ARGV[a + 11])
     written = written + 1
   end
@@ -198,7 +199,7 @@ def change_to_proto(
 
 def _counts(row: StockRow) -> events_pb2.StockCounts:
     available = row.available
-    if not (row.stale_since_ms or row.incoming):  # the common case: fewer fields to set
+    if not (row.stale_since_ms or row.incoming or row.allotted):  # the common case
         return events_pb2.StockCounts(
             on_hand=row.on_hand,
             reserved=row.reserved,
@@ -213,9 +214,10 @@ def _counts(row: StockRow) -> events_pb2.StockCounts:
         available=available,
         stale_buffer=row.stale_buffer,
         stale_since_ms=row.stale_since_ms,
-        sellable=max(available - row.stale_buffer, 0),
+        sellable=max(row.offered, 0),
         incoming=row.incoming,
         incoming_eta_ms=row.incoming_eta_ms,
+        allotted=row.allotted,
     )
 
 
@@ -249,7 +251,7 @@ _LAST_IDS_SCRIPT = bulk(LAST_IDS_SCRIPT.encode())
 _FIRST_IDS_SCRIPT = bulk(FIRST_IDS_SCRIPT.encode())
 # Keys the apply script takes per change, and arguments (see APPLY_SCRIPT).
 _APPLY_KEYS_PER_CHANGE = 3
-_APPLY_ARGUMENTS_PER_CHANGE = 15
+_APPLY_ARGUMENTS_PER_CHANGE = 16
 
 
 @functools.cache
@@ -304,7 +306,13 @@ def encode_change(
         payload,
         key=(key.merchant_id, key.location_id, key.sku_id),
         counts=(after.version, after.on_hand, after.reserved, after.safety_stock, after.available),
-        extra=(after.stale_buffer, after.stale_since_ms, after.incoming, after.incoming_eta_ms),
+        extra=(
+            after.stale_buffer,
+            after.stale_since_ms,
+            after.incoming,
+            after.incoming_eta_ms,
+            after.allotted,
+        ),
     )
 
 
@@ -320,7 +328,13 @@ def stored_change(payload: bytes, index: int) -> EncodedChange:
         payload,
         key=(key.merchant_id, key.location_id, key.sku_id),
         counts=(change.version, after.on_hand, after.reserved, after.safety_stock, after.available),
-        extra=(after.stale_buffer, after.stale_since_ms, after.incoming, after.incoming_eta_ms),
+        extra=(
+            after.stale_buffer,
+            after.stale_since_ms,
+            after.incoming,
+            after.incoming_eta_ms,
+            after.allotted,
+        ),
     )
 
 
@@ -333,9 +347,9 @@ def _encoded(
     *,
     key: tuple[str, str, str],
     counts: tuple[int, int, int, int, int],
-    extra: tuple[int, int, int, int],
+    extra: tuple[int, int, int, int, int],
 ) -> EncodedChange:
-    """``extra``: stale_buffer, stale_since_ms, incoming, incoming_eta_ms."""
+    """``extra``: stale_buffer, stale_since_ms, incoming, incoming_eta_ms, allotted."""
     merchant_id, location_id, sku_id = key
     version, on_hand, reserved, safety_stock, available = counts
     keys = b"".join(
@@ -695,6 +709,7 @@ def _level(
     stale_since_ms = int(fields.get(b"stale_since_ms", 0))
     incoming = int(fields.get(b"incoming", 0))
     incoming_eta_ms = int(fields.get(b"incoming_eta_ms", 0))
+    allotted = int(fields.get(b"allotted", 0))  # a hot key's home (written since then)
     level = inventory_pb2.StockLevel(
         key=inventory_pb2.InventoryKey(
             merchant_id=key.merchant_id, sku_id=key.sku_id, location_id=key.location_id
@@ -703,7 +718,7 @@ def _level(
         reserved=int(fields[b"reserved"]),
         safety_stock=int(fields[b"safety_stock"]),
         available=available,
-        sellable=max(available - stale_buffer, 0),
+        sellable=max(available - stale_buffer - allotted, 0),
         version=int(fields[b"version"]),
         exists=True,
         exposure=max(-available, 0),
@@ -712,5 +727,6 @@ def _level(
         stale_since_ms=stale_since_ms,
         incoming=incoming,
         incoming_eta_ms=incoming_eta_ms,
+        allotted=allotted,
     )
     return level, int(fields[b"partition"]), int(fields[b"lsn"])

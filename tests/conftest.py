@@ -203,6 +203,7 @@ def start_cluster(
     lease_s: float = 2.0,
     redis_url: str = "",
     shard_arguments: tuple[str, ...] = (),
+    router_arguments: tuple[str, ...] = (),
 ) -> Cluster:
     """Shards first (the first one migrates), then the router once all have joined."""
     members = [
@@ -223,7 +224,12 @@ def start_cluster(
         assert member.process is not None
         wait_healthy(member.address, member.process)
     router = ServiceProcess(
-        database_url, log_dir, role="router", lease_s=lease_s, redis_url=redis_url
+        database_url,
+        log_dir,
+        role="router",
+        lease_s=lease_s,
+        redis_url=redis_url,
+        extra_arguments=router_arguments,
     )
     router.start()
     return Cluster(members, router)

@@ -354,7 +354,11 @@ def test_readme_and_proto_document_every_reason() -> None:
 
 
 def test_the_call_table_matches_the_proto_service_and_the_batch_item() -> None:
-    served = {rpcs.INVENTORY: {"Batch"}, rpcs.INGEST_SERVICE: {"Stream"}}
+    served: dict[str, set[str]] = {
+        rpcs.INVENTORY: {"Batch"},
+        rpcs.INGEST_SERVICE: {"Stream"},
+        rpcs.HOT_KEYS: set(),
+    }
     for name, streaming in served.items():
         service = pb.DESCRIPTOR.services_by_name[name]
         unary = {m.name: m for m in service.methods if not m.client_streaming}
@@ -387,3 +391,6 @@ def test_the_servicer_serves_every_unary_call_of_the_table() -> None:
         assert method is not getattr(pb_grpc.InventoryServicer, rpc.method)
     for name in ("Send", "Stream"):
         assert getattr(servicer.IngestServicer, name) is not getattr(pb_grpc.IngestServicer, name)
+    for rpc in (rpc for rpc in rpcs.UNARY if rpc.service == rpcs.HOT_KEYS):
+        method = getattr(servicer.HotKeysServicer, rpc.method)
+        assert method is not getattr(pb_grpc.HotKeysServicer, rpc.method), rpc

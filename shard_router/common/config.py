@@ -50,6 +50,15 @@ class RouterConfig:
     # The read view and event streams (EVENTUAL reads, Watch); none: STRONG reads only.
     redis_url: str = ""
     stats_interval_s: float = 10.0
+    # Hot keys (DESIGN section 10; shard_router/router/rebalancer.py and detector.py). The
+    # rebalancer's period (0: none), and the detection: a key is split into this many
+    # buckets past this many one-line reserves a second at this router (0: never split by
+    # itself), measured over windows of this length, and merged after this many cool ones.
+    rebalance_interval_s: float = 0.5
+    hot_key_threshold_per_s: float = 0.0
+    hot_key_buckets: int = 3
+    hot_key_window_s: float = 2.0
+    hot_key_cool_windows: int = 30
 
 
 # A help text that already names its default: "(default: x)", "Default: x", "; default x",
@@ -114,6 +123,11 @@ def router_config(options: argparse.Namespace) -> RouterConfig:
         membership_lease_s=options.membership_lease_s,
         redis_url=options.redis_url,
         stats_interval_s=options.stats_interval_s,
+        rebalance_interval_s=options.rebalance_interval_s,
+        hot_key_threshold_per_s=options.hot_key_threshold_per_s,
+        hot_key_buckets=options.hot_key_buckets,
+        hot_key_window_s=options.hot_key_window_s,
+        hot_key_cool_windows=options.hot_key_cool_windows,
     )
 
 
@@ -128,6 +142,47 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add_lease_argument(parser)
     add_log_level_argument(parser)
     add_stats_interval_argument(parser)
+    add_hot_key_arguments(parser)
+
+
+def add_hot_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """The router's hot keys: its rebalancer and its detection (DESIGN section 10)."""
+    parser.add_argument(
+        "--rebalance-interval-s",
+        type=_non_negative_float,
+        default=env("REBALANCE_INTERVAL_S", "0.5"),
+        help="how often split keys' units are spread over their buckets; 0: never "
+        "[INVENTORY_REBALANCE_INTERVAL_S]",
+    )
+    parser.add_argument(
+        "--hot-key-threshold-per-s",
+        type=_non_negative_float,
+        default=env("HOT_KEY_THRESHOLD_PER_S", "0"),
+        help="one-line reserves a second of one key, at this router, that split it (1000 "
+        "is a tenth of an owner); 0: split only by hand (HotKeys.SplitKey), the default "
+        "until Watch adds a split key's parts up [INVENTORY_HOT_KEY_THRESHOLD_PER_S]",
+    )
+    parser.add_argument(
+        "--hot-key-buckets",
+        type=int,
+        choices=range(1, 16),
+        metavar="1-15",
+        default=int(env("HOT_KEY_BUCKETS", "3")),
+        help="buckets besides the home of a key split by itself [INVENTORY_HOT_KEY_BUCKETS]",
+    )
+    parser.add_argument(
+        "--hot-key-window-s",
+        type=_positive_float,
+        default=env("HOT_KEY_WINDOW_S", "2.0"),
+        help="the window keys' rates are measured over [INVENTORY_HOT_KEY_WINDOW_S]",
+    )
+    parser.add_argument(
+        "--hot-key-cool-windows",
+        type=int,
+        default=int(env("HOT_KEY_COOL_WINDOWS", "30")),
+        help="windows in a row below a quarter of the threshold after which a split key "
+        "merges back [INVENTORY_HOT_KEY_COOL_WINDOWS]",
+    )
 
 
 def add_redis_argument(parser: argparse.ArgumentParser, embedded: bool = False) -> None:
@@ -170,6 +225,13 @@ def add_stats_interval_argument(parser: argparse.ArgumentParser) -> None:
         help="period of the JSON stats line (throughput, flushes, worst loop stall) "
         "[INVENTORY_STATS_INTERVAL_S]",
     )
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def _positive_float(text: str) -> float:

@@ -15,24 +15,33 @@ from inventory_core import (
     AdjustmentReason,
     AdjustStock,
     Commit,
+    Consumed,
     ExpectDelivery,
     Extend,
     FeedEvent,
     FeedEventKind,
+    HotKeyPart,
     Ingest,
     Ingested,
     InventoryKey,
+    KeySplit,
     Line,
     LocationHealth,
+    MergeKey,
     OverCommit,
     OverCommitted,
+    ReceiveQuota,
     Release,
     Reservation,
     ReservationState,
     Reserve,
+    SendQuota,
     SetSafetyStock,
     SetStock,
+    SettleTransfer,
+    SplitKey,
     StockLevel,
+    Transfer,
 )
 
 STATE_TO_PROTO = {
@@ -102,7 +111,9 @@ def lines_to_proto(lines: tuple[Line, ...]) -> list[pb.ReservationLine]:
 def reserve(request: pb.ReserveRequest) -> Reserve:
     lines = lines_from_proto(request.lines)
     merchant_id = lines[0].key.merchant_id if lines else ""
-    return Reserve(merchant_id, request.idempotency_key, lines, request.ttl_s, 0)
+    return Reserve(
+        merchant_id, request.idempotency_key, lines, request.ttl_s, 0, request.keep_refusal
+    )
 
 
 def commit(request: pb.CommitRequest) -> Commit:
@@ -125,6 +136,7 @@ def reserve_to_proto(command: Reserve) -> pb.ReserveRequest:
         lines=lines_to_proto(command.lines),
         ttl_s=command.ttl_s,
         idempotency_key=command.idempotency_key,
+        keep_refusal=command.keep_refusal,
     )
 
 
@@ -219,7 +231,82 @@ def expect_delivery(request: pb.ExpectDeliveryRequest) -> ExpectDelivery:
     )
 
 
+def split_key(request: pb.SplitKeyRequest) -> SplitKey:
+    return SplitKey(
+        key_from_proto(request.key), request.idempotency_key, tuple(request.bucket_numbers), 0
+    )
+
+
+def merge_key(request: pb.MergeKeyRequest) -> MergeKey:
+    return MergeKey(key_from_proto(request.key), request.idempotency_key, 0)
+
+
+def send_quota(request: pb.SendQuotaRequest) -> SendQuota:
+    return SendQuota(
+        key_from_proto(request.key),
+        request.idempotency_key,
+        key_from_proto(request.target),
+        request.quantity,
+        0,
+    )
+
+
+def receive_quota(request: pb.ReceiveQuotaRequest) -> ReceiveQuota:
+    return ReceiveQuota(transfer_from_proto(request.transfer), 0)
+
+
+def settle_transfer(request: pb.SettleTransferRequest) -> SettleTransfer:
+    return SettleTransfer(key_from_proto(request.key), request.transfer_id, 0)
+
+
+def transfer_from_proto(transfer: pb.QuotaTransfer) -> Transfer:
+    return Transfer(
+        transfer.transfer_id,
+        key_from_proto(transfer.source),
+        key_from_proto(transfer.target),
+        transfer.generation,
+        transfer.quantity,
+        tuple(Consumed(c.occurred_at_ms, c.quantity) for c in transfer.consumed),
+    )
+
+
 # ----------------------------------------------------------------------------- answers
+
+
+def transfer_to_proto(transfer: Transfer) -> pb.QuotaTransfer:
+    return pb.QuotaTransfer(
+        transfer_id=transfer.transfer_id,
+        source=key_to_proto(transfer.source),
+        target=key_to_proto(transfer.target),
+        generation=transfer.generation,
+        quantity=transfer.quantity,
+        consumed=[
+            pb.QuotaTransfer.Consumed(occurred_at_ms=c.occurred_at_ms, quantity=c.quantity)
+            for c in transfer.consumed
+        ],
+    )
+
+
+def split_to_proto(split: KeySplit) -> pb.HotKeySplit:
+    return pb.HotKeySplit(
+        home=level_to_proto(split.level),
+        buckets=[key_to_proto(bucket) for bucket in split.buckets],
+        generation=split.generation,
+        merging=split.merging,
+    )
+
+
+def hot_key_part_to_proto(part: HotKeyPart) -> pb.HotKeyPart:
+    answer = pb.HotKeyPart(
+        level=level_to_proto(part.level),
+        granted=part.granted,
+        sending=[transfer_to_proto(t) for t in part.sending],
+    )
+    if part.split is not None:
+        answer.split.CopyFrom(split_to_proto(part.split))
+    if part.home is not None:
+        answer.home.CopyFrom(key_to_proto(part.home))
+    return answer
 
 
 def level_to_proto(level: StockLevel) -> pb.StockLevel:
@@ -238,6 +325,7 @@ def level_to_proto(level: StockLevel) -> pb.StockLevel:
         stale_since_ms=level.stale_since_ms,
         incoming=level.incoming,
         incoming_eta_ms=level.incoming_eta_ms,
+        allotted=level.allotted,
     )
 
 

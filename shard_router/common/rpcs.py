@@ -7,7 +7,8 @@ request and response types, and whether the call mutates (its failure may leave 
 unknown; it carries an idempotency key, or, for ``Ingest``, an event id per event) or only
 reads (applies nothing, whatever happens).
 
-    CALLS           the calls a Batch stream carries, in BatchItem oneof order
+    CALLS           the calls a Batch stream carries, in BatchItem oneof order (the
+                    ``HotKeys`` service's among them: the router reaches owners by Batch)
     RESERVE_ORDER   the router-only saga (a unary RPC, not a Batch item)
     UNARY           every unary RPC: CALLS plus RESERVE_ORDER (``Ingest.Send`` among them)
     BY_FIELD, BY_METHOD
@@ -32,6 +33,7 @@ ResponseT = TypeVar("ResponseT", bound=Message)
 
 INVENTORY = "Inventory"
 INGEST_SERVICE = "Ingest"
+HOT_KEYS = "HotKeys"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,35 @@ INGEST = Rpc(
     service=INGEST_SERVICE,
     retried_by="events[].event_id",
 )
+# A hot key's split and its transfers (the admin's and the rebalancer's calls).
+SPLIT_KEY = Rpc("SplitKey", "split_key", pb.SplitKeyRequest, pb.SplitKeyResponse, True, HOT_KEYS)
+MERGE_KEY = Rpc("MergeKey", "merge_key", pb.MergeKeyRequest, pb.MergeKeyResponse, True, HOT_KEYS)
+SEND_QUOTA = Rpc(
+    "SendQuota", "send_quota", pb.SendQuotaRequest, pb.SendQuotaResponse, True, HOT_KEYS
+)
+# Credited once per transfer id, however often it is carried.
+RECEIVE_QUOTA = Rpc(
+    "ReceiveQuota",
+    "receive_quota",
+    pb.ReceiveQuotaRequest,
+    pb.ReceiveQuotaResponse,
+    mutating=True,
+    service=HOT_KEYS,
+    retried_by="transfer.transfer_id",
+)
+# Settling a settled transfer changes nothing.
+SETTLE_TRANSFER = Rpc(
+    "SettleTransfer",
+    "settle_transfer",
+    pb.SettleTransferRequest,
+    pb.SettleTransferResponse,
+    mutating=True,
+    service=HOT_KEYS,
+    retried_by="transfer_id",
+)
+GET_HOT_KEYS = Rpc(
+    "GetHotKeys", "get_hot_keys", pb.GetHotKeysRequest, pb.GetHotKeysResponse, False, HOT_KEYS
+)
 # Orders across locations span owners: only the router serves it (a shard's calls object
 # has no ``reserve_order``, so the servicer answers UNIMPLEMENTED there).
 RESERVE_ORDER = Rpc(
@@ -141,6 +172,12 @@ CALLS: tuple[Rpc[Any, Any], ...] = (
     GET_OVER_COMMITTED,
     GET_FEED_HEALTH,
     EXPECT_DELIVERY,
+    SPLIT_KEY,
+    MERGE_KEY,
+    SEND_QUOTA,
+    RECEIVE_QUOTA,
+    SETTLE_TRANSFER,
+    GET_HOT_KEYS,
 )
 UNARY: tuple[Rpc[Any, Any], ...] = (*CALLS, RESERVE_ORDER)
 BY_FIELD: Mapping[str, Rpc[Any, Any]] = {rpc.field: rpc for rpc in UNARY}

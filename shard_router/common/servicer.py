@@ -28,7 +28,8 @@ from .calls import abort, deadline_of, refusal_status, unary
 # The services a shard or router serves over its calls object (health and reflection name
 # them).
 SERVICE_NAMES = tuple(
-    pb.DESCRIPTOR.services_by_name[name].full_name for name in (rpcs.INVENTORY, rpcs.INGEST_SERVICE)
+    pb.DESCRIPTOR.services_by_name[name].full_name
+    for name in (rpcs.INVENTORY, rpcs.INGEST_SERVICE, rpcs.HOT_KEYS)
 )
 
 # The generated servicer's stub declares every RPC abstract, so a class whose RPCs are
@@ -36,6 +37,7 @@ SERVICE_NAMES = tuple(
 # abstract to mypy: it sees the base as Any. At run time it is the generated class.
 _GeneratedServicer: Any = pb_grpc.InventoryServicer
 _GeneratedIngestServicer: Any = pb_grpc.IngestServicer
+_GeneratedHotKeysServicer: Any = pb_grpc.HotKeysServicer
 
 
 class CallsServicer(_GeneratedServicer):  # type: ignore[misc]
@@ -79,17 +81,26 @@ class IngestServicer(_GeneratedIngestServicer):  # type: ignore[misc]
             yield response
 
 
+class HotKeysServicer(_GeneratedHotKeysServicer):  # type: ignore[misc]
+    """``inventory.v1.HotKeys`` over the same calls object (its unary calls from the table)."""
+
+    def __init__(self, calls: Any) -> None:
+        self._calls = calls
+
+
 def serve_inventory(server: grpc.aio.Server, servicer: CallsServicer) -> None:
-    """Add ``Inventory`` (``servicer``) and ``Ingest`` (over its calls) to ``server``."""
+    """Add ``Inventory`` (``servicer``), and ``Ingest`` and ``HotKeys`` over its calls, to
+    ``server``."""
     pb_grpc.add_InventoryServicer_to_server(servicer, server)
     pb_grpc.add_IngestServicer_to_server(IngestServicer(servicer.calls), server)
+    pb_grpc.add_HotKeysServicer_to_server(HotKeysServicer(servicer.calls), server)
 
 
-UnaryMethod = Callable[[CallsServicer, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+UnaryMethod = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-def _unary_method(rpc: rpcs.Rpc[Any, Any]) -> UnaryMethod:
-    async def method(self: CallsServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+def _unary_method(rpc: rpcs.Rpc[Any, Any], owner: str) -> UnaryMethod:
+    async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         handler = getattr(self._calls, rpc.field, None)
         if handler is None:
             message = f"{rpc.method} is not served here (ReserveOrder is served by the router)"
@@ -97,11 +108,13 @@ def _unary_method(rpc: rpcs.Rpc[Any, Any]) -> UnaryMethod:
         return await unary(context, handler(request, deadline_of(context)), mutating=rpc.mutating)
 
     method.__name__ = rpc.method
-    method.__qualname__ = f"CallsServicer.{rpc.method}"
+    method.__qualname__ = f"{owner}.{rpc.method}"
     method.__doc__ = f"The unary {rpc.method}: ``calls.{rpc.field}(request, deadline)``."
     return method
 
 
+_SERVICERS: dict[str, type[Any]] = {rpcs.INVENTORY: CallsServicer, rpcs.HOT_KEYS: HotKeysServicer}
 for _rpc in rpcs.UNARY:
-    if _rpc.service == rpcs.INVENTORY:
-        setattr(CallsServicer, _rpc.method, _unary_method(_rpc))
+    if _rpc.service in _SERVICERS:
+        _servicer = _SERVICERS[_rpc.service]
+        setattr(_servicer, _rpc.method, _unary_method(_rpc, _servicer.__name__))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Sequence
 
 import structlog
@@ -18,13 +19,17 @@ from persistence.connections import create_pool
 from persistence.membership import Membership
 from persistence.readview import EventReader, SnapshotTooLarge
 
+from ..common import convert
 from ..common.config import RouterConfig
 from ..common.loop_monitor import LoopMonitor
 from ..common.server import create_server, run_server, set_serving
 from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
+from . import hot_keys
+from .detector import DetectorLimits, HotKeyDetector
+from .rebalancer import Rebalancer
 from .routing import Routes
-from .service import RouterService
+from .service import RouterCalls, RouterService
 from .watch import AvailabilityStreamService, SnapshotRefused, WatchHub
 
 log = structlog.get_logger(__name__)
@@ -73,6 +78,7 @@ async def serve(config: RouterConfig) -> None:
         background = [
             asyncio.create_task(monitor.run()),
             asyncio.create_task(_log_stats(routes, monitor, config.stats_interval_s)),
+            *_hot_key_tasks(service.calls, config),
         ]
         await stop.wait()
         for task in background:
@@ -94,6 +100,49 @@ async def serve(config: RouterConfig) -> None:
         if read_view is not None:
             await read_view.close()
         await pool.close()
+
+
+def _hot_key_tasks(calls: RouterCalls, config: RouterConfig) -> list[asyncio.Task[None]]:
+    """Learning the split keys; the rebalancer and the detection, unless turned off."""
+    tasks = [asyncio.create_task(_refresh_hot_keys(calls))]
+    if config.rebalance_interval_s > 0:
+        rebalancer = Rebalancer(calls, config.rebalance_interval_s)
+        tasks.append(asyncio.create_task(rebalancer.run()))
+    if config.hot_key_threshold_per_s > 0:
+        tasks.append(asyncio.create_task(_detect_hot_keys(calls, config)))
+    return tasks
+
+
+async def _refresh_hot_keys(calls: RouterCalls) -> None:
+    """Learn the split keys the shards hold, and their parts' levels, every period."""
+    interval_s = hot_keys.REFRESH_INTERVAL_S
+    while True:
+        try:
+            await calls.refresh_hot_keys(time.monotonic() + hot_keys.REFRESH_DEADLINE_S)
+        except Exception as error:  # a shard away: the map keeps what it knew
+            log.warning("hot_keys_refresh_failed", error=repr(error))
+        await asyncio.sleep(interval_s)
+
+
+async def _detect_hot_keys(calls: RouterCalls, config: RouterConfig) -> None:
+    """Count one-line reserves per key; each window, split the hot keys and merge the cool."""
+    limits = DetectorLimits(
+        threshold_per_s=config.hot_key_threshold_per_s,
+        window_s=config.hot_key_window_s,
+        cool_windows=config.hot_key_cool_windows,
+    )
+    detector = calls.detector = HotKeyDetector(limits)
+    while True:
+        await asyncio.sleep(limits.window_s)
+        now = time.monotonic()
+        verdict = detector.roll(now, split=calls.hot_keys.keys())
+        if verdict.top and verdict.top[0][1] >= limits.threshold_per_s / 2:
+            busiest = [(convert.key_text(k), round(r)) for k, r in verdict.top]
+            log.info("hot_key_rates", busiest=busiest)
+        try:
+            await calls.act_on(verdict, config.hot_key_buckets, now + hot_keys.REFRESH_DEADLINE_S)
+        except Exception as error:  # a bug: the next window tries again
+            log.exception("hot_key_detection_failed", error=repr(error))
 
 
 async def _log_stats(routes: Routes, monitor: LoopMonitor, interval_s: float) -> None:

@@ -461,6 +461,11 @@ class Routes:
     def ring_version(self) -> str:
         return self._ring.version if self._ring else ""
 
+    @property
+    def addresses(self) -> list[str]:
+        """The live shards' addresses, in order."""
+        return sorted(set(self._addresses.values()))
+
     def address_of(self, partition: int) -> str | None:
         if self._ring is None:
             return None

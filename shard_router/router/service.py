@@ -17,8 +17,9 @@ back in request order. ReserveOrder runs the core's order plan (inventory_core.o
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -29,16 +30,23 @@ from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
 
 from inventory_core import (
+    BUCKET_SEPARATOR,
     ClientCommand,
+    InsufficientStock,
     Invalid,
     InventoryKey,
     Release,
     ReservationNotFound,
+    ShortLine,
+    home_key,
+    limits,
     locations_by_partition,
     orders,
     partition_of,
     partition_of_reservation,
     validate,
+    validate_hot_keys_read,
+    validate_key,
     validate_locations_read,
     validate_read,
 )
@@ -53,6 +61,8 @@ from ..common.calls import (
     request_metadata,
 )
 from ..common.servicer import CallsServicer
+from . import hot_keys
+from .detector import HotKeyDetector, Verdict
 from .routing import Forwarded, Routes
 
 RequestT = TypeVar("RequestT", bound=Message)
@@ -84,13 +94,43 @@ class RouterCalls:
     def __init__(self, routes: Routes, read_view: ReadView | None = None) -> None:
         self._routes = routes
         self._read_view = read_view
+        # The split keys this router spreads, and the counts that find hot ones (None: it
+        # does not look for them) (DESIGN section 10).
+        self.hot_keys = hot_keys.HotKeyMap()
+        self.detector: HotKeyDetector | None = None
 
     # ------------------------------------------------------------------------ reads
 
     async def get_availability(
         self, request: pb.GetAvailabilityRequest, deadline: float | None
     ) -> pb.GetAvailabilityResponse:
-        check(validate_read([convert.key_from_proto(key) for key in request.keys]))
+        """Each key's level from its owner (STRONG) or the read view (EVENTUAL); a split key's
+        is its parts' together, each read the same way (``SplitView.total``)."""
+        keys = [convert.key_from_proto(key) for key in request.keys]
+        check(validate_read(keys))
+        views = [self.hot_keys.get(key) for key in keys] if self.hot_keys else []
+        if not any(views):
+            return await self._levels(request, deadline)
+        parts = list(dict.fromkeys(p for view in views if view for p in view.parts))
+        asked = list(dict.fromkeys([*keys, *parts]))
+        expanded = pb.GetAvailabilityRequest(
+            keys=[convert.key_to_proto(k) for k in asked], consistency=request.consistency
+        )
+        answer = await self._levels(expanded, deadline)
+        found = dict(zip(asked, answer.levels, strict=True))
+        levels = []
+        for key, view in zip(keys, views or [None] * len(keys), strict=True):
+            if view is None:
+                levels.append(found[key])
+                continue
+            for part in view.parts:
+                view.note(part, found[part])
+            levels.append(view.total())
+        return pb.GetAvailabilityResponse(levels=levels, staleness_ms=answer.staleness_ms)
+
+    async def _levels(
+        self, request: pb.GetAvailabilityRequest, deadline: float | None
+    ) -> pb.GetAvailabilityResponse:
         partitions = [partition_of(key.merchant_id, key.location_id) for key in request.keys]
         levels: list[pb.StockLevel] = [pb.StockLevel()] * len(partitions)
         pending = list(range(len(partitions)))
@@ -181,7 +221,76 @@ class RouterCalls:
     async def reserve(
         self, request: pb.ReserveRequest, deadline: float | None
     ) -> pb.ReserveResponse:
-        return await self._routed(rpcs.RESERVE, request, deadline)
+        view = self._spread_view(request)
+        if view is None:
+            return await self._routed(rpcs.RESERVE, request, deadline)
+        return await self._walk(view, request, deadline)
+
+    def _spread_view(self, request: pb.ReserveRequest) -> hot_keys.SplitView | None:
+        """The split key a one-line Reserve is for, to spread over its parts; None: route
+        it whole (a cart of several keys is reserved at its home, from the home's share).
+        A one-line Reserve is also what the detector counts."""
+        if len(request.lines) != 1 or not (self.hot_keys or self.detector):
+            return None
+        key = convert.key_from_proto(request.lines[0].key)
+        if self.detector is not None:
+            self.detector.count(key)
+        return self.hot_keys.spread(key) if self.hot_keys else None
+
+    async def _walk(
+        self, view: hot_keys.SplitView, request: pb.ReserveRequest, deadline: float | None
+    ) -> pb.ReserveResponse:
+        """Try the key's parts in the order its idempotency key fixes (``walk_order``) until
+        one admits it. A part's refusal is kept (``keep_refusal``) whenever the walk would go
+        on past it, so a retry meets the same answers; the walk stops early, and refuses, once
+        no later part is known to offer enough. An answer of unknown outcome ends the walk:
+        the caller retries with its key, and the walk with it."""
+        quantity = request.lines[0].quantity
+        order = hot_keys.walk_order(request.idempotency_key, view.parts)
+        for index, part in enumerate(order):
+            later = any(view.offered(p) >= quantity for p in order[index + 1 :])
+            attempt = pb.ReserveRequest(
+                lines=[pb.ReservationLine(key=convert.key_to_proto(part), quantity=quantity)],
+                ttl_s=request.ttl_s,
+                idempotency_key=request.idempotency_key,
+                keep_refusal=later,
+            )
+            partition = partition_of(part.merchant_id, part.location_id)
+            try:
+                answer = await self._forward(partition, rpcs.RESERVE, attempt, deadline)
+            except Refusal as refusal:
+                rejection = errors.rejection_from_status(refusal.status)
+                if not isinstance(rejection, InsufficientStock):
+                    raise
+                view.refused_at[part] = rejection.lines[0].available
+                if later:
+                    continue
+                # What the parts offer together, as last heard: it may cover the request
+                # while no single part does (units stranded across them).
+                total = view.total().sellable
+                raise Refusal.of(
+                    InsufficientStock((ShortLine(view.home, quantity, total),))
+                ) from None
+            return answer  # as callers see it (``_for_caller``, in ``_forward_item``)
+        raise AssertionError("a split key with no parts")
+
+    def _for_caller(self, result: pb.BatchItemResult) -> None:
+        """In place, an answer about a reservation a bucket holds as callers see it: the key
+        they know (``hot_keys.for_caller``), its level the parts' total."""
+        field = result.WhichOneof("result")
+        if field not in _RESERVATION_RESULTS:
+            return
+        answer = getattr(result, field)
+        if not hot_keys.for_caller(answer.reservation) or field not in _LEVEL_RESULTS:
+            return
+        for level in answer.levels:
+            part = convert.key_from_proto(level.key)
+            view = self.hot_keys.get(home_key(part))
+            if view is not None and part in view.parts:
+                view.note(part, level)
+                level.CopyFrom(view.total())
+            else:  # not one this router knows split: the key, with the bucket's counts
+                level.key.location_id = part.location_id.partition(BUCKET_SEPARATOR)[0]
 
     async def commit(self, request: pb.CommitRequest, deadline: float | None) -> pb.CommitResponse:
         return await self._routed(rpcs.COMMIT, request, deadline)
@@ -215,6 +324,159 @@ class RouterCalls:
         self, request: pb.ExpectDeliveryRequest, deadline: float | None
     ) -> pb.ExpectDeliveryResponse:
         return await self._routed(rpcs.EXPECT_DELIVERY, request, deadline)
+
+    # ------------------------------------------------------------------------ hot keys
+
+    async def split_key(
+        self, request: pb.SplitKeyRequest, deadline: float | None
+    ) -> pb.SplitKeyResponse:
+        """Place the buckets (``hot_keys.bucket_numbers``) unless the caller named them, and
+        split the key at its home."""
+        key = convert.key_from_proto(request.key)
+        check(validate_key("key", key))
+        forwarded = pb.SplitKeyRequest()
+        forwarded.CopyFrom(request)
+        if not request.bucket_numbers:
+            count = request.bucket_count
+            if not 0 < count <= limits.split_buckets_max:
+                bounds = f"1 to {limits.split_buckets_max}"
+                check(Invalid("bucket_count", f"{bounds} buckets besides the home, got {count}"))
+            forwarded.bucket_numbers.extend(
+                hot_keys.bucket_numbers(key, count, self._routes.address_of)
+            )
+        partition = partition_of(key.merchant_id, key.location_id)
+        answer: pb.SplitKeyResponse = await self._forward(
+            partition, rpcs.SPLIT_KEY, forwarded, deadline
+        )
+        self._learn_split(answer.split)
+        return answer
+
+    async def merge_key(
+        self, request: pb.MergeKeyRequest, deadline: float | None
+    ) -> pb.MergeKeyResponse:
+        answer: pb.MergeKeyResponse = await self._routed(rpcs.MERGE_KEY, request, deadline)
+        self._learn_split(answer.split)
+        return answer
+
+    def _learn_split(self, split: pb.HotKeySplit) -> None:
+        """A split (or merge) just answered: spread by it now, not at the next refresh."""
+        home = convert.key_from_proto(split.home.key)
+        if not split.buckets:
+            self.hot_keys.drop(home)
+            return
+        known = self.hot_keys.get(home)
+        view = hot_keys.view_of(split)
+        if known is not None and known.generation == view.generation:
+            view.levels = {**known.levels, **view.levels}
+        self.hot_keys.put(view)
+
+    async def act_on(self, verdict: Verdict, bucket_count: int, deadline: float) -> None:
+        """Split the keys a window found hot, merge the ones that cooled (each once: a key
+        already split keeps its buckets, a whole one stays whole)."""
+        for key in verdict.hot:
+            log.info("hot_key_split", key=convert.key_text(key), buckets=bucket_count)
+            request = pb.SplitKeyRequest(
+                key=convert.key_to_proto(key),
+                bucket_count=bucket_count,
+                idempotency_key=f"hot-key-split:{secrets.token_hex(8)}",
+            )
+            await self._try(self.split_key(request, deadline))
+        for key in verdict.cooled:
+            log.info("hot_key_merge", key=convert.key_text(key))
+            merge = pb.MergeKeyRequest(
+                key=convert.key_to_proto(key),
+                idempotency_key=f"hot-key-merge:{secrets.token_hex(8)}",
+            )
+            await self._try(self.merge_key(merge, deadline))
+
+    async def _try(self, call: Awaitable[Any]) -> None:
+        """An automatic split or merge: a refusal is logged; the next window tries again."""
+        try:
+            await call
+        except Refusal as refusal:
+            log.warning("hot_key_change_failed", status=refusal.status.message)
+
+    async def refresh_hot_keys(self, deadline: float | None) -> None:
+        """Every split key the shards hold, with each part's level (``HotKeyMap.replace``)."""
+        homes = await self.get_hot_keys(pb.GetHotKeysRequest(), deadline)
+        views = [hot_keys.view_of(part.split) for part in homes.parts if part.split.buckets]
+        buckets = [bucket for view in views for bucket in view.parts[1:]]
+        for start in range(0, len(buckets), limits.availability_keys_max):
+            chunk = buckets[start : start + limits.availability_keys_max]
+            request = pb.GetHotKeysRequest(keys=[convert.key_to_proto(b) for b in chunk])
+            found = await self.get_hot_keys(request, deadline)
+            levels = {convert.key_from_proto(p.level.key): p.level for p in found.parts}
+            for view in views:
+                for bucket in view.parts[1:]:
+                    if bucket in levels:
+                        view.note(bucket, levels[bucket])
+        self.hot_keys.replace(views)
+
+    async def send_quota(
+        self, request: pb.SendQuotaRequest, deadline: float | None
+    ) -> pb.SendQuotaResponse:
+        answer: pb.SendQuotaResponse = await self._routed(rpcs.SEND_QUOTA, request, deadline)
+        self.hot_keys.note(convert.key_from_proto(answer.level.key), answer.level)
+        return answer
+
+    async def receive_quota(
+        self, request: pb.ReceiveQuotaRequest, deadline: float | None
+    ) -> pb.ReceiveQuotaResponse:
+        answer: pb.ReceiveQuotaResponse = await self._routed(rpcs.RECEIVE_QUOTA, request, deadline)
+        if answer.merged:
+            self.hot_keys.drop(convert.key_from_proto(answer.level.key))
+        else:
+            self.hot_keys.note(convert.key_from_proto(answer.level.key), answer.level)
+        return answer
+
+    async def settle_transfer(
+        self, request: pb.SettleTransferRequest, deadline: float | None
+    ) -> pb.SettleTransferResponse:
+        return await self._routed(rpcs.SETTLE_TRANSFER, request, deadline)
+
+    async def get_hot_keys(
+        self, request: pb.GetHotKeysRequest, deadline: float | None
+    ) -> pb.GetHotKeysResponse:
+        """The named parts, one request per partition to its owner, in the order asked; with
+        no keys, every shard's split homes. A read: any failure is the call's."""
+        keys = [convert.key_from_proto(k) for k in request.keys]
+        check(validate_hot_keys_read(keys))
+        if not keys:
+            answers = await asyncio.gather(
+                *(
+                    self._ask_shard(address, rpcs.GET_HOT_KEYS, request, deadline)
+                    for address in self._routes.addresses
+                )
+            )
+            return pb.GetHotKeysResponse(parts=[p for answer in answers for p in answer.parts])
+        by_partition: dict[int, list[pb.InventoryKey]] = {}
+        for proto in request.keys:
+            by_partition.setdefault(_key_partition(proto), []).append(proto)
+        answers = await asyncio.gather(
+            *(
+                self._forward(p, rpcs.GET_HOT_KEYS, pb.GetHotKeysRequest(keys=ks), deadline)
+                for p, ks in by_partition.items()
+            )
+        )
+        found = {
+            convert.key_from_proto(part.level.key): part
+            for answer in answers
+            for part in answer.parts
+        }
+        ordered = [found[k] for k in dict.fromkeys(keys) if k in found]
+        return pb.GetHotKeysResponse(parts=ordered)
+
+    async def _ask_shard(
+        self, address: str, rpc: rpcs.Rpc[Any, ResponseT], request: Message, deadline: float | None
+    ) -> ResponseT:
+        """A read of one shard as a whole (not of a partition): its answer, else Refusal."""
+        item = _item()
+        getattr(item, rpc.field).CopyFrom(request)
+        result = await self._call(address, item, deadline, mutating=False)
+        if result.WhichOneof("result") == "error":
+            raise Refusal(result.error)
+        response: ResponseT = getattr(result, rpc.field)
+        return response
 
     async def get_over_committed(
         self, request: pb.GetOverCommittedRequest, deadline: float | None
@@ -376,6 +638,12 @@ class RouterCalls:
             rest: list[pb.BatchItem] = []
             for item in items:
                 name = item.WhichOneof("call")
+                if name == "reserve" and (self.hot_keys or self.detector):
+                    view = self._spread_view(item.reserve)
+                    if view is not None:  # a split key: walk its parts (a task)
+                        deadline = batching.item_deadline(item, received_at)
+                        group.create_task(self._walk_item(view, item, deadline, answer))
+                        continue
                 route = None if name is None else ROUTES.get(name)
                 if name is None or route is None:
                     rest.append(item)
@@ -406,6 +674,25 @@ class RouterCalls:
                 others(rest, received_at, answer, group)
 
         return handle
+
+    async def _walk_item(
+        self,
+        view: hot_keys.SplitView,
+        item: pb.BatchItem,
+        deadline: float,
+        answer: batching.Answer,
+    ) -> None:
+        """A Batch item's Reserve of a split key (``_walk``), answered under its id."""
+        try:
+            response = await self._walk(view, item.reserve, deadline)
+            result = pb.BatchItemResult(id=item.id, reserve=response)
+        except Refusal as refusal:
+            result = pb.BatchItemResult(id=item.id, error=refusal.status)
+        except Exception as error:  # a bug: the last-resort answer, as run_item gives it
+            log.exception("batch_item_failed", call="reserve")
+            status = errors.internal(f"internal error: {error!r}", mutating=True)
+            result = pb.BatchItemResult(id=item.id, error=status)
+        answer(result)
 
     async def _forward(
         self,
@@ -446,6 +733,7 @@ class RouterCalls:
                     result = await self._call(address, item, deadline, mutating=rpc.mutating)
             if result is not None:
                 if result.WhichOneof("result") != "error":
+                    self._for_caller(result)
                     return result
                 if result.error.code != UNAVAILABLE:
                     raise Refusal(
@@ -556,7 +844,8 @@ class _Routed:
             except RuntimeError:  # the stream has ended (its caller left): nobody to answer
                 retry.close()
             return
-        self.answer(result)  # the owner's answer as it gave it, under the caller's id
+        self.calls._for_caller(result)
+        self.answer(result)  # the owner's answer, under the caller's id
 
     async def retry(self, first: pb.BatchItemResult | None) -> None:
         rpc = self.route.rpc
@@ -593,6 +882,13 @@ def _reservation_partition(
             check(validate(command()))
         raise Refusal.of(ReservationNotFound(reservation_id))
     return partition
+
+
+# The answers about one reservation, and those of them with the levels of its keys.
+_RESERVATION_RESULTS = frozenset(
+    {"reserve", "commit", "release", "extend_reservation", "get_reservation"}
+)
+_LEVEL_RESULTS = frozenset({"reserve", "commit", "release"})
 
 
 def _key_partition(key: pb.InventoryKey) -> int:
@@ -678,6 +974,15 @@ def _expect_delivery_partition(request: pb.ExpectDeliveryRequest) -> int:
     return partition_of(request.merchant_id, request.location_id)
 
 
+def _hot_key_partition(request: Any) -> int:
+    """The partition of the request's key (a home or a bucket)."""
+    return _key_partition(request.key)
+
+
+def _receive_quota_partition(request: pb.ReceiveQuotaRequest) -> int:
+    return _key_partition(request.transfer.target)
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """A call forwarded whole to one owner: ``partition_of(request)`` names its partition
@@ -687,7 +992,8 @@ class Route:
     partition_of: Callable[[Any], int]
 
 
-# Every call but GetAvailability (which fans out per owner) and ReserveOrder (a saga).
+# Every call but GetAvailability and GetHotKeys (which fan out per owner), ReserveOrder (a
+# saga) and SplitKey (the router places its buckets first).
 ROUTES: Mapping[str, Route] = {
     route.rpc.field: route
     for route in (
@@ -700,5 +1006,9 @@ ROUTES: Mapping[str, Route] = {
         Route(rpcs.SET_STOCK, _set_stock_partition),
         Route(rpcs.SET_SAFETY_STOCK, _set_safety_stock_partition),
         Route(rpcs.EXPECT_DELIVERY, _expect_delivery_partition),
+        Route(rpcs.MERGE_KEY, _hot_key_partition),
+        Route(rpcs.SEND_QUOTA, _hot_key_partition),
+        Route(rpcs.RECEIVE_QUOTA, _receive_quota_partition),
+        Route(rpcs.SETTLE_TRANSFER, _hot_key_partition),
     )
 }

@@ -60,6 +60,7 @@ from inventory_core import (
     AvailabilityChanged,
     CheckpointDelta,
     ClientCommand,
+    HotKeyPart,
     InventoryKey,
     LocationHealth,
     Outcome,
@@ -467,6 +468,23 @@ class Owner:
             partition, "feed_health", query, deadline
         )
         return found
+
+    async def hot_key_parts(
+        self, partition: int, keys: Sequence[InventoryKey] | None, deadline: float | None
+    ) -> tuple[HotKeyPart, ...]:
+        """The hot keys' parts among ``keys`` in the partition (None: every split home)."""
+        asked = None if keys is None else tuple(keys)
+
+        def query(core: Partition, now_ms: int) -> tuple[HotKeyPart, ...]:
+            return core.hot_key_parts(core.split_keys if asked is None else asked, now_ms)
+
+        found: tuple[HotKeyPart, ...] = await self._query(partition, "hot_keys", query, deadline)
+        return found
+
+    def partitions_with_splits(self) -> list[int]:
+        """The owned partitions that are the home of a split key (read in passing: which to
+        ask, not what they hold)."""
+        return sorted(p for p, owned in self._owned.items() if owned.core.split_count)
 
     async def _query(
         self,

@@ -27,19 +27,25 @@ from inventory_core import (
     Committed,
     DeliveryExpected,
     Extended,
+    HotKeyPart,
     Ingested,
     InventoryKey,
+    KeySplit,
     Outcome,
     OverCommitted,
+    QuotaReceived,
+    QuotaSent,
     Released,
     ReservationNotFound,
     Reserved,
     StockChanged,
+    TransferSettled,
     is_accepted,
     locations_by_partition,
     partition_of,
     partition_of_reservation,
     validate,
+    validate_hot_keys_read,
     validate_locations_read,
     validate_read,
 )
@@ -135,6 +141,54 @@ class Calls:
         self, request: pb.ExpectDeliveryRequest, deadline: float | None
     ) -> pb.ExpectDeliveryResponse:
         return await self._call(EXPECT_DELIVERY, request, deadline)
+
+    async def split_key(
+        self, request: pb.SplitKeyRequest, deadline: float | None
+    ) -> pb.SplitKeyResponse:
+        return await self._call(SPLIT_KEY, request, deadline)
+
+    async def merge_key(
+        self, request: pb.MergeKeyRequest, deadline: float | None
+    ) -> pb.MergeKeyResponse:
+        return await self._call(MERGE_KEY, request, deadline)
+
+    async def send_quota(
+        self, request: pb.SendQuotaRequest, deadline: float | None
+    ) -> pb.SendQuotaResponse:
+        return await self._call(SEND_QUOTA, request, deadline)
+
+    async def receive_quota(
+        self, request: pb.ReceiveQuotaRequest, deadline: float | None
+    ) -> pb.ReceiveQuotaResponse:
+        return await self._call(RECEIVE_QUOTA, request, deadline)
+
+    async def settle_transfer(
+        self, request: pb.SettleTransferRequest, deadline: float | None
+    ) -> pb.SettleTransferResponse:
+        return await self._call(SETTLE_TRANSFER, request, deadline)
+
+    async def get_hot_keys(
+        self, request: pb.GetHotKeysRequest, deadline: float | None
+    ) -> pb.GetHotKeysResponse:
+        """The named parts, each asked of its partition's owner in the order asked; with no
+        keys, every split key's home in the partitions this process owns."""
+        keys = [convert.key_from_proto(k) for k in request.keys]
+        check(validate_hot_keys_read(keys))
+        by_partition: dict[int, list[InventoryKey]] = {}
+        for key in keys:
+            by_partition.setdefault(partition_of(key.merchant_id, key.location_id), []).append(key)
+        partitions = list(by_partition) if keys else self._owner.partitions_with_splits()
+        answers = await asyncio.gather(
+            *(
+                _guard(self._owner.hot_key_parts(p, by_partition.get(p), deadline))
+                for p in partitions
+            )
+        )
+        found: dict[InventoryKey, HotKeyPart] = {
+            part.level.key: part for answer in answers for part in answer
+        }
+        ordered = [found[k] for k in dict.fromkeys(keys) if k in found] if keys else found.values()
+        return pb.GetHotKeysResponse(parts=[convert.hot_key_part_to_proto(p) for p in ordered])
 
     async def get_over_committed(
         self, request: pb.GetOverCommittedRequest, deadline: float | None
@@ -277,7 +331,10 @@ def _cart_partition(command: Any) -> int:
 
 
 def _key_partition(command: Any) -> int:
-    key: InventoryKey = command.key
+    return _key_partition_of(command.key)
+
+
+def _key_partition_of(key: InventoryKey) -> int:
     return partition_of(key.merchant_id, key.location_id)
 
 
@@ -356,6 +413,45 @@ EXPECT_DELIVERY = _Mutation(
     DeliveryExpected,
 )
 INGEST = _Mutation(convert.ingest, _feed_partition, convert.ingested_to_proto, Ingested)
+SPLIT_KEY = _Mutation(
+    convert.split_key,
+    _key_partition,
+    lambda outcome: pb.SplitKeyResponse(split=convert.split_to_proto(outcome)),
+    KeySplit,
+)
+MERGE_KEY = _Mutation(
+    convert.merge_key,
+    _key_partition,
+    lambda outcome: pb.MergeKeyResponse(split=convert.split_to_proto(outcome)),
+    KeySplit,
+)
+SEND_QUOTA = _Mutation(
+    convert.send_quota,
+    _key_partition,
+    lambda outcome: pb.SendQuotaResponse(
+        transfer=convert.transfer_to_proto(outcome.transfer),
+        level=convert.level_to_proto(outcome.level),
+    ),
+    QuotaSent,
+)
+RECEIVE_QUOTA = _Mutation(
+    convert.receive_quota,
+    lambda command: _key_partition_of(command.transfer.target),
+    lambda outcome: pb.ReceiveQuotaResponse(
+        transfer_id=outcome.transfer_id,
+        level=convert.level_to_proto(outcome.level),
+        merged=outcome.merged,
+    ),
+    QuotaReceived,
+)
+SETTLE_TRANSFER = _Mutation(
+    convert.settle_transfer,
+    _key_partition,
+    lambda outcome: pb.SettleTransferResponse(
+        transfer_id=outcome.transfer_id, settled=outcome.settled
+    ),
+    TransferSettled,
+)
 # Every mutating call of the shard, by its BatchItem field (and Calls method) name.
 MUTATIONS: dict[str, _Mutation[Any]] = {
     "reserve": RESERVE,
@@ -366,6 +462,11 @@ MUTATIONS: dict[str, _Mutation[Any]] = {
     "set_stock": SET_STOCK,
     "set_safety_stock": SET_SAFETY_STOCK,
     "expect_delivery": EXPECT_DELIVERY,
+    "split_key": SPLIT_KEY,
+    "merge_key": MERGE_KEY,
+    "send_quota": SEND_QUOTA,
+    "receive_quota": RECEIVE_QUOTA,
+    "settle_transfer": SETTLE_TRANSFER,
 }
 
 

@@ -377,7 +377,8 @@ def test_an_item_the_server_never_answers_is_given_up_after_its_deadline_and_gra
             elapsed_s = time.monotonic() - started
             assert result.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
             assert "outcome unknown" in result.error.message
-            assert 0.3 <= elapsed_s < 0.5
+            # The loop's timers may fire up to its clock's resolution early (0.29998 s seen).
+            assert 0.3 - 0.005 <= elapsed_s < 0.5
             assert batcher.stats.items_expired == 1
             assert batcher.pending_items == 0
             await batcher.close()

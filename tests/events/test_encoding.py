@@ -79,6 +79,7 @@ def test_a_change_is_encoded_with_every_argument_the_script_takes() -> None:
         b"0",
         b"0",  # incoming, incoming_eta_ms: no delivery expected
         b"0",
+        b"0",  # allotted: not a hot key's home
     ]
 
 
@@ -90,7 +91,7 @@ def test_one_script_call_carries_a_batch_keys_first_then_the_cap_then_arguments(
     assert arguments[3:12] == [part for e in encoded for part in bulk_strings(e.keys)]
     assert arguments[12] == b"1234"
     assert arguments[13:] == [part for e in encoded for part in bulk_strings(e.arguments)]
-    assert len(arguments) == 4 + 18 * len(encoded)
+    assert len(arguments) == 4 + 19 * len(encoded)
 
 
 def test_an_error_answer_comes_back_in_its_place_and_the_connection_stays_in_step(

@@ -82,6 +82,7 @@ def test_read_view_converges_to_highest_version_under_any_permutation_with_dupli
                 b"stale_since_ms": b"0",
                 b"incoming": b"0",
                 b"incoming_eta_ms": b"0",
+                b"allotted": b"0",
             }
             members = await client.smembers(index_key(KEY.merchant_id))
             assert members == {f"{KEY.location_id}|{KEY.sku_id}".encode()}

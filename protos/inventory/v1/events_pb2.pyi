@@ -32,6 +32,7 @@ class StockCounts(_message.Message):
     SELLABLE_FIELD_NUMBER: _builtins.int
     INCOMING_FIELD_NUMBER: _builtins.int
     INCOMING_ETA_MS_FIELD_NUMBER: _builtins.int
+    ALLOTTED_FIELD_NUMBER: _builtins.int
     on_hand: _builtins.int
     reserved: _builtins.int
     safety_stock: _builtins.int
@@ -42,10 +43,12 @@ class StockCounts(_message.Message):
     """
     stale_since_ms: _builtins.int
     sellable: _builtins.int
-    """What shoppers see: max(available - stale_buffer, 0)."""
+    """What shoppers see of this row: max(available - stale_buffer - allotted, 0)."""
     incoming: _builtins.int
     """Units of expected deliveries not yet received, and their earliest ETA (0: none)."""
     incoming_eta_ms: _builtins.int
+    allotted: _builtins.int
+    """A hot key's home: the units its buckets hold or that are in transit (not offered here)."""
     def __init__(
         self,
         *,
@@ -58,10 +61,11 @@ class StockCounts(_message.Message):
         sellable: _builtins.int = ...,
         incoming: _builtins.int = ...,
         incoming_eta_ms: _builtins.int = ...,
+        allotted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "incoming", b"incoming", "incoming_eta_ms", b"incoming_eta_ms", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allotted", b"allotted", "available", b"available", "incoming", b"incoming", "incoming_eta_ms", b"incoming_eta_ms", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

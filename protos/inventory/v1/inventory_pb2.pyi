@@ -317,13 +317,14 @@ class StockLevel(_message.Message):
     STALE_SINCE_MS_FIELD_NUMBER: _builtins.int
     INCOMING_FIELD_NUMBER: _builtins.int
     INCOMING_ETA_MS_FIELD_NUMBER: _builtins.int
+    ALLOTTED_FIELD_NUMBER: _builtins.int
     on_hand: _builtins.int
     reserved: _builtins.int
     safety_stock: _builtins.int
     available: _builtins.int
     """on_hand - reserved - safety_stock; negative when the key is over-committed."""
     sellable: _builtins.int
-    """What shoppers see: max(available - stale_buffer, 0)."""
+    """What shoppers see: max(available - stale_buffer - allotted, 0)."""
     version: _builtins.int
     """+1 on every change of the key; 0 for a key never written."""
     exists: _builtins.bool
@@ -347,6 +348,10 @@ class StockLevel(_message.Message):
     among them (Unix epoch ms; in the past: overdue). Never part of available.
     """
     incoming_eta_ms: _builtins.int
+    allotted: _builtins.int
+    """A hot key's home (HotKeys below): the units its buckets hold or that are in transit,
+    part of on_hand but not offered here. `sellable` is then this row's own share.
+    """
     @_builtins.property
     def key(self) -> Global___InventoryKey: ...
     def __init__(
@@ -366,10 +371,11 @@ class StockLevel(_message.Message):
         stale_since_ms: _builtins.int = ...,
         incoming: _builtins.int = ...,
         incoming_eta_ms: _builtins.int = ...,
+        allotted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "degraded", b"degraded", "exists", b"exists", "exposure", b"exposure", "incoming", b"incoming", "incoming_eta_ms", b"incoming_eta_ms", "key", b"key", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allotted", b"allotted", "available", b"available", "degraded", b"degraded", "exists", b"exists", "exposure", b"exposure", "incoming", b"incoming", "incoming_eta_ms", b"incoming_eta_ms", "key", b"key", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -509,9 +515,14 @@ class ReserveRequest(_message.Message):
     LINES_FIELD_NUMBER: _builtins.int
     TTL_S_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    KEEP_REFUSAL_FIELD_NUMBER: _builtins.int
     ttl_s: _builtins.int
     """Time to live, 30 to 7200 seconds; 0 means the default of 900 seconds."""
     idempotency_key: _builtins.str
+    keep_refusal: _builtins.bool
+    """Record a refusal for insufficient stock and answer a retry with the same key with it
+    again. The router sets it on a hot key's bucket before it tries the next one.
+    """
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReservationLine]:
         """1 to 100 lines, all at one merchant and one location. Admitted only if every line fits
@@ -524,10 +535,11 @@ class ReserveRequest(_message.Message):
         lines: _abc.Iterable[Global___ReservationLine] | None = ...,
         ttl_s: _builtins.int = ...,
         idempotency_key: _builtins.str = ...,
+        keep_refusal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "lines", b"lines", "ttl_s", b"ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "keep_refusal", b"keep_refusal", "lines", b"lines", "ttl_s", b"ttl_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1504,6 +1516,466 @@ class GetOverCommittedResponse(_message.Message):
 Global___GetOverCommittedResponse: _TypeAlias = GetOverCommittedResponse  # noqa: Y015
 
 @_typing.final
+class HotKeySplit(_message.Message):
+    """------------------------------------------------------------------------- hot keys
+
+    A hot key (DESIGN section 10) is split into buckets: keys of their own, named
+    "<location>~<n>" (a character no caller's identifier holds), each in a partition of its
+    own on another owner, each holding part of the key's units as its quota. The key's home
+    (its own row) keeps every physical fact; the router spreads reservations over the home and
+    its buckets and adds them up for reads; its rebalancer moves units between them through
+    durable transfers: debited at the source (SendQuota), credited once at the target
+    (ReceiveQuota), then forgotten by the source (SettleTransfer). Callers of Inventory name
+    the key as always and never see a bucket; these calls are the admin's and the rebalancer's.
+
+    A hot key's split as it stands at its home.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOME_FIELD_NUMBER: _builtins.int
+    BUCKETS_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    MERGING_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    """The lsn of the record that split the key (0 when whole): tells a split from a later one."""
+    merging: _builtins.bool
+    """No more units go to the buckets; the split goes once they have returned every unit."""
+    @_builtins.property
+    def home(self) -> Global___StockLevel:
+        """The home's level; `allotted` is what its buckets hold or is in transit."""
+
+    @_builtins.property
+    def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___InventoryKey]:
+        """The buckets besides the home; empty when the key is whole."""
+
+    def __init__(
+        self,
+        *,
+        home: Global___StockLevel | None = ...,
+        buckets: _abc.Iterable[Global___InventoryKey] | None = ...,
+        generation: _builtins.int = ...,
+        merging: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["home", b"home"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "generation", b"generation", "home", b"home", "merging", b"merging"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HotKeySplit: _TypeAlias = HotKeySplit  # noqa: Y015
+
+@_typing.final
+class SplitKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    BUCKET_COUNT_FIELD_NUMBER: _builtins.int
+    BUCKET_NUMBERS_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    bucket_count: _builtins.int
+    """The router's: how many buckets besides the home (1 to 15), each placed on an owner of
+    its own where there are enough shards.
+    """
+    @_builtins.property
+    def key(self) -> Global___InventoryKey: ...
+    @_builtins.property
+    def bucket_numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The shard's: the buckets' numbers (1 to 1000); the router fills them in."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___InventoryKey | None = ...,
+        idempotency_key: _builtins.str = ...,
+        bucket_count: _builtins.int = ...,
+        bucket_numbers: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_count", b"bucket_count", "bucket_numbers", b"bucket_numbers", "idempotency_key", b"idempotency_key", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitKeyRequest: _TypeAlias = SplitKeyRequest  # noqa: Y015
+
+@_typing.final
+class SplitKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPLIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def split(self) -> Global___HotKeySplit: ...
+    def __init__(
+        self,
+        *,
+        split: Global___HotKeySplit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["split", b"split"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitKeyResponse: _TypeAlias = SplitKeyResponse  # noqa: Y015
+
+@_typing.final
+class MergeKeyRequest(_message.Message):
+    """No more units go to the buckets; the split goes once they have returned every unit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    @_builtins.property
+    def key(self) -> Global___InventoryKey: ...
+    def __init__(
+        self,
+        *,
+        key: Global___InventoryKey | None = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeKeyRequest: _TypeAlias = MergeKeyRequest  # noqa: Y015
+
+@_typing.final
+class MergeKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPLIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def split(self) -> Global___HotKeySplit: ...
+    def __init__(
+        self,
+        *,
+        split: Global___HotKeySplit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["split", b"split"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeKeyResponse: _TypeAlias = MergeKeyResponse  # noqa: Y015
+
+@_typing.final
+class QuotaTransfer(_message.Message):
+    """Units on their way between a hot key's home and one of its buckets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Consumed(_message.Message):
+        """Units a bucket's reservations committed, and when (a count at the home judges them)."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        OCCURRED_AT_MS_FIELD_NUMBER: _builtins.int
+        QUANTITY_FIELD_NUMBER: _builtins.int
+        occurred_at_ms: _builtins.int
+        quantity: _builtins.int
+        def __init__(
+            self,
+            *,
+            occurred_at_ms: _builtins.int = ...,
+            quantity: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["occurred_at_ms", b"occurred_at_ms", "quantity", b"quantity"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    CONSUMED_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    """"t<partition>-<lsn>" of the record that debited the source; its credit is remembered
+    under it, so a transfer carried twice is credited once.
+    """
+    generation: _builtins.int
+    quantity: _builtins.int
+    """Free units moved."""
+    @_builtins.property
+    def source(self) -> Global___InventoryKey: ...
+    @_builtins.property
+    def target(self) -> Global___InventoryKey: ...
+    @_builtins.property
+    def consumed(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuotaTransfer.Consumed]:
+        """A return's committed units, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        source: Global___InventoryKey | None = ...,
+        target: Global___InventoryKey | None = ...,
+        generation: _builtins.int = ...,
+        quantity: _builtins.int = ...,
+        consumed: _abc.Iterable[Global___QuotaTransfer.Consumed] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumed", b"consumed", "generation", b"generation", "quantity", b"quantity", "source", b"source", "target", b"target", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuotaTransfer: _TypeAlias = QuotaTransfer  # noqa: Y015
+
+@_typing.final
+class SendQuotaRequest(_message.Message):
+    """Debit a transfer at its source: at the home, a grant of `quantity` units to a bucket; at
+    a bucket, a return of `quantity` free units (0 or more) with every unit it committed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    quantity: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___InventoryKey: ...
+    @_builtins.property
+    def target(self) -> Global___InventoryKey: ...
+    def __init__(
+        self,
+        *,
+        key: Global___InventoryKey | None = ...,
+        idempotency_key: _builtins.str = ...,
+        target: Global___InventoryKey | None = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "key", b"key", "quantity", b"quantity", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendQuotaRequest: _TypeAlias = SendQuotaRequest  # noqa: Y015
+
+@_typing.final
+class SendQuotaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transfer(self) -> Global___QuotaTransfer:
+        """Credit it at its target, then settle it here."""
+
+    @_builtins.property
+    def level(self) -> Global___StockLevel: ...
+    def __init__(
+        self,
+        *,
+        transfer: Global___QuotaTransfer | None = ...,
+        level: Global___StockLevel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "transfer", b"transfer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "transfer", b"transfer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendQuotaResponse: _TypeAlias = SendQuotaResponse  # noqa: Y015
+
+@_typing.final
+class ReceiveQuotaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transfer(self) -> Global___QuotaTransfer: ...
+    def __init__(
+        self,
+        *,
+        transfer: Global___QuotaTransfer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["transfer", b"transfer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transfer", b"transfer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveQuotaRequest: _TypeAlias = ReceiveQuotaRequest  # noqa: Y015
+
+@_typing.final
+class ReceiveQuotaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    MERGED_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    merged: _builtins.bool
+    """The return brought a merging key's last unit home: the key is whole again."""
+    @_builtins.property
+    def level(self) -> Global___StockLevel: ...
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        level: Global___StockLevel | None = ...,
+        merged: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["level", b"level"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "merged", b"merged", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveQuotaResponse: _TypeAlias = ReceiveQuotaResponse  # noqa: Y015
+
+@_typing.final
+class SettleTransferRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    @_builtins.property
+    def key(self) -> Global___InventoryKey:
+        """The transfer's source."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___InventoryKey | None = ...,
+        transfer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleTransferRequest: _TypeAlias = SettleTransferRequest  # noqa: Y015
+
+@_typing.final
+class SettleTransferResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    SETTLED_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    settled: _builtins.bool
+    """False: it had been settled before (nothing changed)."""
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        settled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settled", b"settled", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleTransferResponse: _TypeAlias = SettleTransferResponse  # noqa: Y015
+
+@_typing.final
+class HotKeyPart(_message.Message):
+    """One part of a hot key (its home or a bucket) as its owner holds it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    HOME_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    SENDING_FIELD_NUMBER: _builtins.int
+    granted: _builtins.int
+    @_builtins.property
+    def level(self) -> Global___StockLevel: ...
+    @_builtins.property
+    def split(self) -> Global___HotKeySplit:
+        """At the home: its split."""
+
+    @_builtins.property
+    def home(self) -> Global___InventoryKey:
+        """At a bucket: its home, and the units it was granted less its returns."""
+
+    @_builtins.property
+    def sending(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuotaTransfer]:
+        """Transfers debited here and not yet settled (in transit, or credited and not settled)."""
+
+    def __init__(
+        self,
+        *,
+        level: Global___StockLevel | None = ...,
+        split: Global___HotKeySplit | None = ...,
+        home: Global___InventoryKey | None = ...,
+        granted: _builtins.int = ...,
+        sending: _abc.Iterable[Global___QuotaTransfer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["home", b"home", "level", b"level", "split", b"split"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "home", b"home", "level", b"level", "sending", b"sending", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HotKeyPart: _TypeAlias = HotKeyPart  # noqa: Y015
+
+@_typing.final
+class GetHotKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___InventoryKey]:
+        """The parts to describe (homes or buckets; a key that is neither is left out). Empty:
+        every split key's home in the partitions the process owns (a shard), or in all of them
+        (the router asks every shard).
+        """
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___InventoryKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHotKeysRequest: _TypeAlias = GetHotKeysRequest  # noqa: Y015
+
+@_typing.final
+class GetHotKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___HotKeyPart]: ...
+    def __init__(
+        self,
+        *,
+        parts: _abc.Iterable[Global___HotKeyPart] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parts", b"parts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHotKeysResponse: _TypeAlias = GetHotKeysResponse  # noqa: Y015
+
+@_typing.final
 class BatchItem(_message.Message):
     """One call inside a Batch stream. Each item keeps its own deadline and gets its own answer."""
 
@@ -1545,6 +2017,12 @@ class BatchItem(_message.Message):
     GET_OVER_COMMITTED_FIELD_NUMBER: _builtins.int
     GET_FEED_HEALTH_FIELD_NUMBER: _builtins.int
     EXPECT_DELIVERY_FIELD_NUMBER: _builtins.int
+    SPLIT_KEY_FIELD_NUMBER: _builtins.int
+    MERGE_KEY_FIELD_NUMBER: _builtins.int
+    SEND_QUOTA_FIELD_NUMBER: _builtins.int
+    RECEIVE_QUOTA_FIELD_NUMBER: _builtins.int
+    SETTLE_TRANSFER_FIELD_NUMBER: _builtins.int
+    GET_HOT_KEYS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Chosen by the sender, unique among its items in flight on the stream; echoed back."""
     timeout_ms: _builtins.int
@@ -1581,6 +2059,18 @@ class BatchItem(_message.Message):
     def get_feed_health(self) -> Global___GetFeedHealthRequest: ...
     @_builtins.property
     def expect_delivery(self) -> Global___ExpectDeliveryRequest: ...
+    @_builtins.property
+    def split_key(self) -> Global___SplitKeyRequest: ...
+    @_builtins.property
+    def merge_key(self) -> Global___MergeKeyRequest: ...
+    @_builtins.property
+    def send_quota(self) -> Global___SendQuotaRequest: ...
+    @_builtins.property
+    def receive_quota(self) -> Global___ReceiveQuotaRequest: ...
+    @_builtins.property
+    def settle_transfer(self) -> Global___SettleTransferRequest: ...
+    @_builtins.property
+    def get_hot_keys(self) -> Global___GetHotKeysRequest: ...
     def __init__(
         self,
         *,
@@ -1600,12 +2090,18 @@ class BatchItem(_message.Message):
         get_over_committed: Global___GetOverCommittedRequest | None = ...,
         get_feed_health: Global___GetFeedHealthRequest | None = ...,
         expect_delivery: Global___ExpectDeliveryRequest | None = ...,
+        split_key: Global___SplitKeyRequest | None = ...,
+        merge_key: Global___MergeKeyRequest | None = ...,
+        send_quota: Global___SendQuotaRequest | None = ...,
+        receive_quota: Global___ReceiveQuotaRequest | None = ...,
+        settle_transfer: Global___SettleTransferRequest | None = ...,
+        get_hot_keys: Global___GetHotKeysRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_hot_keys", b"get_hot_keys", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "merge_key", b"merge_key", "receive_quota", b"receive_quota", "release", b"release", "reserve", b"reserve", "send_quota", b"send_quota", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "settle_transfer", b"settle_transfer", "split_key", b"split_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "metadata", b"metadata", "release", b"release", "reserve", b"reserve", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "call", b"call", "commit", b"commit", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_hot_keys", b"get_hot_keys", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "merge_key", b"merge_key", "metadata", b"metadata", "receive_quota", b"receive_quota", "release", b"release", "reserve", b"reserve", "send_quota", b"send_quota", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "settle_transfer", b"settle_transfer", "split_key", b"split_key", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed", "get_feed_health", "expect_delivery"]  # noqa: Y015
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed", "get_feed_health", "expect_delivery", "split_key", "merge_key", "send_quota", "receive_quota", "settle_transfer", "get_hot_keys"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
@@ -1630,6 +2126,12 @@ class BatchItemResult(_message.Message):
     GET_OVER_COMMITTED_FIELD_NUMBER: _builtins.int
     GET_FEED_HEALTH_FIELD_NUMBER: _builtins.int
     EXPECT_DELIVERY_FIELD_NUMBER: _builtins.int
+    SPLIT_KEY_FIELD_NUMBER: _builtins.int
+    MERGE_KEY_FIELD_NUMBER: _builtins.int
+    SEND_QUOTA_FIELD_NUMBER: _builtins.int
+    RECEIVE_QUOTA_FIELD_NUMBER: _builtins.int
+    SETTLE_TRANSFER_FIELD_NUMBER: _builtins.int
+    GET_HOT_KEYS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     @_builtins.property
     def error(self) -> _status_pb2.Status:
@@ -1661,6 +2163,18 @@ class BatchItemResult(_message.Message):
     def get_feed_health(self) -> Global___GetFeedHealthResponse: ...
     @_builtins.property
     def expect_delivery(self) -> Global___ExpectDeliveryResponse: ...
+    @_builtins.property
+    def split_key(self) -> Global___SplitKeyResponse: ...
+    @_builtins.property
+    def merge_key(self) -> Global___MergeKeyResponse: ...
+    @_builtins.property
+    def send_quota(self) -> Global___SendQuotaResponse: ...
+    @_builtins.property
+    def receive_quota(self) -> Global___ReceiveQuotaResponse: ...
+    @_builtins.property
+    def settle_transfer(self) -> Global___SettleTransferResponse: ...
+    @_builtins.property
+    def get_hot_keys(self) -> Global___GetHotKeysResponse: ...
     def __init__(
         self,
         *,
@@ -1679,12 +2193,18 @@ class BatchItemResult(_message.Message):
         get_over_committed: Global___GetOverCommittedResponse | None = ...,
         get_feed_health: Global___GetFeedHealthResponse | None = ...,
         expect_delivery: Global___ExpectDeliveryResponse | None = ...,
+        split_key: Global___SplitKeyResponse | None = ...,
+        merge_key: Global___MergeKeyResponse | None = ...,
+        send_quota: Global___SendQuotaResponse | None = ...,
+        receive_quota: Global___ReceiveQuotaResponse | None = ...,
+        settle_transfer: Global___SettleTransferResponse | None = ...,
+        get_hot_keys: Global___GetHotKeysResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_hot_keys", b"get_hot_keys", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "ingest", b"ingest", "merge_key", b"merge_key", "receive_quota", b"receive_quota", "release", b"release", "reserve", b"reserve", "result", b"result", "send_quota", b"send_quota", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "settle_transfer", b"settle_transfer", "split_key", b"split_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "release", b"release", "reserve", b"reserve", "result", b"result", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust_stock", b"adjust_stock", "commit", b"commit", "error", b"error", "expect_delivery", b"expect_delivery", "extend_reservation", b"extend_reservation", "get_availability", b"get_availability", "get_feed_health", b"get_feed_health", "get_hot_keys", b"get_hot_keys", "get_over_committed", b"get_over_committed", "get_reservation", b"get_reservation", "id", b"id", "ingest", b"ingest", "merge_key", b"merge_key", "receive_quota", b"receive_quota", "release", b"release", "reserve", b"reserve", "result", b"result", "send_quota", b"send_quota", "set_safety_stock", b"set_safety_stock", "set_stock", b"set_stock", "settle_transfer", b"settle_transfer", "split_key", b"split_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed", "get_feed_health", "expect_delivery"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "get_availability", "reserve", "commit", "release", "extend_reservation", "get_reservation", "adjust_stock", "set_stock", "set_safety_stock", "ingest", "get_over_committed", "get_feed_health", "expect_delivery", "split_key", "merge_key", "send_quota", "receive_quota", "settle_transfer", "get_hot_keys"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

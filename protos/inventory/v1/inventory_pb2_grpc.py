@@ -670,6 +670,302 @@ class Inventory:
             _registered_method=True)
 
 
+class HotKeysStub:
+    """A hot key's split and its transfers (see "hot keys" above). Served by the router; a shard
+    serves each call for the partitions it owns.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SplitKey = channel.unary_unary(
+                '/inventory.v1.HotKeys/SplitKey',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.SplitKeyRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.SplitKeyResponse.FromString,
+                _registered_method=True)
+        self.MergeKey = channel.unary_unary(
+                '/inventory.v1.HotKeys/MergeKey',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.MergeKeyRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.MergeKeyResponse.FromString,
+                _registered_method=True)
+        self.SendQuota = channel.unary_unary(
+                '/inventory.v1.HotKeys/SendQuota',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.SendQuotaRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.SendQuotaResponse.FromString,
+                _registered_method=True)
+        self.ReceiveQuota = channel.unary_unary(
+                '/inventory.v1.HotKeys/ReceiveQuota',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.ReceiveQuotaRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.ReceiveQuotaResponse.FromString,
+                _registered_method=True)
+        self.SettleTransfer = channel.unary_unary(
+                '/inventory.v1.HotKeys/SettleTransfer',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.SettleTransferRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.SettleTransferResponse.FromString,
+                _registered_method=True)
+        self.GetHotKeys = channel.unary_unary(
+                '/inventory.v1.HotKeys/GetHotKeys',
+                request_serializer=inventory_dot_v1_dot_inventory__pb2.GetHotKeysRequest.SerializeToString,
+                response_deserializer=inventory_dot_v1_dot_inventory__pb2.GetHotKeysResponse.FromString,
+                _registered_method=True)
+
+
+class HotKeysServicer:
+    """A hot key's split and its transfers (see "hot keys" above). Served by the router; a shard
+    serves each call for the partitions it owns.
+    """
+
+    def SplitKey(self, request, context):
+        """Split a key into buckets on other owners (a key already split keeps its buckets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeKey(self, request, context):
+        """Merge its buckets back: no more grants; the split goes with the last unit home.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendQuota(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveQuota(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleTransfer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHotKeys(self, request, context):
+        """The parts of hot keys as their owners hold them (STRONG).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_HotKeysServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SplitKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.SplitKey,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.SplitKeyRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.SplitKeyResponse.SerializeToString,
+            ),
+            'MergeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeKey,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.MergeKeyRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.MergeKeyResponse.SerializeToString,
+            ),
+            'SendQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendQuota,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.SendQuotaRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.SendQuotaResponse.SerializeToString,
+            ),
+            'ReceiveQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveQuota,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.ReceiveQuotaRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.ReceiveQuotaResponse.SerializeToString,
+            ),
+            'SettleTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleTransfer,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.SettleTransferRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.SettleTransferResponse.SerializeToString,
+            ),
+            'GetHotKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHotKeys,
+                    request_deserializer=inventory_dot_v1_dot_inventory__pb2.GetHotKeysRequest.FromString,
+                    response_serializer=inventory_dot_v1_dot_inventory__pb2.GetHotKeysResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'inventory.v1.HotKeys', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('inventory.v1.HotKeys', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class HotKeys:
+    """A hot key's split and its transfers (see "hot keys" above). Served by the router; a shard
+    serves each call for the partitions it owns.
+    """
+
+    @staticmethod
+    def SplitKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.HotKeys/SplitKey',
+            inventory_dot_v1_dot_inventory__pb2.SplitKeyRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.SplitKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.HotKeys/MergeKey',
+            inventory_dot_v1_dot_inventory__pb2.MergeKeyRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.MergeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.HotKeys/SendQuota',
+            inventory_dot_v1_dot_inventory__pb2.SendQuotaRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.SendQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.HotKeys/ReceiveQuota',
+            inventory_dot_v1_dot_inventory__pb2.ReceiveQuotaRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.ReceiveQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.HotKeys/SettleTransfer',
+            inventory_dot_v1_dot_inventory__pb2.SettleTransferRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.SettleTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHotKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inventory.v1.HotKeys/GetHotKeys',
+            inventory_dot_v1_dot_inventory__pb2.GetHotKeysRequest.SerializeToString,
+            inventory_dot_v1_dot_inventory__pb2.GetHotKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class IngestStub:
     """For POS gateways and supplier integrations (see "feeds" above). Served by the router;
     a shard serves it for the partitions it owns.

@@ -276,6 +276,94 @@ class InventoryServicer(metaclass=_abc_1.ABCMeta):
 
 def add_InventoryServicer_to_server(servicer: InventoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class HotKeysStub:
+    """A hot key's split and its transfers (see "hot keys" above). Served by the router; a shard
+    serves each call for the partitions it owns.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> HotKeysAsyncStub: ...
+    SplitKey: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.SplitKeyRequest, _inventory_pb2.SplitKeyResponse]
+    """Split a key into buckets on other owners (a key already split keeps its buckets)."""
+    MergeKey: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.MergeKeyRequest, _inventory_pb2.MergeKeyResponse]
+    """Merge its buckets back: no more grants; the split goes with the last unit home."""
+    SendQuota: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.SendQuotaRequest, _inventory_pb2.SendQuotaResponse]
+    ReceiveQuota: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.ReceiveQuotaRequest, _inventory_pb2.ReceiveQuotaResponse]
+    SettleTransfer: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.SettleTransferRequest, _inventory_pb2.SettleTransferResponse]
+    GetHotKeys: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.GetHotKeysRequest, _inventory_pb2.GetHotKeysResponse]
+    """The parts of hot keys as their owners hold them (STRONG)."""
+
+@_typing.type_check_only
+class HotKeysAsyncStub(HotKeysStub):
+    """A hot key's split and its transfers (see "hot keys" above). Served by the router; a shard
+    serves each call for the partitions it owns.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    SplitKey: _aio.UnaryUnaryMultiCallable[_inventory_pb2.SplitKeyRequest, _inventory_pb2.SplitKeyResponse]  # type: ignore[assignment]
+    """Split a key into buckets on other owners (a key already split keeps its buckets)."""
+    MergeKey: _aio.UnaryUnaryMultiCallable[_inventory_pb2.MergeKeyRequest, _inventory_pb2.MergeKeyResponse]  # type: ignore[assignment]
+    """Merge its buckets back: no more grants; the split goes with the last unit home."""
+    SendQuota: _aio.UnaryUnaryMultiCallable[_inventory_pb2.SendQuotaRequest, _inventory_pb2.SendQuotaResponse]  # type: ignore[assignment]
+    ReceiveQuota: _aio.UnaryUnaryMultiCallable[_inventory_pb2.ReceiveQuotaRequest, _inventory_pb2.ReceiveQuotaResponse]  # type: ignore[assignment]
+    SettleTransfer: _aio.UnaryUnaryMultiCallable[_inventory_pb2.SettleTransferRequest, _inventory_pb2.SettleTransferResponse]  # type: ignore[assignment]
+    GetHotKeys: _aio.UnaryUnaryMultiCallable[_inventory_pb2.GetHotKeysRequest, _inventory_pb2.GetHotKeysResponse]  # type: ignore[assignment]
+    """The parts of hot keys as their owners hold them (STRONG)."""
+
+class HotKeysServicer(metaclass=_abc_1.ABCMeta):
+    """A hot key's split and its transfers (see "hot keys" above). Served by the router; a shard
+    serves each call for the partitions it owns.
+    """
+
+    @_abc_1.abstractmethod
+    def SplitKey(
+        self,
+        request: _inventory_pb2.SplitKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.SplitKeyResponse, _abc.Awaitable[_inventory_pb2.SplitKeyResponse]]:
+        """Split a key into buckets on other owners (a key already split keeps its buckets)."""
+
+    @_abc_1.abstractmethod
+    def MergeKey(
+        self,
+        request: _inventory_pb2.MergeKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.MergeKeyResponse, _abc.Awaitable[_inventory_pb2.MergeKeyResponse]]:
+        """Merge its buckets back: no more grants; the split goes with the last unit home."""
+
+    @_abc_1.abstractmethod
+    def SendQuota(
+        self,
+        request: _inventory_pb2.SendQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.SendQuotaResponse, _abc.Awaitable[_inventory_pb2.SendQuotaResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ReceiveQuota(
+        self,
+        request: _inventory_pb2.ReceiveQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.ReceiveQuotaResponse, _abc.Awaitable[_inventory_pb2.ReceiveQuotaResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SettleTransfer(
+        self,
+        request: _inventory_pb2.SettleTransferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.SettleTransferResponse, _abc.Awaitable[_inventory_pb2.SettleTransferResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetHotKeys(
+        self,
+        request: _inventory_pb2.GetHotKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.GetHotKeysResponse, _abc.Awaitable[_inventory_pb2.GetHotKeysResponse]]:
+        """The parts of hot keys as their owners hold them (STRONG)."""
+
+def add_HotKeysServicer_to_server(servicer: HotKeysServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class IngestStub:
     """For POS gateways and supplier integrations (see "feeds" above). Served by the router;
     a shard serves it for the partitions it owns.
