@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -228,10 +227,9 @@ def test_retries_stop_at_the_calls_deadline(batching: bool) -> None:
                 await c.reserve([reserve_line()], idempotency_key="order-1", timeout_s=0.3)
             assert time.monotonic() - started < 0.3 + 0.1
         assert caught.value.answer_class is AnswerClass.OUTCOME_UNKNOWN
-        # The deadline fires either in the retry loop's backoff ("an attempt's outcome was
-        # unknown") or with the last attempt still queued on the stream, which answers it
-        # not applied ("an earlier attempt's outcome is unknown"): both say why it is unknown.
-        assert re.search(r"attempt's outcome (was|is) unknown", str(caught.value)), caught.value
+        # The deadline fires in the retry loop's backoff, with the last attempt still queued
+        # on the stream, or with it sent and unanswered: three wordings, each saying unknown.
+        assert "unknown" in str(caught.value), caught.value
 
     run_with(fake, scenario)
     assert 2 <= fake.count("order-1") < 1000
