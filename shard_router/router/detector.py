@@ -16,8 +16,8 @@ cost to a dict update (the sort runs once per ``keys_max / 2`` new keys). Each r
 its share of the traffic: with R routers behind a balancer, a key is hot at R x the
 threshold overall.
 
-Pure: time arrives as an argument; the router's task calls ``roll`` once per window and
-acts on the answer.
+Pure: time arrives as an argument; the router's task calls ``start`` once, then ``roll``
+once per window, and acts on the answer.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class HotKeyDetector:
     _counts: dict[InventoryKey, int] = field(default_factory=dict)
     _floor: int = 0  # the highest count evicted this window
     _cool_for: dict[InventoryKey, int] = field(default_factory=dict)
-    _window_started_s: float | None = None
+    _window_started_s: float = 0.0
 
     def count(self, key: InventoryKey) -> None:
         """One Reserve of ``key`` (Space-Saving: bounded by ``keys_max``)."""
@@ -81,16 +81,14 @@ class HotKeyDetector:
             self._counts = counts = dict(ranked[len(evicted) :])
         counts[key] = self._floor + 1
 
-    def due(self, now_s: float) -> bool:
-        if self._window_started_s is None:
-            self._window_started_s = now_s
-        return now_s - self._window_started_s >= self.limits.window_s
+    def start(self, now_s: float) -> None:
+        """The first window starts now (a rate is counted over the time it was counted in)."""
+        self._window_started_s = now_s
 
     def roll(self, now_s: float, split: set[InventoryKey]) -> Verdict:
         """End the window at ``now_s``: the keys to split (hot, not ``split`` yet) and the
         ``split`` keys to merge (cooled), then start the next window."""
-        started = self._window_started_s if self._window_started_s is not None else now_s
-        elapsed_s = max(now_s - started, 1e-9)
+        elapsed_s = max(now_s - self._window_started_s, 1e-9)
         rates = {key: count / elapsed_s for key, count in self._counts.items()}
         limits = self.limits
         hot = tuple(sorted(k for k, r in rates.items() if r >= limits.threshold_per_s))

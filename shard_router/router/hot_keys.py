@@ -99,9 +99,7 @@ class SplitView:
         if part in self.refused_at:
             return self.refused_at[part]
         level = self.levels.get(part)
-        if level is None:
-            return 0
-        return level.available - level.stale_buffer - level.allotted
+        return 0 if level is None else offered_of(level)
 
     def note(self, part: InventoryKey, level: pb.StockLevel) -> None:
         self.levels[part] = level
@@ -167,6 +165,12 @@ class HotKeyMap:
 
     def drop(self, key: InventoryKey) -> None:
         self._views.pop(key, None)
+
+
+def offered_of(level: pb.StockLevel) -> int:
+    """What a part may promise online (``StockRow.offered``): below zero at a home whose
+    till sold units its buckets hold."""
+    return level.available - level.stale_buffer - level.allotted
 
 
 def walk_order(idempotency_key: str, parts: tuple[InventoryKey, ...]) -> list[InventoryKey]:

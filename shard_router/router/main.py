@@ -131,7 +131,9 @@ async def _detect_hot_keys(calls: RouterCalls, config: RouterConfig) -> None:
         window_s=config.hot_key_window_s,
         cool_windows=config.hot_key_cool_windows,
     )
-    detector = calls.detector = HotKeyDetector(limits)
+    detector = HotKeyDetector(limits)
+    detector.start(time.monotonic())
+    calls.detector = detector
     while True:
         await asyncio.sleep(limits.window_s)
         now = time.monotonic()

@@ -38,6 +38,7 @@ from inventory_core import InventoryKey
 
 from ..common import convert
 from ..common.calls import Refusal
+from .hot_keys import offered_of
 from .service import RouterCalls
 
 log = structlog.get_logger(__name__)
@@ -116,7 +117,6 @@ class Rebalancer:
         # router must not meet the answers of the one before).
         self._token = secrets.token_hex(8)
         self._numbers = itertools.count()
-        self.transfers = 0  # transfers made (for the logs and tests)
 
     async def run(self) -> None:
         while True:
@@ -183,11 +183,9 @@ class Rebalancer:
         await calls.receive_quota(pb.ReceiveQuotaRequest(transfer=transfer), deadline)
         settle = pb.SettleTransferRequest(key=transfer.source, transfer_id=transfer.transfer_id)
         await calls.settle_transfer(settle, deadline)
-        self.transfers += 1
 
 
 def _part(part: pb.HotKeyPart) -> Part:
     level = part.level
-    offered = level.available - level.stale_buffer - level.allotted
     committed = part.granted - level.on_hand if part.HasField("home") else 0
-    return Part(convert.key_from_proto(level.key), offered, committed)
+    return Part(convert.key_from_proto(level.key), offered_of(level), committed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from inventory_core import (
+    AckStatus,
     CapacityExhausted,
     Commit,
     Committed,
@@ -16,6 +17,7 @@ from inventory_core import (
     FeedEventKind,
     IdempotencyKeyReused,
     Ingest,
+    Ingested,
     InsufficientStock,
     Invalid,
     InventoryKey,
@@ -353,4 +355,7 @@ def test_a_caller_cannot_name_a_bucket_for_a_physical_fact() -> None:
     sale = FeedEvent("sale-1", FeedEventKind.SALE, B1, 1, quantity=1)
     cluster = split_cluster(10)
     step = cluster.apply(B1, Ingest("m1", "pos", (sale,), cluster.tick()))
+    assert isinstance(step.outcome, Ingested), step.outcome
+    (ack,) = step.outcome.acks
+    assert (ack.status, ack.field) == (AckStatus.REFUSED, "key.location_id"), ack
     assert step.records == ()

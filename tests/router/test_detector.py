@@ -17,7 +17,7 @@ def key(number: int) -> InventoryKey:
 
 def test_a_key_at_the_threshold_is_hot_and_one_below_is_not() -> None:
     detector = HotKeyDetector(LIMITS)
-    detector.due(0.0)
+    detector.start(0.0)
     for _ in range(100):
         detector.count(HOT)
     for _ in range(99):
@@ -29,7 +29,7 @@ def test_a_key_at_the_threshold_is_hot_and_one_below_is_not() -> None:
 
 def test_a_key_already_split_is_not_split_again() -> None:
     detector = HotKeyDetector(LIMITS)
-    detector.due(0.0)
+    detector.start(0.0)
     for _ in range(500):
         detector.count(HOT)
     assert detector.roll(1.0, split={HOT}).hot == ()
@@ -37,7 +37,7 @@ def test_a_key_already_split_is_not_split_again() -> None:
 
 def test_a_split_key_merges_after_cool_windows_in_a_row_and_a_warm_one_starts_over() -> None:
     detector = HotKeyDetector(LIMITS)
-    detector.due(0.0)
+    detector.start(0.0)
     now = 0.0
     for window in range(2):  # cool twice...
         now += 1.0
@@ -58,7 +58,7 @@ def test_a_hot_key_among_more_keys_than_the_summary_holds_is_never_missed() -> N
     print(f"seed={seed}")
     rng = random.Random(seed)
     detector = HotKeyDetector(LIMITS)
-    detector.due(0.0)
+    detector.start(0.0)
     true_count = 0
     for _ in range(20_000):  # 10,000 distinct cold keys, and the hot one about 1 in 20
         if rng.random() < 0.05:
@@ -71,3 +71,12 @@ def test_a_hot_key_among_more_keys_than_the_summary_holds_is_never_missed() -> N
     limits = DetectorLimits(threshold_per_s=true_count, window_s=1.0, keys_max=64)
     detector.limits = limits
     assert HOT in detector.roll(1.0, split=set()).hot
+
+
+def test_a_rate_is_measured_over_the_window_since_start_not_since_the_first_count() -> None:
+    detector = HotKeyDetector(LIMITS)
+    detector.start(0.0)
+    for _ in range(150):  # 150 reserves over 2 s: 75 a second, below the threshold of 100
+        detector.count(HOT)
+    verdict = detector.roll(2.0, split=set())
+    assert verdict.hot == () and verdict.top == ((HOT, 75.0),)
