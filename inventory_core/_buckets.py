@@ -33,6 +33,15 @@ credits it once.
 
 Merging stops the grants; the buckets return what they hold as their reservations finish,
 and the split row goes when the last unit is back (``allotted`` 0, nothing in transit).
+
+Versions. The router shows a split key as one (``shard_router.router.hot_keys.add_up``):
+while the home's ``allotted`` is above zero, its version is the sum of its parts' versions,
+each of which only goes up. When the last unit comes home (``allotted`` back to 0) the
+buckets hold nothing and the key is shown as its home alone, so the home's version then
+jumps past that sum: it absorbs each bucket's version as its latest return stated it
+(``Transfer.version``, kept in ``Split.versions``), and the version a shopper sees never
+goes down, across any number of splits and merges. A bucket cannot change while it holds no
+units, so the version its last return stated is still its version.
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ class Split:
     merging: bool = False
     # Grants debited here and not yet settled, oldest first.
     sending: tuple[Transfer, ...] = ()
+    # Per bucket: its version as its latest return credited here stated (empty: none yet).
+    versions: tuple[int, ...] = ()
 
     def index_of(self, bucket: InventoryKey) -> int | None:
         return self.buckets.index(bucket) if bucket in self.buckets else None

@@ -157,3 +157,7 @@ quota_transfers_pending_max: Final = 32
 # Commit facts one return carries: a bucket's history keeps at most feed_history_per_key_max
 # of them, and everything older travels as one more (``rules/buckets.py``).
 transfer_consumed_max: Final = feed_history_per_key_max + 1
+# A return's statement of its bucket's version (Transfer.version). One change a microsecond
+# for eight years stays below 2^48; the home absorbs at most split_buckets_max of them at a
+# time, far inside the uint64 the protos carry versions in.
+version_max: Final = 2**48

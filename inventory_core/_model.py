@@ -302,6 +302,9 @@ class Transfer:
     quantity: int
     # A return's committed units, oldest first (a grant carries none).
     consumed: tuple[Consumed, ...] = ()
+    # A return: the bucket's version once debited. The home's version absorbs its buckets'
+    # versions when its last unit comes back (``Split.versions``).
+    version: int = 0
 
     @property
     def consumed_units(self) -> int:

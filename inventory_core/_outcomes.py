@@ -93,6 +93,10 @@ class ShortLine:
 class InsufficientStock:
     # Every line of the request (summed per key), in request order.
     lines: tuple[ShortLine, ...]
+    # Kept under the request's idempotency key (``Reserve.keep_refusal``): a retry gets it
+    # again. A router walking a hot key's parts goes on past a kept refusal, as the walk
+    # that kept it did.
+    kept: bool = False
 
 
 Rejection = (

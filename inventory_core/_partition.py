@@ -137,6 +137,8 @@ class Partition:
             lambda: _fingerprint(command),
             lambda: legacy_fingerprint(command),
         )
+        if isinstance(retry, InsufficientStock) and not retry.kept:
+            return replace(retry, kept=True)  # remembered before refusals said so
         return retry if retry is not None else self._state.refuse_new_answer()
 
     def replay(self, record: Record) -> tuple[AvailabilityChanged, ...]:
@@ -327,6 +329,8 @@ class Partition:
             if not kind.keeps_refusal(command, outcome):
                 return outcome, None
             assert len(events) == emitted, f"a kept refusal of {kind.name} changed keys"
+            assert isinstance(outcome, InsufficientStock), outcome
+            outcome = replace(outcome, kept=True)
             logged: Command | None = command
         else:
             logged = kind.record_of(command, outcome)

@@ -243,9 +243,15 @@ class PartitionState:
     # -------------------------------------------------------------------------- stock
 
     def change(
-        self, key: InventoryKey, at: Effects, reason: ChangeReason, **counts: int
+        self,
+        key: InventoryKey,
+        at: Effects,
+        reason: ChangeReason,
+        absorbed: int = 0,
+        **counts: int,
     ) -> StockRow:
-        """Set some counts of a key, bump its version and emit the change event. A new key at
+        """Set some counts of a key, bump its version (by 1, and by ``absorbed`` more: a hot
+        key's home taking in its buckets' versions) and emit the change event. A new key at
         a stale location is flagged stale with it (with no buffer: it has no sales yet)."""
         found = self.stock.get(key)
         if found is None:
@@ -259,7 +265,7 @@ class PartitionState:
             counts.get("on_hand", before.on_hand),
             counts.get("reserved", before.reserved),
             counts.get("safety_stock", before.safety_stock),
-            before.version + 1,
+            before.version + 1 + absorbed,
             counts.get("stale_buffer", before.stale_buffer),
             counts.get("stale_since_ms", stale_since_ms),
             counts.get("incoming", before.incoming),

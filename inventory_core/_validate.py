@@ -231,11 +231,14 @@ def receive_quota(command: ReceiveQuota) -> Invalid | None:
     problem = problem or _bounded(
         "transfer.quantity", transfer.quantity, 0, limits.stock_quantity_max
     )
+    problem = problem or _bounded("transfer.version", transfer.version, 0, limits.version_max)
     if problem:
         return problem
     is_return = bucket_number(transfer.source) != 0
-    if not is_return and (transfer.consumed or transfer.quantity == 0):
-        return Invalid("transfer", "a grant moves at least one unit, and reports no commits")
+    if not is_return and (transfer.consumed or transfer.quantity == 0 or transfer.version):
+        return Invalid(
+            "transfer", "a grant moves at least one unit, and reports no commits and no version"
+        )
     if len(transfer.consumed) > limits.transfer_consumed_max:
         count_max = limits.transfer_consumed_max
         return Invalid("transfer.consumed", f"at most {count_max}, got {len(transfer.consumed)}")

@@ -157,14 +157,18 @@ def _credit_home(state: PartitionState, transfer: Transfer, at: Effects) -> Outc
         )
     held = list(split.granted)
     held[index] -= transfer.units
+    versions = list(split.versions or (0,) * len(split.buckets))
+    versions[index] = max(versions[index], transfer.version)
     row = state.stock[key]
-    merged = _put_split(state, key, replace(split, granted=tuple(held)))
+    allotted = row.allotted - transfer.units
+    merged = _put_split(state, key, replace(split, granted=tuple(held), versions=tuple(versions)))
     state.change(
         key,
         at,
         ChangeReason.QUOTA,
+        absorbed=0 if allotted else sum(versions),
         on_hand=row.on_hand + picked,
-        allotted=row.allotted - transfer.units,
+        allotted=allotted,
     )
     return QuotaReceived(transfer.transfer_id, state.level(key), merged=merged)
 
@@ -228,10 +232,11 @@ def _return(state: PartitionState, command: SendQuota, quota: Quota, at: Effects
         command.quantity,
         _consumed(state, bucket, committed, at),
     )
+    if command.quantity:
+        row = state.change(bucket, at, ChangeReason.QUOTA, on_hand=row.on_hand - command.quantity)
+    transfer = replace(transfer, version=row.version)
     granted = quota.granted - transfer.units
     state.quotas.put(bucket, replace(quota, granted=granted, sending=(*quota.sending, transfer)))
-    if command.quantity:
-        state.change(bucket, at, ChangeReason.QUOTA, on_hand=row.on_hand - command.quantity)
     return QuotaSent(transfer, state.level(bucket))
 
 

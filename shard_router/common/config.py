@@ -55,7 +55,7 @@ class RouterConfig:
     # buckets past this many one-line reserves a second at this router (0: never split by
     # itself), measured over windows of this length, and merged after this many cool ones.
     rebalance_interval_s: float = 0.5
-    hot_key_threshold_per_s: float = 0.0
+    hot_key_threshold_per_s: float = 1000.0
     hot_key_buckets: int = 3
     hot_key_window_s: float = 2.0
     hot_key_cool_windows: int = 30
@@ -157,10 +157,10 @@ def add_hot_key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hot-key-threshold-per-s",
         type=_non_negative_float,
-        default=env("HOT_KEY_THRESHOLD_PER_S", "0"),
-        help="one-line reserves a second of one key, at this router, that split it (1000 "
-        "is a tenth of an owner); 0: split only by hand (HotKeys.SplitKey), the default "
-        "until Watch adds a split key's parts up [INVENTORY_HOT_KEY_THRESHOLD_PER_S]",
+        default=env("HOT_KEY_THRESHOLD_PER_S", "1000"),
+        help="one-line reserves a second of one key, at this router, that split it: 1000 "
+        "is about a quarter of what one owner admits of one key on 2 cores (README); 0: "
+        "split only by hand (HotKeys.SplitKey) [INVENTORY_HOT_KEY_THRESHOLD_PER_S]",
     )
     parser.add_argument(
         "--hot-key-buckets",

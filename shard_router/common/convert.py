@@ -267,6 +267,7 @@ def transfer_from_proto(transfer: pb.QuotaTransfer) -> Transfer:
         transfer.generation,
         transfer.quantity,
         tuple(Consumed(c.occurred_at_ms, c.quantity) for c in transfer.consumed),
+        transfer.version,
     )
 
 
@@ -284,6 +285,7 @@ def transfer_to_proto(transfer: Transfer) -> pb.QuotaTransfer:
             pb.QuotaTransfer.Consumed(occurred_at_ms=c.occurred_at_ms, quantity=c.quantity)
             for c in transfer.consumed
         ],
+        version=transfer.version,
     )
 
 

@@ -538,7 +538,7 @@ def _detail(rejection: Rejection) -> Message:
             )
         case SplitConflict(key, reason):
             return errors_pb2.SplitConflict(key=convert.key_to_proto(key), reason=reason)
-        case InsufficientStock(lines):
+        case InsufficientStock(lines, kept):
             return errors_pb2.InsufficientStock(
                 lines=[
                     errors_pb2.InsufficientStock.Line(
@@ -547,7 +547,8 @@ def _detail(rejection: Rejection) -> Message:
                         available=s.available,
                     )
                     for s in lines
-                ]
+                ],
+                kept=kept,
             )
 
 
@@ -604,5 +605,6 @@ def _from_detail(kind: type[Rejection], typed: dict[str, any_pb2.Any]) -> Reject
         tuple(
             ShortLine(convert.key_from_proto(line.key), line.requested, line.available)
             for line in short.lines
-        )
+        ),
+        short.kept,
     )

@@ -9,7 +9,7 @@
 - **Knowing.** ``HotKeyMap`` holds every split key the shards hold (``GetHotKeys``, every
   ``REFRESH_INTERVAL_S``) with each part's latest level, also updated from the answers the
   parts give; a split or merge made through this router is known at once.
-- **Spreading.** A one-line Reserve of a split key (not merging) walks its parts in the
+- **Spreading.** A one-line Reserve of a split key (merging too) walks its parts in the
   order its idempotency key fixes (``walk_order``): each part admits it from what it offers,
   or refuses; a refusal is kept when the walk goes on past it, so that a retry meets the same
   answers. A cart of several keys goes to the home, which serves it from its own share.
@@ -22,8 +22,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 from inventory.v1 import inventory_pb2 as pb
@@ -102,24 +103,79 @@ class SplitView:
         return 0 if level is None else offered_of(level)
 
     def note(self, part: InventoryKey, level: pb.StockLevel) -> None:
-        self.levels[part] = level
+        """A part's level (a copy: answers are changed in place after), unless it is older
+        than the level known (from a read view behind)."""
+        known = self.levels.get(part)
+        if known is None or known.version <= level.version:
+            kept = pb.StockLevel()
+            kept.CopyFrom(level)
+            self.levels[part] = kept
         self.refused_at.pop(part, None)
 
     def total(self) -> pb.StockLevel:
-        """The key as callers see it: the home's shelf, every part's reservations, and what
-        the parts offer together (units in transit are offered nowhere: it undercounts)."""
+        """The key as callers see it (``add_up``), with what the parts offer as last heard."""
         home = self.levels.get(self.home) or pb.StockLevel(key=key_to_proto(self.home))
-        reserved = sum(level.reserved for level in self.levels.values())
-        available = home.on_hand - reserved - home.safety_stock
+        buckets = [self.levels[part] for part in self.parts[1:] if part in self.levels]
         level = pb.StockLevel()
         level.CopyFrom(home)
-        level.reserved = reserved
-        level.available = available
-        level.exposure = max(-available, 0)
-        level.sellable = max(sum(self.offered(part) for part in self.parts), 0)
-        level.allotted = 0
-        level.version = sum(level.version for level in self.levels.values())
+        if add_up(level, buckets, sum(self.offered(part) for part in self.parts)):
+            level.exposure = max(-level.available, 0)
+            level.version = shown_version(
+                home.version, home.allotted, [bucket.version for bucket in buckets]
+            )
+            level.parts = len(self.parts)
         return level
+
+
+class Counts(Protocol):
+    """A part's counts: ``pb.StockLevel`` and ``events_pb2.StockCounts`` both have them."""
+
+    on_hand: int
+    reserved: int
+    safety_stock: int
+    available: int
+    stale_buffer: int
+    sellable: int
+    allotted: int
+
+
+def add_up(total: Counts, buckets: Iterable[Counts], offered: int | None = None) -> bool:
+    """In place: ``total``, a copy of a split key's home counts, becomes the key as callers
+    see it, and True; False (left as it is) while the home allots nothing, for then its
+    buckets hold nothing and the home is the whole key.
+
+    - on_hand: the home's shelf, less what it allotted, plus what the buckets hold (a unit a
+      bucket's reservation committed has left the shelf before its return reports it home);
+    - reserved: every part's reservations; available follows, with the home's safety stock;
+    - sellable: what the parts offer together (``offered`` when the caller knows fresher
+      offers than the counts, as after refusals), never below zero; allotted: 0.
+
+    Units in transit are held nowhere and offered nowhere, so the total undercounts them.
+    """
+    if not total.allotted:
+        return False
+    held = 0
+    reserved = total.reserved
+    offers = offered_of(total)
+    for bucket in buckets:
+        held += bucket.on_hand
+        reserved += bucket.reserved
+        offers += offered_of(bucket)
+    total.on_hand = total.on_hand - total.allotted + held
+    total.reserved = reserved
+    total.available = total.on_hand - reserved - total.safety_stock
+    total.sellable = max(offers if offered is None else offered, 0)
+    total.allotted = 0
+    return True
+
+
+def shown_version(home_version: int, allotted: int, bucket_versions: Iterable[int]) -> int:
+    """A split key's version as callers see it: while the home allots units, the sum of its
+    parts' versions (each only goes up); else the home's own, which absorbed its buckets'
+    when the last unit came home (``inventory_core._buckets``). It never goes down."""
+    if not allotted:
+        return home_version
+    return home_version + sum(bucket_versions)
 
 
 class HotKeyMap:
@@ -140,10 +196,14 @@ class HotKeyMap:
     def keys(self) -> set[InventoryKey]:
         return set(self._views)
 
+    def views(self) -> list[SplitView]:
+        return list(self._views.values())
+
     def spread(self, key: InventoryKey) -> SplitView | None:
-        """The view to spread a reservation of ``key`` over, or None: route it whole."""
-        view = self._views.get(key)
-        return None if view is None or view.merging else view
+        """The view to spread a reservation of ``key`` over, or None: route it whole. A
+        merging key is still walked, so that a retry finds a reservation a bucket holds; its
+        buckets get no more units, so new reservations soon land at the home."""
+        return self._views.get(key)
 
     def replace(self, views: list[SplitView]) -> None:
         """What a refresh found: every split key the shards hold, each part's level."""
@@ -167,7 +227,7 @@ class HotKeyMap:
         self._views.pop(key, None)
 
 
-def offered_of(level: pb.StockLevel) -> int:
+def offered_of(level: Counts) -> int:
     """What a part may promise online (``StockRow.offered``): below zero at a home whose
     till sold units its buckets hold."""
     return level.available - level.stale_buffer - level.allotted

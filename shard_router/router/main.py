@@ -78,7 +78,7 @@ async def serve(config: RouterConfig) -> None:
         background = [
             asyncio.create_task(monitor.run()),
             asyncio.create_task(_log_stats(routes, monitor, config.stats_interval_s)),
-            *_hot_key_tasks(service.calls, config),
+            *_hot_key_tasks(service.calls, config, hub),
         ]
         await stop.wait()
         for task in background:
@@ -102,9 +102,11 @@ async def serve(config: RouterConfig) -> None:
         await pool.close()
 
 
-def _hot_key_tasks(calls: RouterCalls, config: RouterConfig) -> list[asyncio.Task[None]]:
+def _hot_key_tasks(
+    calls: RouterCalls, config: RouterConfig, hub: WatchHub | None
+) -> list[asyncio.Task[None]]:
     """Learning the split keys; the rebalancer and the detection, unless turned off."""
-    tasks = [asyncio.create_task(_refresh_hot_keys(calls))]
+    tasks = [asyncio.create_task(_refresh_hot_keys(calls, hub))]
     if config.rebalance_interval_s > 0:
         rebalancer = Rebalancer(calls, config.rebalance_interval_s)
         tasks.append(asyncio.create_task(rebalancer.run()))
@@ -113,14 +115,20 @@ def _hot_key_tasks(calls: RouterCalls, config: RouterConfig) -> list[asyncio.Tas
     return tasks
 
 
-async def _refresh_hot_keys(calls: RouterCalls) -> None:
-    """Learn the split keys the shards hold, and their parts' levels, every period."""
+async def _refresh_hot_keys(calls: RouterCalls, hub: WatchHub | None) -> None:
+    """Learn the split keys the shards hold, and their parts' levels, every period; Watch
+    streams them as their totals (``WatchHub.follow_splits``)."""
     interval_s = hot_keys.REFRESH_INTERVAL_S
     while True:
         try:
             await calls.refresh_hot_keys(time.monotonic() + hot_keys.REFRESH_DEADLINE_S)
         except Exception as error:  # a shard away: the map keeps what it knew
             log.warning("hot_keys_refresh_failed", error=repr(error))
+        if hub is not None:
+            try:
+                await hub.follow_splits(calls.hot_keys.views())
+            except Exception as error:  # Redis away: the next period tries again
+                log.warning("watch_follow_splits_failed", error=repr(error))
         await asyncio.sleep(interval_s)
 
 

@@ -242,13 +242,19 @@ class RouterCalls:
     ) -> pb.ReserveResponse:
         """Try the key's parts in the order its idempotency key fixes (``walk_order``) until
         one admits it. A part's refusal is kept (``keep_refusal``) whenever the walk would go
-        on past it, so a retry meets the same answers; the walk stops early, and refuses, once
-        no later part is known to offer enough. An answer of unknown outcome ends the walk:
-        the caller retries with its key, and the walk with it."""
+        on past it, so a retry meets the same answers, and a retry goes on past every kept
+        refusal it meets (whatever the parts offer now: a later part may hold its
+        reservation); the walk stops early, and refuses, once the home has answered and no
+        later part is known to offer enough. An answer of unknown outcome ends the walk: the
+        caller retries with its key, and the walk with it."""
         quantity = request.lines[0].quantity
         order = hot_keys.walk_order(request.idempotency_key, view.parts)
         for index, part in enumerate(order):
-            later = any(view.offered(p) >= quantity for p in order[index + 1 :])
+            # Never refuse before the home has answered: a reservation routed to the home
+            # whole (while this router did not know of the split yet) is found there.
+            later = view.home in order[index + 1 :] or any(
+                view.offered(p) >= quantity for p in order[index + 1 :]
+            )
             attempt = pb.ReserveRequest(
                 lines=[pb.ReservationLine(key=convert.key_to_proto(part), quantity=quantity)],
                 ttl_s=request.ttl_s,
@@ -263,8 +269,8 @@ class RouterCalls:
                 if not isinstance(rejection, InsufficientStock):
                     raise
                 view.refused_at[part] = rejection.lines[0].available
-                if later:
-                    continue
+                if later or (rejection.kept and index + 1 < len(order)):
+                    continue  # a kept refusal: the walk that kept it went on past it
                 # What the parts offer together, as last heard: it may cover the request
                 # while no single part does (units stranded across them).
                 total = view.total().sellable
@@ -400,6 +406,15 @@ class RouterCalls:
         """Every split key the shards hold, with each part's level (``HotKeyMap.replace``)."""
         homes = await self.get_hot_keys(pb.GetHotKeysRequest(), deadline)
         views = [hot_keys.view_of(part.split) for part in homes.parts if part.split.buckets]
+        # A listing leaves out a split whose partition is moving (its new owner is still
+        # recovering it): such a key is forgotten only once its home itself says it is whole.
+        listed = {view.home for view in views}
+        missing = list(self.hot_keys.keys() - listed)
+        for start in range(0, len(missing), limits.availability_keys_max):
+            chunk = missing[start : start + limits.availability_keys_max]
+            request = pb.GetHotKeysRequest(keys=[convert.key_to_proto(k) for k in chunk])
+            found = await self.get_hot_keys(request, deadline)
+            views += [hot_keys.view_of(p.split) for p in found.parts if p.split.buckets]
         buckets = [bucket for view in views for bucket in view.parts[1:]]
         for start in range(0, len(buckets), limits.availability_keys_max):
             chunk = buckets[start : start + limits.availability_keys_max]

@@ -32,6 +32,15 @@ Rules.
   snapshot.
 - A read that started before the watched set widened is void (its positions are not the
   hub's any more): its entries are dropped unread and read again by the next read.
+
+Hot keys. A key split over buckets streams as one key, its parts added up
+(``watch_totals.SplitTotals``): while anyone watches, the hub also reads the partitions of
+the buckets of every split key the router knows (``follow_splits``, after each refresh of
+the map), and offers a bucket's change as a change of its home key's total, under the
+home's partition at the hub's position there (a total is no stream entry of its own: the
+entries it follows were offered already). Buckets never show as keys of their own. Totals
+are not replayed: a resumed stream gets every matching split key's total afresh after its
+catch-up, and a snapshot shows the totals.
 """
 
 from __future__ import annotations
@@ -73,6 +82,8 @@ from ._watch_token import (
     positions_token,
     snapshot_token,
 )
+from .hot_keys import SplitView
+from .watch_totals import SplitTotals
 
 log = structlog.get_logger(__name__)
 
@@ -229,6 +240,7 @@ class WatchHub:
         self.partition_count = partition_count
         self.clock_ms = clock_ms
         self.metrics = WatchMetrics()
+        self.totals = SplitTotals(partition_count)
         # On a watched partition, every entry at or before its position was offered to every
         # subscriber registered then (elsewhere a position is left from an earlier watch).
         self.positions: dict[int, EntryId] = {}
@@ -354,31 +366,53 @@ class WatchHub:
 
     async def _watch_waiting_subscribers(self) -> None:
         arrivals = list(self._watch_waiting)
-        if self._watchers_all:
-            new: list[int] = []
-        elif any(s.all_partitions for s in arrivals):
-            new = [p for p in range(self.partition_count) if p not in self._watchers]
+        if any(s.all_partitions for s in arrivals):
+            wanted: set[int] = set(range(self.partition_count))
         else:
-            wanted = {p for s in arrivals for p in s.partitions}
-            new = sorted(p for p in wanted if p not in self._watchers)
-        lasts: dict[int, str] = {}
-        if new:
-            self.metrics.watch_reads += 1
-            lasts = await self.source.last_ids(new)
+            wanted = {p for s in arrivals for p in s.partitions} | self.totals.partitions()
+        new = await self._start_watching(wanted)
         # No await from here on: the set, the positions and the counts change together.
-        for partition in new:
-            self.positions[partition] = parse_entry_id(lasts.get(partition, "0-0"))
         for arrival in arrivals:
             if not arrival.closed:  # else it left (unsubscribed) while we read
                 arrival.watching = True
                 self._count(arrival, +1)
             self._watch_waiting.pop(arrival, None)
+        self._widened(new)
+
+    async def _start_watching(self, wanted: set[int]) -> list[int]:
+        """Of ``wanted``, the partitions not watched yet, each positioned at its stream's
+        last id as read now (the caller widens the set with them, without an await)."""
+        new = sorted(wanted - self._read_positions.keys())
+        if new:
+            self.metrics.watch_reads += 1
+            lasts = await self.source.last_ids(new)
+            for partition in new:
+                self.positions[partition] = parse_entry_id(lasts.get(partition, "0-0"))
+        return new
+
+    def _widened(self, new: list[int]) -> None:
         if new:
             self.generation += 1
             self._widenings += 1
             self._set_read_positions()
             if self._read is not None:
                 self._read.cancel()
+
+    async def follow_splits(self, views: Sequence[SplitView]) -> None:
+        """The split keys are now these (``HotKeyMap`` after a refresh): read their buckets'
+        partitions while anyone watches, and offer the totals their levels moved."""
+        async with self._watch_lock:
+            followed = self.totals.partitions()
+            totals = self.totals.follow(views)
+            new: list[int] = []
+            if self._watchers and not self._watchers_all:
+                new = await self._start_watching(set(self.totals.partitions()))
+            # No await from here on.
+            self._widened(new)
+            if not new and followed != self.totals.partitions():
+                self._set_read_positions()  # buckets of merged keys are read no more
+        for partition, total in totals:
+            self._offer(partition, self.positions.get(partition, ZERO), total)
 
     def _count(self, subscriber: Subscriber, delta: int) -> bool:
         """Count a subscriber in (+1) or out (-1); whether the watched set changed."""
@@ -397,9 +431,13 @@ class WatchHub:
         return changed
 
     def _set_read_positions(self) -> None:
-        watched: Sequence[int] = (
-            range(self.partition_count) if self._watchers_all else sorted(self._watchers)
-        )
+        watched: Sequence[int]
+        if self._watchers_all:
+            watched = range(self.partition_count)
+        elif self._watchers:
+            watched = sorted(self._watchers.keys() | self.totals.partitions())
+        else:
+            watched = ()
         self._read_positions = {p: format_entry_id(self.positions.get(p, ZERO)) for p in watched}
         self.metrics.partitions_watched = len(self._read_positions)
         if self._read_positions:
@@ -504,6 +542,7 @@ class WatchHub:
         """Offer each new entry to its merchant's subscribers; never awaits."""
         now_ms = self.clock_ms()
         read_positions = self._read_positions
+        totals = self.totals
         for partition, entry_text, event in batch:
             assert 0 <= partition < self.partition_count, f"partition {partition} out of range"
             entry = parse_entry_id(entry_text)
@@ -517,9 +556,19 @@ class WatchHub:
                 lag_ms = max(now_ms - event.committed_at_ms, 0)
                 self.metrics.lag_ms_last = lag_ms
                 self.metrics.lag_ms_max = max(self.metrics.lag_ms_max, lag_ms)
-            for subscriber in self._subscribers.get(event.key.merchant_id, ()):
-                subscriber.offer(partition, entry, event)
+            shown = totals.shown(event)
+            if shown is event:
+                self._offer(partition, entry, event)
+            elif shown is not None:  # a split key's total: at the home's position
+                home = partition_of(
+                    shown.key.merchant_id, shown.key.location_id, self.partition_count
+                )
+                self._offer(home, self.positions.get(home, ZERO), shown)
         self.generation += 1
+
+    def _offer(self, partition: int, entry: EntryId, event: events_pb2.AvailabilityChanged) -> None:
+        for subscriber in self._subscribers.get(event.key.merchant_id, ()):
+            subscriber.offer(partition, entry, event)
 
 
 Pending = tuple[int, EntryId, events_pb2.AvailabilityChanged]
@@ -663,13 +712,21 @@ class Subscriber:
                         continue
                     after = entry
                     self._positions[partition] = entry
-                    if self.filter.matches(changed.key) and self._accept_change(changed):
-                        yield self._emit(events_pb2.WatchEvent(change=changed))
+                    shown = self.hub.totals.replayed(changed)
+                    if (
+                        shown is not None
+                        and self.filter.matches(shown.key)
+                        and self._accept_change(shown)
+                    ):
+                        yield self._emit(events_pb2.WatchEvent(change=shown))
                 if len(box[0]) < self.limits.range_entries_max:
                     break
             self._positions[partition] = max(self._positions[partition], up_to)
             self._generation += 1
         self._follows_hub = True
+        for total in self.hub.totals.totals(self.filter.matches):
+            if self._accept_change(total):
+                yield self._emit(events_pb2.WatchEvent(change=total))
 
     def _watch_call(self) -> Awaitable[None]:
         return self.hub.watch(self)
@@ -708,7 +765,8 @@ class Subscriber:
         touched = set(self.partitions)
         self._barrier = {p: parse_entry_id(i) for p, i in barrier_box[0].items() if p in touched}
         self.hub.metrics.snapshots += 1
-        levels = [level for level, _, _ in levels_box[0] if self._accept_level(level)]
+        shown = (self.hub.totals.level(level) for level, _, _ in levels_box[0])
+        levels = [level for level in shown if level is not None and self._accept_level(level)]
         size = self.limits.snapshot_levels_per_message_max
         for start in range(0, max(len(levels), 1), size):
             chunk = levels[start : start + size]

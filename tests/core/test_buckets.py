@@ -300,15 +300,16 @@ def test_merging_a_split_whose_buckets_hold_nothing_is_at_once() -> None:
 
 def test_a_kept_refusal_is_recorded_and_a_retry_gets_it_again() -> None:
     """The router's walk over a hot key's buckets: a bucket that refused says so again to a
-    retry, even once it has units, so the retry goes on to the bucket that took them."""
+    retry, even once it has units, and says it was kept, so the retry goes on to the bucket
+    that took them (whether or not the retry asked to keep it)."""
     cluster = split_cluster(10)
     grant(cluster, B1, 1)
     lines = (Line(B1, 2),)
     first = cluster.apply(B1, Reserve("m1", "order-7", lines, 600, cluster.tick(), True))
-    assert first.outcome == InsufficientStock((ShortLine(B1, 2, 1),))
+    assert first.outcome == InsufficientStock((ShortLine(B1, 2, 1),), kept=True)
     assert len(first.records) == 1 and first.events == ()
     grant(cluster, B1, 5)
-    retry = cluster.apply(B1, Reserve("m1", "order-7", lines, 600, cluster.tick(), True))
+    retry = cluster.apply(B1, Reserve("m1", "order-7", lines, 600, cluster.tick(), False))
     assert retry.outcome == first.outcome and retry.records == ()
     assert cluster.row(B1).reserved == 0
     other = cluster.apply(B1, Reserve("m1", "order-7", (Line(B1, 1),), 600, cluster.tick(), True))
@@ -321,6 +322,7 @@ def test_a_refusal_not_asked_to_be_kept_leaves_nothing() -> None:
     cluster = split_cluster(10)
     step = cluster.apply(B1, Reserve("m1", "order-8", (Line(B1, 1),), 600, cluster.tick()))
     assert isinstance(step.outcome, InsufficientStock) and step.records == ()
+    assert not step.outcome.kept
     grant(cluster, B1, 1)
     assert isinstance(
         cluster.apply(B1, Reserve("m1", "order-8", (Line(B1, 1),), 600, cluster.tick())).outcome,

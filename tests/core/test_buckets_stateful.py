@@ -19,7 +19,10 @@ commits, the live reservations, the safety stock. After every step:
   transit and the commits a later count already covers: it undercounts, never overcounts;
 - no part offers below zero from online demand (a bucket never does; the home only after a
   physical fact), and without a physical fact the key's available never goes below zero;
-- once merged, the buckets hold nothing and the home allots nothing.
+- once merged, the buckets hold nothing and the home allots nothing;
+- the version the key is shown with never goes down: while the home allots units, the sum
+  of its parts' versions; else the home's own (its version absorbs its buckets' when the
+  last unit comes home).
 
 Every partition rebuilt from its ledger alone equals the live one (``check_replay``).
 """
@@ -100,6 +103,7 @@ class HotKeyMachine(RuleBasedStateMachine):
         # A physical fact took the shelf down or the safety stock up (or it started short).
         self.decreased = on_hand < safety
         self.sequence = 0
+        self.shown_version = 0
         self.split()
 
     # --------------------------------------------------------------------------- helpers
@@ -381,6 +385,15 @@ class HotKeyMachine(RuleBasedStateMachine):
             # A count that already covers a bucket's commit the home has not heard of yet
             # leaves the home short by that commit until the bucket's return reports it.
             assert levels[HOT].offered >= -before_count
+
+    @invariant()
+    def the_version_shown_never_goes_down(self) -> None:
+        home = self.cluster.row(HOT)
+        shown = home.version
+        if home.allotted:
+            shown += sum(self.cluster.row(bucket).version for bucket in self.buckets)
+        assert shown >= self.shown_version, (shown, self.shown_version)
+        self.shown_version = shown
 
 
 HotKeyMachine.TestCase.settings = settings(

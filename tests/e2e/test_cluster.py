@@ -21,6 +21,7 @@ from inventory.v1 import inventory_pb2_grpc as pb_grpc
 from inventory_core import partition_of
 from shard_router.common import errors
 from tests.conftest import Cluster, ServiceProcess, start_cluster
+from tests.e2e.ledger import ledger_is_fenced_and_contiguous, owners
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg]
 
@@ -43,39 +44,6 @@ def cluster3(database_url: str, tmp_path: Path) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-async def owners(database_url: str) -> dict[int, tuple[str, int]]:
-    connection = await asyncpg.connect(database_url)
-    try:
-        rows = await connection.fetch("SELECT partition, owner, epoch FROM partitions")
-        return {r["partition"]: (r["owner"], r["epoch"]) for r in rows}
-    finally:
-        await connection.close()
-
-
-async def ledger_is_fenced_and_contiguous(database_url: str) -> None:
-    """Per partition: lsns 1..head without gaps, epochs never decreasing along them."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        rows = await connection.fetch(
-            "SELECT partition, generate_series(first_lsn, last_lsn) AS lsn, epoch"
-            " FROM ledger_batches ORDER BY partition, lsn"
-        )
-        heads = {
-            r["partition"]: r["head_lsn"]
-            for r in await connection.fetch("SELECT partition, head_lsn FROM partitions")
-        }
-    finally:
-        await connection.close()
-    last: dict[int, tuple[int, int]] = {}
-    for row in rows:
-        previous_lsn, previous_epoch = last.get(row["partition"], (0, 0))
-        assert row["lsn"] == previous_lsn + 1, dict(row)
-        assert row["epoch"] >= previous_epoch, dict(row)
-        last[row["partition"]] = (row["lsn"], row["epoch"])
-    for partition, (lsn, _) in last.items():
-        assert heads[partition] == lsn
 
 
 @dataclass

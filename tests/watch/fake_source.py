@@ -43,8 +43,18 @@ class FakeEventSource:
 
     # ---------------------------------------------------------------- the writer
 
-    def write(self, merchant: str, sku: str, location: str, on_hand: int) -> int:
-        """Set a key's on_hand; returns its new version."""
+    def write(
+        self,
+        merchant: str,
+        sku: str,
+        location: str,
+        on_hand: int,
+        *,
+        reserved: int = 0,
+        allotted: int = 0,
+    ) -> int:
+        """Set a key's on_hand (and reserved, and a hot key home's allotted); returns its new
+        version."""
         partition = partition_of(merchant, location, self.partition_count)
         lsn = self.lsns.get(partition, 0) + 1
         self.lsns[partition] = lsn
@@ -52,7 +62,15 @@ class FakeEventSource:
         previous = self.view.get((merchant, sku, location))
         version = (previous[0].version if previous else 0) + 1
         before = events_pb2.StockCounts(on_hand=previous[0].on_hand if previous else 0)
-        after = events_pb2.StockCounts(on_hand=on_hand, available=on_hand)
+        available = on_hand - reserved
+        sellable = max(available - allotted, 0)
+        after = events_pb2.StockCounts(
+            on_hand=on_hand,
+            reserved=reserved,
+            available=available,
+            sellable=sellable,
+            allotted=allotted,
+        )
         event = events_pb2.AvailabilityChanged(
             key=key,
             version=version,
@@ -69,8 +87,10 @@ class FakeEventSource:
         level = pb.StockLevel(
             key=key,
             on_hand=on_hand,
-            available=on_hand,
-            sellable=max(on_hand, 0),
+            reserved=reserved,
+            available=available,
+            sellable=sellable,
+            allotted=allotted,
             version=version,
             exists=True,
         )

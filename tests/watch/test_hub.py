@@ -8,8 +8,9 @@ from collections.abc import AsyncGenerator
 
 from inventory.v1 import events_pb2
 
-from inventory_core import CapacityExhausted
+from inventory_core import CapacityExhausted, InventoryKey, bucket_key
 from shard_router.router._watch_token import ResumeToken
+from shard_router.router.hot_keys import SplitView
 from shard_router.router.watch import Subscriber, WatchFilter, WatchHub, WatchLimits
 
 from .fake_source import FakeEventSource
@@ -169,5 +170,54 @@ def test_a_token_ahead_of_this_hub_never_repeats_what_it_passed() -> None:
             assert change.version == 4
             await stream.aclose()
             await watching_stream.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_split_key_streams_as_its_total_and_its_buckets_partitions_are_read() -> None:
+    home = InventoryKey(MERCHANT, "viral", "store-1")
+    buckets = (bucket_key(home, 1), bucket_key(home, 2))
+
+    def write(key: InventoryKey, on_hand: int, **counts: int) -> None:
+        source.write(key.merchant_id, key.sku_id, key.location_id, on_hand, **counts)
+
+    def view() -> SplitView:
+        split = SplitView(home, (home, *buckets), generation=1, merging=False)
+        for key in split.parts:
+            split.note(key, source.view[(key.merchant_id, key.sku_id, key.location_id)][0])
+        return split
+
+    source = FakeEventSource()
+
+    async def scenario() -> None:
+        write(home, 100, allotted=80)
+        for bucket in buckets:
+            write(bucket, 40)
+        async with WatchHub(source, LIMITS) as hub:
+            store = hub.subscribe(WatchFilter(MERCHANT, frozenset({"store-1"})))
+            assert isinstance(store, Subscriber)
+            streams = [store.stream(None)]
+            await hub.follow_splits([view()])
+            levels = (await take(streams[0])).snapshot.levels
+            assert [(x.key.location_id, x.sellable, x.parts) for x in levels] == [
+                ("store-1", 100, 3)
+            ]
+            # The store's subscriber named one partition; the buckets' are read for it too.
+            assert hub.metrics.partitions_watched == 3
+            everything = subscribe(hub)
+            streams.append(everything.stream(None))
+            levels = (await take(streams[1])).snapshot.levels
+            assert [(x.key.location_id, x.sellable) for x in levels] == [("store-1", 100)]
+            write(buckets[0], 40, reserved=5)
+            write(buckets[1], 33)  # a commit of 7 at the second bucket
+            await settle(hub, source)
+            for stream in streams:
+                last = None
+                while last is None or last.after.reserved != 5 or last.after.on_hand != 93:
+                    last = (await take(stream)).change
+                    assert last.key.location_id == "store-1", last  # never a bucket
+                assert (last.after.sellable, last.after.allotted, last.parts) == (88, 0, 3)
+                assert last.version == 1 + 2 + 2
+                await stream.aclose()
 
     asyncio.run(scenario())

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from inventory.v1 import inventory_pb2 as inventory_dot_v1_dot_inventory__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19inventory/v1/errors.proto\x12\x0cinventory.v1\x1a\x1cinventory/v1/inventory.proto\"\x9f\x01\n\x11InsufficientStock\x12\x33\n\x05lines\x18\x01 \x03(\x0b\x32$.inventory.v1.InsufficientStock.Line\x1aU\n\x04Line\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.inventory.v1.InventoryKey\x12\x11\n\trequested\x18\x02 \x01(\x03\x12\x11\n\tavailable\x18\x03 \x01(\x03\"z\n\x14ReservationNotActive\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.inventory.v1.ReservationState\x12\x1b\n\x13state_changed_at_ms\x18\x03 \x01(\x03\"m\n\x0fVersionMismatch\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.inventory.v1.InventoryKey\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x04\x12\x17\n\x0f\x63urrent_version\x18\x03 \x01(\x04\"F\n\x14IdempotencyKeyReused\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x15\n\roriginal_kind\x18\x02 \x01(\t\"6\n\x11\x43\x61pacityExhausted\x12\x12\n\nlimit_name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\"H\n\rSplitConflict\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.inventory.v1.InventoryKey\x12\x0e\n\x06reason\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19inventory/v1/errors.proto\x12\x0cinventory.v1\x1a\x1cinventory/v1/inventory.proto\"\xad\x01\n\x11InsufficientStock\x12\x33\n\x05lines\x18\x01 \x03(\x0b\x32$.inventory.v1.InsufficientStock.Line\x12\x0c\n\x04kept\x18\x02 \x01(\x08\x1aU\n\x04Line\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.inventory.v1.InventoryKey\x12\x11\n\trequested\x18\x02 \x01(\x03\x12\x11\n\tavailable\x18\x03 \x01(\x03\"z\n\x14ReservationNotActive\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.inventory.v1.ReservationState\x12\x1b\n\x13state_changed_at_ms\x18\x03 \x01(\x03\"m\n\x0fVersionMismatch\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.inventory.v1.InventoryKey\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x04\x12\x17\n\x0f\x63urrent_version\x18\x03 \x01(\x04\"F\n\x14IdempotencyKeyReused\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x15\n\roriginal_kind\x18\x02 \x01(\t\"6\n\x11\x43\x61pacityExhausted\x12\x12\n\nlimit_name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\"H\n\rSplitConflict\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.inventory.v1.InventoryKey\x12\x0e\n\x06reason\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inventory.v1.errors_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INSUFFICIENTSTOCK']._serialized_start=74
-  _globals['_INSUFFICIENTSTOCK']._serialized_end=233
-  _globals['_INSUFFICIENTSTOCK_LINE']._serialized_start=148
-  _globals['_INSUFFICIENTSTOCK_LINE']._serialized_end=233
-  _globals['_RESERVATIONNOTACTIVE']._serialized_start=235
-  _globals['_RESERVATIONNOTACTIVE']._serialized_end=357
-  _globals['_VERSIONMISMATCH']._serialized_start=359
-  _globals['_VERSIONMISMATCH']._serialized_end=468
-  _globals['_IDEMPOTENCYKEYREUSED']._serialized_start=470
-  _globals['_IDEMPOTENCYKEYREUSED']._serialized_end=540
-  _globals['_CAPACITYEXHAUSTED']._serialized_start=542
-  _globals['_CAPACITYEXHAUSTED']._serialized_end=596
-  _globals['_SPLITCONFLICT']._serialized_start=598
-  _globals['_SPLITCONFLICT']._serialized_end=670
+  _globals['_INSUFFICIENTSTOCK']._serialized_end=247
+  _globals['_INSUFFICIENTSTOCK_LINE']._serialized_start=162
+  _globals['_INSUFFICIENTSTOCK_LINE']._serialized_end=247
+  _globals['_RESERVATIONNOTACTIVE']._serialized_start=249
+  _globals['_RESERVATIONNOTACTIVE']._serialized_end=371
+  _globals['_VERSIONMISMATCH']._serialized_start=373
+  _globals['_VERSIONMISMATCH']._serialized_end=482
+  _globals['_IDEMPOTENCYKEYREUSED']._serialized_start=484
+  _globals['_IDEMPOTENCYKEYREUSED']._serialized_end=554
+  _globals['_CAPACITYEXHAUSTED']._serialized_start=556
+  _globals['_CAPACITYEXHAUSTED']._serialized_end=610
+  _globals['_SPLITCONFLICT']._serialized_start=612
+  _globals['_SPLITCONFLICT']._serialized_end=684
 # @@protoc_insertion_point(module_scope)

@@ -56,6 +56,11 @@ class InsufficientStock(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     LINES_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    kept: _builtins.bool
+    """The refusal is kept under the request's idempotency key (ReserveRequest.keep_refusal):
+    a retry with that key gets it again.
+    """
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___InsufficientStock.Line]:
         """Every line of the request, summed per key, in request order."""
@@ -64,10 +69,11 @@ class InsufficientStock(_message.Message):
         self,
         *,
         lines: _abc.Iterable[Global___InsufficientStock.Line] | None = ...,
+        kept: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept", "lines", b"lines"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

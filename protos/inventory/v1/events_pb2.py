@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from inventory.v1 import inventory_pb2 as inventory_dot_v1_dot_inventory__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19inventory/v1/events.proto\x12\x0cinventory.v1\x1a\x1cinventory/v1/inventory.proto\"\xd6\x01\n\x0bStockCounts\x12\x0f\n\x07on_hand\x18\x01 \x01(\x03\x12\x10\n\x08reserved\x18\x02 \x01(\x03\x12\x14\n\x0csafety_stock\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\x12\x14\n\x0cstale_buffer\x18\x05 \x01(\x03\x12\x16\n\x0estale_since_ms\x18\x06 \x01(\x03\x12\x10\n\x08sellable\x18\x07 \x01(\x03\x12\x10\n\x08incoming\x18\x08 \x01(\x03\x12\x17\n\x0fincoming_eta_ms\x18\t \x01(\x03\x12\x10\n\x08\x61llotted\x18\n \x01(\x03\"\x85\x02\n\x13\x41vailabilityChanged\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.inventory.v1.InventoryKey\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12)\n\x06\x62\x65\x66ore\x18\x03 \x01(\x0b\x32\x19.inventory.v1.StockCounts\x12(\n\x05\x61\x66ter\x18\x04 \x01(\x0b\x32\x19.inventory.v1.StockCounts\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tpartition\x18\x06 \x01(\r\x12\x0b\n\x03lsn\x18\x07 \x01(\x04\x12\x16\n\x0erecorded_at_ms\x18\x08 \x01(\x03\x12\x17\n\x0f\x63ommitted_at_ms\x18\t \x01(\x03\"`\n\x0cWatchRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x14\n\x0clocation_ids\x18\x02 \x03(\t\x12\x0f\n\x07sku_ids\x18\x03 \x03(\t\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\"V\n\x08Snapshot\x12(\n\x06levels\x18\x01 \x03(\x0b\x32\x18.inventory.v1.StockLevel\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"#\n\tHeartbeat\x12\x16\n\x0eserver_time_ms\x18\x01 \x01(\x03\"\x18\n\x06Resync\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xe1\x01\n\nWatchEvent\x12*\n\x08snapshot\x18\x01 \x01(\x0b\x32\x16.inventory.v1.SnapshotH\x00\x12\x33\n\x06\x63hange\x18\x02 \x01(\x0b\x32!.inventory.v1.AvailabilityChangedH\x00\x12,\n\theartbeat\x18\x03 \x01(\x0b\x32\x17.inventory.v1.HeartbeatH\x00\x12&\n\x06resync\x18\x04 \x01(\x0b\x32\x14.inventory.v1.ResyncH\x00\x12\x14\n\x0cresume_token\x18\n \x01(\tB\x06\n\x04kind2U\n\x12\x41vailabilityStream\x12?\n\x05Watch\x12\x1a.inventory.v1.WatchRequest\x1a\x18.inventory.v1.WatchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19inventory/v1/events.proto\x12\x0cinventory.v1\x1a\x1cinventory/v1/inventory.proto\"\xd6\x01\n\x0bStockCounts\x12\x0f\n\x07on_hand\x18\x01 \x01(\x03\x12\x10\n\x08reserved\x18\x02 \x01(\x03\x12\x14\n\x0csafety_stock\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\x12\x14\n\x0cstale_buffer\x18\x05 \x01(\x03\x12\x16\n\x0estale_since_ms\x18\x06 \x01(\x03\x12\x10\n\x08sellable\x18\x07 \x01(\x03\x12\x10\n\x08incoming\x18\x08 \x01(\x03\x12\x17\n\x0fincoming_eta_ms\x18\t \x01(\x03\x12\x10\n\x08\x61llotted\x18\n \x01(\x03\"\x94\x02\n\x13\x41vailabilityChanged\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.inventory.v1.InventoryKey\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12)\n\x06\x62\x65\x66ore\x18\x03 \x01(\x0b\x32\x19.inventory.v1.StockCounts\x12(\n\x05\x61\x66ter\x18\x04 \x01(\x0b\x32\x19.inventory.v1.StockCounts\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tpartition\x18\x06 \x01(\r\x12\x0b\n\x03lsn\x18\x07 \x01(\x04\x12\x16\n\x0erecorded_at_ms\x18\x08 \x01(\x03\x12\x17\n\x0f\x63ommitted_at_ms\x18\t \x01(\x03\x12\r\n\x05parts\x18\n \x01(\r\"`\n\x0cWatchRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x14\n\x0clocation_ids\x18\x02 \x03(\t\x12\x0f\n\x07sku_ids\x18\x03 \x03(\t\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\"V\n\x08Snapshot\x12(\n\x06levels\x18\x01 \x03(\x0b\x32\x18.inventory.v1.StockLevel\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"#\n\tHeartbeat\x12\x16\n\x0eserver_time_ms\x18\x01 \x01(\x03\"\x18\n\x06Resync\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xe1\x01\n\nWatchEvent\x12*\n\x08snapshot\x18\x01 \x01(\x0b\x32\x16.inventory.v1.SnapshotH\x00\x12\x33\n\x06\x63hange\x18\x02 \x01(\x0b\x32!.inventory.v1.AvailabilityChangedH\x00\x12,\n\theartbeat\x18\x03 \x01(\x0b\x32\x17.inventory.v1.HeartbeatH\x00\x12&\n\x06resync\x18\x04 \x01(\x0b\x32\x14.inventory.v1.ResyncH\x00\x12\x14\n\x0cresume_token\x18\n \x01(\tB\x06\n\x04kind2U\n\x12\x41vailabilityStream\x12?\n\x05Watch\x12\x1a.inventory.v1.WatchRequest\x1a\x18.inventory.v1.WatchEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOCKCOUNTS']._serialized_start=74
   _globals['_STOCKCOUNTS']._serialized_end=288
   _globals['_AVAILABILITYCHANGED']._serialized_start=291
-  _globals['_AVAILABILITYCHANGED']._serialized_end=552
-  _globals['_WATCHREQUEST']._serialized_start=554
-  _globals['_WATCHREQUEST']._serialized_end=650
-  _globals['_SNAPSHOT']._serialized_start=652
-  _globals['_SNAPSHOT']._serialized_end=738
-  _globals['_HEARTBEAT']._serialized_start=740
-  _globals['_HEARTBEAT']._serialized_end=775
-  _globals['_RESYNC']._serialized_start=777
-  _globals['_RESYNC']._serialized_end=801
-  _globals['_WATCHEVENT']._serialized_start=804
-  _globals['_WATCHEVENT']._serialized_end=1029
-  _globals['_AVAILABILITYSTREAM']._serialized_start=1031
-  _globals['_AVAILABILITYSTREAM']._serialized_end=1116
+  _globals['_AVAILABILITYCHANGED']._serialized_end=567
+  _globals['_WATCHREQUEST']._serialized_start=569
+  _globals['_WATCHREQUEST']._serialized_end=665
+  _globals['_SNAPSHOT']._serialized_start=667
+  _globals['_SNAPSHOT']._serialized_end=753
+  _globals['_HEARTBEAT']._serialized_start=755
+  _globals['_HEARTBEAT']._serialized_end=790
+  _globals['_RESYNC']._serialized_start=792
+  _globals['_RESYNC']._serialized_end=816
+  _globals['_WATCHEVENT']._serialized_start=819
+  _globals['_WATCHEVENT']._serialized_end=1044
+  _globals['_AVAILABILITYSTREAM']._serialized_start=1046
+  _globals['_AVAILABILITYSTREAM']._serialized_end=1131
 # @@protoc_insertion_point(module_scope)

@@ -88,8 +88,11 @@ class AvailabilityChanged(_message.Message):
     LSN_FIELD_NUMBER: _builtins.int
     RECORDED_AT_MS_FIELD_NUMBER: _builtins.int
     COMMITTED_AT_MS_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """The key's version after the change (+1 per change): the order of a key's changes."""
+    """The key's version after the change (+1 per change; a split key's: see parts): the
+    order of a key's changes.
+    """
     reason: _builtins.str
     """reservation, commit, release, expiry, receipt, sale, return, shrinkage, correction,
     transfer, set_stock, set_safety_stock; from a feed: sale, return, receipt, adjustment,
@@ -105,6 +108,16 @@ class AvailabilityChanged(_message.Message):
     committed_at_ms: _builtins.int
     """When its batch was sent to commit (durable a few ms later): the ledger keeps it, so a
     change republished from the ledger carries the same time.
+    """
+    parts: _builtins.int
+    """A hot key split over buckets (inventory.v1.HotKeys) streams as one key: its total, the
+    home's shelf with every part's reservations and offers added up by the router. Then
+    this is how many parts (the home and its buckets) it adds up, 0 for a key not split
+    or one whose buckets hold nothing (the home is then the whole key);
+    version is the parts' (it only goes up, across splits and merges); partition, lsn and
+    the times are those of the part's change that moved the total. Each other part's
+    counts are the latest the router has read of its stream, so a total lags a part's
+    change by the streams' lag (docs/hot-keys.md gives the measured figures).
     """
     @_builtins.property
     def key(self) -> _inventory_pb2.InventoryKey: ...
@@ -124,10 +137,11 @@ class AvailabilityChanged(_message.Message):
         lsn: _builtins.int = ...,
         recorded_at_ms: _builtins.int = ...,
         committed_at_ms: _builtins.int = ...,
+        parts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "committed_at_ms", b"committed_at_ms", "key", b"key", "lsn", b"lsn", "partition", b"partition", "reason", b"reason", "recorded_at_ms", b"recorded_at_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "committed_at_ms", b"committed_at_ms", "key", b"key", "lsn", b"lsn", "partition", b"partition", "parts", b"parts", "reason", b"reason", "recorded_at_ms", b"recorded_at_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -318,6 +318,7 @@ class StockLevel(_message.Message):
     INCOMING_FIELD_NUMBER: _builtins.int
     INCOMING_ETA_MS_FIELD_NUMBER: _builtins.int
     ALLOTTED_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     on_hand: _builtins.int
     reserved: _builtins.int
     safety_stock: _builtins.int
@@ -326,7 +327,9 @@ class StockLevel(_message.Message):
     sellable: _builtins.int
     """What shoppers see: max(available - stale_buffer - allotted, 0)."""
     version: _builtins.int
-    """+1 on every change of the key; 0 for a key never written."""
+    """+1 on every change of the key; 0 for a key never written. A split key's only goes up
+    too, by more than one at a time (see parts).
+    """
     exists: _builtins.bool
     """False when the key has never been written (all counts are zero)."""
     exposure: _builtins.int
@@ -352,6 +355,11 @@ class StockLevel(_message.Message):
     """A hot key's home (HotKeys below): the units its buckets hold or that are in transit,
     part of on_hand but not offered here. `sellable` is then this row's own share.
     """
+    parts: _builtins.int
+    """A split hot key read through the router: the parts (its home and its buckets) the
+    level adds up (allotted is then 0: the buckets' units are counted where they are);
+    0 for a key not split or one whose buckets hold nothing (its home is the whole key).
+    """
     @_builtins.property
     def key(self) -> Global___InventoryKey: ...
     def __init__(
@@ -372,10 +380,11 @@ class StockLevel(_message.Message):
         incoming: _builtins.int = ...,
         incoming_eta_ms: _builtins.int = ...,
         allotted: _builtins.int = ...,
+        parts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allotted", b"allotted", "available", b"available", "degraded", b"degraded", "exists", b"exists", "exposure", b"exposure", "incoming", b"incoming", "incoming_eta_ms", b"incoming_eta_ms", "key", b"key", "on_hand", b"on_hand", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allotted", b"allotted", "available", b"available", "degraded", b"degraded", "exists", b"exists", "exposure", b"exposure", "incoming", b"incoming", "incoming_eta_ms", b"incoming_eta_ms", "key", b"key", "on_hand", b"on_hand", "parts", b"parts", "reserved", b"reserved", "safety_stock", b"safety_stock", "sellable", b"sellable", "stale_buffer", b"stale_buffer", "stale_since_ms", b"stale_since_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1699,6 +1708,7 @@ class QuotaTransfer(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     QUANTITY_FIELD_NUMBER: _builtins.int
     CONSUMED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     """"t<partition>-<lsn>" of the record that debited the source; its credit is remembered
     under it, so a transfer carried twice is credited once.
@@ -1706,6 +1716,11 @@ class QuotaTransfer(_message.Message):
     generation: _builtins.int
     quantity: _builtins.int
     """Free units moved."""
+    version: _builtins.int
+    """A return: the bucket's version once debited (0 to 2^48). The home's version absorbs
+    its buckets' when its last unit comes back, so that a split key's version, the sum of
+    its parts' while split, never goes down (StockLevel.parts).
+    """
     @_builtins.property
     def source(self) -> Global___InventoryKey: ...
     @_builtins.property
@@ -1723,10 +1738,11 @@ class QuotaTransfer(_message.Message):
         generation: _builtins.int = ...,
         quantity: _builtins.int = ...,
         consumed: _abc.Iterable[Global___QuotaTransfer.Consumed] | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumed", b"consumed", "generation", b"generation", "quantity", b"quantity", "source", b"source", "target", b"target", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumed", b"consumed", "generation", b"generation", "quantity", b"quantity", "source", b"source", "target", b"target", "transfer_id", b"transfer_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
