@@ -1,4 +1,4 @@
-"""The load harness: ``inventory bench``, ``bench-events`` and ``bench-ingest``.
+"""The load harness: ``inventory bench``, ``bench-events``, ``bench-ingest``, ``bench-hot``.
 
 Public surface: ``main(argv)``, ``add_subcommand(subparsers)`` (``bench``),
 ``add_subcommands(subparsers)`` (``bench`` and ``bench-events``), ``require_extra(command)``;
@@ -14,8 +14,9 @@ standard library, and the subcommands are added without importing anything of th
 - ``bench-events`` has its real arguments when the extra is installed; without it the
   arguments cannot be built (``watch_load`` imports tqdm at the top), so ``--help`` shows the
   hint as its description and a run prints the hint and exits 2, whatever its arguments.
-- ``bench-ingest`` (``ingest_load``: feeds through the router against PostgreSQL) the same
-  way.
+- ``bench-ingest`` (``ingest_load``: feeds through the router against PostgreSQL) and
+  ``bench-hot`` (``hot_keys``: one hot key on one owner, split, and as the PostgreSQL row)
+  the same way.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def add_subcommand(subparsers: Any, **parser_options: Any) -> argparse.ArgumentP
 def add_subcommands(
     subparsers: Any, *, events_arguments: bool = True, **parser_options: Any
 ) -> None:
-    """Add ``bench``, ``bench-events`` and ``bench-ingest`` to ``subparsers`` (see the module
-    docstring).
+    """Add ``bench``, ``bench-events``, ``bench-ingest`` and ``bench-hot`` to ``subparsers``
+    (see the module docstring).
 
     ``events_arguments=False`` adds the last two without their arguments, for a command
     line that will not run them: building them imports their harness (~0.2 s).
@@ -100,6 +101,14 @@ def add_subcommands(
             "POS and supplier feeds: events/s and lag through the router, against the "
             "textbook PostgreSQL upsert.",
             "ingest_load",
+        ),
+        (
+            "bench-hot",
+            "measure one hot key: one owner, split, PostgreSQL (python -m benchmarks.hot_keys)",
+            "One viral SKU hammered by concurrent callers: on one owner, split over K parts, "
+            "and as the PostgreSQL hot row; admitted/s, latency, CPU per reservation, false "
+            "sold-outs, stranded units and the staleness of the watched total.",
+            "hot_keys",
         ),
     )
     missing = missing_extra_modules()

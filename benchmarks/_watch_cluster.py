@@ -13,7 +13,11 @@ the machine's cores were shared between the load generator and the servers.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
+import os
+import platform
 import secrets
 import shutil
 import subprocess
@@ -23,11 +27,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import psutil
 
 from .cluster import ServiceProcess
 from .embedded import EmbeddedPostgres, create_database, drop_database
+from .targets.postgres import postmaster_pids
 from .targets.redis_lua import RedisServer
 
 # A shard answers health checks within this long of starting (migration, recovery included).
@@ -43,6 +50,12 @@ HEALTH_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 MEMBERSHIP_LEASE_S = 2.0
 # How often the sampler reads the router's RSS (its peak is reported).
 RSS_SAMPLE_INTERVAL_S = 0.25
+# The load generator's process, measured as a component of its own.
+GENERATOR = "generator"
+# Between phases: quiet means the servers (not the generator) use less than this together,
+# over a SETTLE_SAMPLE_S window; the wait is bounded by the caller.
+SETTLED_CORES = 0.3
+SETTLE_SAMPLE_S = 1.0
 
 
 def _stop_process(process: subprocess.Popen[bytes] | None) -> None:
@@ -92,8 +105,6 @@ def servers(
         pids = {"router": [router_pid]} if router_pid else {}
         yield Servers(router_address, router_pid, pids)
         return
-    import asyncio
-
     with contextlib.ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="inventory-bench-events-"))
         stack.callback(shutil.rmtree, work, True)
@@ -251,3 +262,62 @@ def _cpu_s(process: psutil.Process, children: bool) -> float:
             child_times = child.cpu_times()
             total += child_times.user + child_times.system
     return total
+
+
+async def measured_pids(found: Servers) -> dict[str, list[int]]:
+    """The processes whose CPU a run reports: what it started, this generator, and a given
+    PostgreSQL server's postmaster when it runs on this machine."""
+    pids = dict(found.pids)
+    pids[GENERATOR] = [os.getpid()]
+    if "postgres" not in pids:
+        connection = await asyncpg.connect(found.database_url)
+        try:
+            pids["postgres"] = await postmaster_pids(connection)
+        finally:
+            await connection.close()
+    return pids
+
+
+async def settle(pool: asyncpg.Pool, sampler: CpuSampler, label: str, wait_s_max: float) -> float:
+    """Checkpoint PostgreSQL, then wait until the servers are quiet (``SETTLED_CORES``), so
+    that no phase pays for the one before it; the seconds it took (about ``wait_s_max`` at
+    most)."""
+    started = time.monotonic()
+    with contextlib.suppress(asyncpg.InsufficientPrivilegeError):  # a server not ours
+        await pool.execute("CHECKPOINT")
+    sample = 0
+    while time.monotonic() - started < wait_s_max:
+        first, last = f"{label}:settle:{sample}", f"{label}:settle:{sample + 1}"
+        sampler.mark(first)
+        await asyncio.sleep(SETTLE_SAMPLE_S)
+        sampler.mark(last)
+        sample += 2
+        cores = sampler.window(first, last)
+        if sum(v for k, v in cores.items() if k != GENERATOR) < SETTLED_CORES:
+            break
+    return round(time.monotonic() - started, 1)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, output_dir: Path) -> None:
+    """What a run is measured against, and where its results go."""
+    parser.add_argument(
+        "--database-url", default="", help="a PostgreSQL server (else an embedded one)"
+    )
+    parser.add_argument("--redis-url", default="", help="a Redis server (else redis-server)")
+    parser.add_argument("--output-dir", type=Path, default=output_dir)
+
+
+def run_header(options: argparse.Namespace) -> dict[str, Any]:
+    """The machine a run was measured on, and its options, for its results.json."""
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "cores": psutil.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "options": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(options).items()
+            if k not in ("run", "command")
+        },
+    }

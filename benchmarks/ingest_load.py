@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import platform
 import random
 import secrets
 import sys
@@ -57,9 +56,16 @@ import uvloop
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from ._watch_cluster import CpuSampler, servers
+from ._watch_cluster import (
+    GENERATOR,
+    CpuSampler,
+    add_server_arguments,
+    measured_pids,
+    run_header,
+    servers,
+    settle,
+)
 from .histograms import new_histogram, summary
-from .targets.postgres import postmaster_pids
 
 DEFAULT_OUTPUT_DIR = Path("benchmarks/results/ingest")
 TARGETS = ("service", "postgres")
@@ -79,11 +85,6 @@ READ_KEYS_MAX = 1000  # GetAvailability's bound
 CALL_TIMEOUT_S = 30.0
 # A phase's events still unanswered this long after its last one is due are counted lost.
 DRAIN_S_MAX = 30.0
-GENERATOR = "generator"
-# Between phases: quiet means the servers (not this generator) use less than this together,
-# over a SETTLE_SAMPLE_S window; the wait is bounded (--settle-s-max).
-SETTLED_CORES = 0.3
-SETTLE_SAMPLE_S = 1.0
 # Why events were not acknowledged (the status messages, cut), over the run.
 FAILED: Counter[str] = Counter()
 FAILED_MESSAGE_CHARS = 90
@@ -136,11 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--settle-s-max", type=float, default=60.0, help="wait between phases for quiet, at most"
     )
-    parser.add_argument(
-        "--database-url", default="", help="a PostgreSQL server (else an embedded one)"
-    )
-    parser.add_argument("--redis-url", default="", help="a Redis server (else redis-server)")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    add_server_arguments(parser, DEFAULT_OUTPUT_DIR)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -476,23 +473,12 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
 async def _run(
     options: argparse.Namespace, found: Any, targets: list[str], rates: list[float], seed: int
 ) -> dict[str, Any]:
-    import os
-
-    import psutil
 
     database_url = found.database_url
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=options.pg_connections)
     assert pool is not None
     await pool.execute(POSTGRES_SCHEMA)
-    pids = dict(found.pids)
-    pids[GENERATOR] = [os.getpid()]
-    if "postgres" not in pids:  # a given server: its postmaster, when it runs here
-        connection = await asyncpg.connect(database_url)
-        try:
-            pids["postgres"] = await postmaster_pids(connection)
-        finally:
-            await connection.close()
-    sampler = CpuSampler(pids, found.router_pid)
+    sampler = CpuSampler(await measured_pids(found), found.router_pid)
     run_id = secrets.token_hex(3)
     phases: list[dict[str, Any]] = []
     try:
@@ -552,37 +538,9 @@ async def _run(
         await pool.close()
     return {
         "seed": seed,
-        "machine": {
-            "platform": platform.platform(),
-            "cores": psutil.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "options": {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in vars(options).items()
-            if k not in ("run", "command")
-        },
+        **run_header(options),
         "phases": phases,
     }
-
-
-async def settle(pool: asyncpg.Pool, sampler: CpuSampler, label: str, wait_s_max: float) -> float:
-    """Checkpoint PostgreSQL, then wait until the servers are quiet (``SETTLED_CORES``);
-    the seconds it took (about ``wait_s_max`` at most)."""
-    started = time.monotonic()
-    with contextlib.suppress(asyncpg.InsufficientPrivilegeError):  # a server not ours
-        await pool.execute("CHECKPOINT")
-    sample = 0
-    while time.monotonic() - started < wait_s_max:
-        first, last = f"{label}:settle:{sample}", f"{label}:settle:{sample + 1}"
-        sampler.mark(first)
-        await asyncio.sleep(SETTLE_SAMPLE_S)
-        sampler.mark(last)
-        sample += 2
-        cores = sampler.window(first, last)
-        if sum(v for k, v in cores.items() if k != GENERATOR) < SETTLED_CORES:
-            break
-    return round(time.monotonic() - started, 1)
 
 
 def asdict_result(result: PhaseResult) -> dict[str, Any]:

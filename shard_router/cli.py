@@ -191,7 +191,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     add_subcommands(
         commands,
-        events_arguments=command in (None, "bench-events", "bench-ingest"),
+        events_arguments=command in (None, "bench-events", "bench-ingest", "bench-hot"),
         formatter_class=HelpFormatter,
     )
     return parser

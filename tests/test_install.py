@@ -27,6 +27,7 @@ SUBCOMMANDS = (
     "bench",
     "bench-events",
     "bench-ingest",
+    "bench-hot",
 )
 # A child interpreter starts in about half a second; this is generous for a shared machine.
 CHILD_TIMEOUT_S = 60.0
@@ -146,6 +147,7 @@ def test_without_the_extra_every_help_still_works(command: str) -> None:
         ["bench-events"],
         ["bench-events", "--rate", "5", "x"],
         ["bench-ingest", "--rates", "5"],
+        ["bench-hot", "--callers", "5"],
     ],
 )
 def test_without_the_extra_a_harness_run_says_which_extra_in_one_line(argv: list[str]) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import ingest_load
+from benchmarks._watch_cluster import SETTLE_SAMPLE_S
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.timeout(180)]
 
@@ -42,6 +43,6 @@ def test_smoke_run_measures_both_targets_and_audits_their_state(
         assert phase["audit_mismatches"] == 0, phase
         assert phase["lag"]["count"] == phase["acknowledged"], phase
         assert phase["cpu_us_per_event"]["generator"] > 0, phase
-        assert 0 <= phase["settled_s"] <= 5 + 2 * ingest_load.SETTLE_SAMPLE_S, phase
+        assert 0 <= phase["settled_s"] <= 5 + 2 * SETTLE_SAMPLE_S, phase
     service = [p for p in results["phases"] if p["target"] == "service"]
     assert all(p["cpu_cores"]["router"] > 0 and p["cpu_cores"]["shards"] > 0 for p in service)
