@@ -36,9 +36,9 @@ Rules.
 Hot keys. A key split over buckets streams as one key, its parts added up
 (``watch_totals.SplitTotals``): while anyone watches, the hub also reads the partitions of
 the buckets of every split key the router knows (``follow_splits``, after each refresh of
-the map), and offers a bucket's change as a change of its home key's total, under the
-home's partition at the hub's position there (a total is no stream entry of its own: the
-entries it follows were offered already). Buckets never show as keys of their own. Totals
+the map), and after each read offers the totals its parts' changes moved, under the home's
+partition at the hub's position there (a total is no stream entry of its own: the entries
+it follows were offered already). Buckets never show as keys of their own. Totals
 are not replayed: a resumed stream gets every matching split key's total afresh after its
 catch-up, and a snapshot shows the totals.
 """
@@ -556,14 +556,10 @@ class WatchHub:
                 lag_ms = max(now_ms - event.committed_at_ms, 0)
                 self.metrics.lag_ms_last = lag_ms
                 self.metrics.lag_ms_max = max(self.metrics.lag_ms_max, lag_ms)
-            shown = totals.shown(event)
-            if shown is event:
+            if totals.take(event) is not None:
                 self._offer(partition, entry, event)
-            elif shown is not None:  # a split key's total: at the home's position
-                home = partition_of(
-                    shown.key.merchant_id, shown.key.location_id, self.partition_count
-                )
-                self._offer(home, self.positions.get(home, ZERO), shown)
+        for home, total in totals.flush():  # split keys' totals: at their homes' positions
+            self._offer(home, self.positions.get(home, ZERO), total)
         self.generation += 1
 
     def _offer(self, partition: int, entry: EntryId, event: events_pb2.AvailabilityChanged) -> None:

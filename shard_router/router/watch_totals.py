@@ -8,10 +8,14 @@ counts, learnt from the parts' changes as the hub reads them and from the levels
 brings (whichever is newer by version), and turns the changes it is offered into what
 subscribers see:
 
-- a bucket's change is never shown as such (callers cannot name a bucket): it becomes a
-  change of its home key's total, if the router knows the split, else nothing;
-- a split home's change becomes a change of its total;
+- a bucket's change is never shown as such (callers cannot name a bucket): it moves its
+  home key's total, if the router knows the split, else nothing;
+- a split home's change moves its total;
 - any other change passes as it is.
+
+A hot key's parts change thousands of times a second, and a subscriber keeps only the
+latest change of a key anyway, so the totals are added up once per hub read (``take`` each
+change, then ``flush``), not once per change.
 
 A total is shown only when its version is above the last this router showed for the key,
 so a part learnt late never moves a total back. Its staleness: each part's counts are the
@@ -58,6 +62,7 @@ class _Split:
     partition: int  # the home's
     known: dict[InventoryKey, _Part]
     shown: _Total | None = None  # the last total shown: the ``before`` of the next
+    cause: Change | None = None  # the latest change taken and not yet added up (``flush``)
 
 
 class SplitTotals:
@@ -68,6 +73,7 @@ class SplitTotals:
         self._partition_count = partition_count
         self._splits: dict[InventoryKey, _Split] = {}
         self._partitions: frozenset[int] = frozenset()
+        self._moved: dict[InventoryKey, _Split] = {}  # taken, not yet flushed
 
     def __len__(self) -> int:
         return len(self._splits)
@@ -103,8 +109,10 @@ class SplitTotals:
         )
         return changed
 
-    def shown(self, event: Change) -> Change | None:
-        """What subscribers see of a change read from a stream (None: nothing)."""
+    def take(self, event: Change) -> Change | None:
+        """A change read from a stream: itself if subscribers see it as it is, else None. A
+        split key's part's change is learnt, and its total is added up by ``flush``, once
+        per read however many of its parts' changes the read brought."""
         location_id = event.key.location_id
         if BUCKET_SEPARATOR not in location_id and not self._splits:
             return event
@@ -113,9 +121,22 @@ class SplitTotals:
         split = self._splits.get(home)
         if split is None or part not in split.parts:
             return None if home != part else event
-        if not _learn_change(split, part, event):
-            return None
-        return self._total(split, event)
+        if _learn_change(split, part, event):
+            split.cause = event
+            self._moved[home] = split
+        return None
+
+    def flush(self) -> list[tuple[int, Change]]:
+        """The totals the changes taken since the last flush moved, each with its home's
+        partition, as changes caused by the latest of them."""
+        moved, self._moved = self._moved, {}
+        found = []
+        for split in moved.values():
+            cause, split.cause = split.cause, None
+            total = self._total(split, cause)
+            if total is not None:
+                found.append((split.partition, total))
+        return found
 
     def replayed(self, event: Change) -> Change | None:
         """A change replayed from a stream on resume: a split key's is not (its total is sent
