@@ -1,8 +1,9 @@
 """The feed benchmark end to end at tiny sizes: the cluster and the PostgreSQL baseline.
 
 No timing is asserted: only that every phase of both targets ran, every event sent was
-acknowledged, each target's state afterwards is exactly the sum of the distinct events
-(duplicates applied once), and the report files were written.
+acknowledged, the service's state afterwards is exactly the sum of the distinct events
+(duplicates applied once), the baseline's is audited (it may be wrong: its race is the
+finding), and the report files were written.
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ def test_smoke_run_measures_both_targets_and_audits_their_state(
     for phase in results["phases"]:
         assert phase["offered"] == int(phase["rate_per_s"]), phase
         assert phase["acknowledged"] == phase["offered"] and phase["lost"] == 0, phase
-        assert phase["audit_mismatches"] == 0, phase
+        if phase["target"] == "service":
+            assert phase["audit_mismatches"] == 0, phase
+        else:
+            # The textbook upsert races: a count and the sales after it may commit on two
+            # connections in the other order, and the count overwrites them (the README's
+            # finding). The audit reports it; at these rates it is rare, never impossible.
+            assert 0 <= phase["audit_mismatches"] <= phase["offered"], phase
         assert phase["lag"]["count"] == phase["acknowledged"], phase
         assert phase["cpu_us_per_event"]["generator"] > 0, phase
         assert 0 <= phase["settled_s"] <= 5 + 2 * SETTLE_SAMPLE_S, phase
