@@ -75,9 +75,6 @@ class SplitTotals:
         self._partitions: frozenset[int] = frozenset()
         self._moved: dict[InventoryKey, _Split] = {}  # taken, not yet flushed
 
-    def __len__(self) -> int:
-        return len(self._splits)
-
     def partitions(self) -> frozenset[int]:
         """The buckets' partitions: the hub reads them while anyone watches."""
         return self._partitions
@@ -121,7 +118,7 @@ class SplitTotals:
         split = self._splits.get(home)
         if split is None or part not in split.parts:
             return None if home != part else event
-        if _learn_change(split, part, event):
+        if _know(split, part, event.version, event.after):
             split.cause = event
             self._moved[home] = split
         return None
@@ -237,8 +234,7 @@ def _as_change(split: _Split, total: _Total, cause: Change | None, before: _Tota
 
 def _learn(split: _Split, part: InventoryKey, level: pb.StockLevel) -> bool:
     """A part's level (a refresh or a snapshot), if newer than what is known of it."""
-    known = split.known.get(part)
-    if part not in split.parts or (known is not None and known.version >= level.version):
+    if part not in split.parts:
         return False
     counts = events_pb2.StockCounts(
         on_hand=level.on_hand,
@@ -252,13 +248,13 @@ def _learn(split: _Split, part: InventoryKey, level: pb.StockLevel) -> bool:
         incoming_eta_ms=level.incoming_eta_ms,
         allotted=level.allotted,
     )
-    split.known[part] = _Part(level.version, counts)
-    return True
+    return _know(split, part, level.version, counts)
 
 
-def _learn_change(split: _Split, part: InventoryKey, event: Change) -> bool:
+def _know(split: _Split, part: InventoryKey, version: int, counts: events_pb2.StockCounts) -> bool:
+    """Keep a part's counts unless what is known of it is as new: True if kept."""
     known = split.known.get(part)
-    if known is not None and known.version >= event.version:
+    if known is not None and known.version >= version:
         return False
-    split.known[part] = _Part(event.version, event.after)
+    split.known[part] = _Part(version, counts)
     return True
