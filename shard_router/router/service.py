@@ -224,7 +224,7 @@ class RouterCalls:
         view = self._spread_view(request)
         if view is None:
             return await self._routed(rpcs.RESERVE, request, deadline)
-        return await self._walk(view, request, deadline)
+        return await self._walk(view, request, deadline, request_metadata.get())
 
     def _spread_view(self, request: pb.ReserveRequest) -> hot_keys.SplitView | None:
         """The split key a one-line Reserve is for, to spread over its parts; None: route
@@ -238,7 +238,12 @@ class RouterCalls:
         return self.hot_keys.spread(key) if self.hot_keys else None
 
     async def _walk(
-        self, view: hot_keys.SplitView, request: pb.ReserveRequest, deadline: float | None
+        self,
+        view: hot_keys.SplitView,
+        request: pb.ReserveRequest,
+        deadline: float | None,
+        metadata: Mapping[str, str],
+        first: _FirstHop | None = None,
     ) -> pb.ReserveResponse:
         """Try the key's parts in the order its idempotency key fixes (``walk_order``) until
         one admits it. A part's refusal is kept (``keep_refusal``) whenever the walk would go
@@ -246,39 +251,63 @@ class RouterCalls:
         refusal it meets (whatever the parts offer now: a later part may hold its
         reservation); the walk stops early, and refuses, once the home has answered and no
         later part is known to offer enough. An answer of unknown outcome ends the walk: the
-        caller retries with its key, and the walk with it."""
-        quantity = request.lines[0].quantity
-        order = hot_keys.walk_order(request.idempotency_key, view.parts)
+        caller retries with its key, and the walk with it. ``first``: the first part's
+        attempt, already sent, and its answer (the Batch path's, ``_Walk``)."""
+        order = first.order if first else hot_keys.walk_order(request.idempotency_key, view.parts)
         for index, part in enumerate(order):
-            # Never refuse before the home has answered: a reservation routed to the home
-            # whole (while this router did not know of the split yet) is found there.
-            later = view.home in order[index + 1 :] or any(
-                view.offered(p) >= quantity for p in order[index + 1 :]
-            )
-            attempt = pb.ReserveRequest(
-                lines=[pb.ReservationLine(key=convert.key_to_proto(part), quantity=quantity)],
-                ttl_s=request.ttl_s,
-                idempotency_key=request.idempotency_key,
-                keep_refusal=later,
-            )
-            partition = partition_of(part.merchant_id, part.location_id)
+            if first is not None and index == 0:
+                partition, item, result = first.partition, first.item, first.result
+            else:
+                partition, item = self._hop(view, request, order, index, metadata)
+                result = None
             try:
-                answer = await self._forward(partition, rpcs.RESERVE, attempt, deadline)
+                answer = await self._forward_item(partition, rpcs.RESERVE, item, deadline, result)
             except Refusal as refusal:
                 rejection = errors.rejection_from_status(refusal.status)
                 if not isinstance(rejection, InsufficientStock):
                     raise
                 view.refused_at[part] = rejection.lines[0].available
-                if later or (rejection.kept and index + 1 < len(order)):
-                    continue  # a kept refusal: the walk that kept it went on past it
+                kept = item.reserve.keep_refusal or rejection.kept  # by this walk, or one before
+                if kept and index + 1 < len(order):
+                    continue
                 # What the parts offer together, as last heard: it may cover the request
                 # while no single part does (units stranded across them).
                 total = view.total().sellable
+                quantity = request.lines[0].quantity
                 raise Refusal.of(
                     InsufficientStock((ShortLine(view.home, quantity, total),))
                 ) from None
-            return answer  # as callers see it (``_for_caller``, in ``_forward_item``)
+            return answer.reserve  # as callers see it (``_for_caller``, in ``_forward_item``)
         raise AssertionError("a split key with no parts")
+
+    @staticmethod
+    def _hop(
+        view: hot_keys.SplitView,
+        request: pb.ReserveRequest,
+        order: Sequence[InventoryKey],
+        index: int,
+        metadata: Mapping[str, str],
+    ) -> tuple[int, pb.BatchItem]:
+        """The partition and the item of a walk's attempt at ``order[index]``. It asks the
+        part to keep its refusal when the walk would go on past it: while the home is still
+        to come (never refuse before the home has answered: a reservation routed to the home
+        whole, while this router did not know of the split yet, is found there), or while a
+        later part is known to offer enough."""
+        part = order[index]
+        quantity = request.lines[0].quantity
+        later = order[index + 1 :]
+        item = pb.BatchItem(
+            reserve=pb.ReserveRequest(
+                lines=[pb.ReservationLine(key=convert.key_to_proto(part), quantity=quantity)],
+                ttl_s=request.ttl_s,
+                idempotency_key=request.idempotency_key,
+                keep_refusal=view.home in later or any(view.offered(p) >= quantity for p in later),
+            )
+        )
+        for name, value in metadata.items():
+            if name in PROPAGATED_METADATA:
+                item.metadata[name] = value
+        return partition_of(part.merchant_id, part.location_id), item
 
     def _for_caller(self, result: pb.BatchItemResult) -> None:
         """In place, an answer about a reservation a bucket holds as callers see it: the key
@@ -655,9 +684,16 @@ class RouterCalls:
                 name = item.WhichOneof("call")
                 if name == "reserve" and (self.hot_keys or self.detector):
                     view = self._spread_view(item.reserve)
-                    if view is not None:  # a split key: walk its parts (a task)
+                    if view is not None:  # a split key: its first hop goes with the rest
                         deadline = batching.item_deadline(item, received_at)
-                        group.create_task(self._walk_item(view, item, deadline, answer))
+                        walk = _Walk.of(
+                            self, view, item, deadline=deadline, answer=answer, group=group
+                        )
+                        address = self._routes.address_of(walk.partition)
+                        if address is None:
+                            group.create_task(walk.walk_on(None))
+                        else:
+                            by_owner.setdefault(address, []).append(walk.forwarded())
                         continue
                 route = None if name is None else ROUTES.get(name)
                 if name is None or route is None:
@@ -689,25 +725,6 @@ class RouterCalls:
                 others(rest, received_at, answer, group)
 
         return handle
-
-    async def _walk_item(
-        self,
-        view: hot_keys.SplitView,
-        item: pb.BatchItem,
-        deadline: float,
-        answer: batching.Answer,
-    ) -> None:
-        """A Batch item's Reserve of a split key (``_walk``), answered under its id."""
-        try:
-            response = await self._walk(view, item.reserve, deadline)
-            result = pb.BatchItemResult(id=item.id, reserve=response)
-        except Refusal as refusal:
-            result = pb.BatchItemResult(id=item.id, error=refusal.status)
-        except Exception as error:  # a bug: the last-resort answer, as run_item gives it
-            log.exception("batch_item_failed", call="reserve")
-            status = errors.internal(f"internal error: {error!r}", mutating=True)
-            result = pb.BatchItemResult(id=item.id, error=status)
-        answer(result)
 
     async def _forward(
         self,
@@ -828,6 +845,93 @@ def _share(deadline: float | None) -> float | None:
         return None
     now = time.monotonic()
     return now + max(deadline - now, 0.0) * ORDER_ROUND_DEADLINE_SHARE
+
+
+@dataclass(frozen=True, slots=True)
+class _FirstHop:
+    """A walk's attempt at its first part, sent before the walk ran: the parts' order, the
+    partition and item sent, and the answer (``RouterCalls._walk``)."""
+
+    order: Sequence[InventoryKey]
+    partition: int
+    item: pb.BatchItem
+    result: pb.BatchItemResult
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class _Walk:
+    """A Batch item's Reserve of a split key. Its first hop is forwarded with the other items
+    of its request that have the same owner, its answer taken by callback (as ``_Routed``);
+    only an error (a refusal the walk goes on past, UNAVAILABLE) makes a task walk on from
+    there (``RouterCalls._walk``). Either answers the item exactly once, under its id."""
+
+    calls: RouterCalls
+    view: hot_keys.SplitView
+    item: pb.BatchItem
+    deadline: float
+    answer: batching.Answer
+    group: asyncio.TaskGroup
+    order: Sequence[InventoryKey]
+    partition: int  # the first hop's
+    sent: pb.BatchItem
+
+    @staticmethod
+    def of(
+        calls: RouterCalls,
+        view: hot_keys.SplitView,
+        item: pb.BatchItem,
+        *,
+        deadline: float,
+        answer: batching.Answer,
+        group: asyncio.TaskGroup,
+    ) -> _Walk:
+        order = hot_keys.walk_order(item.reserve.idempotency_key, view.parts)
+        partition, sent = calls._hop(view, item.reserve, order, 0, item.metadata)
+        return _Walk(
+            calls=calls,
+            view=view,
+            item=item,
+            deadline=deadline,
+            answer=answer,
+            group=group,
+            order=order,
+            partition=partition,
+            sent=sent,
+        )
+
+    def forwarded(self) -> Forwarded:
+        return Forwarded.of(self.sent, self.deadline, True, self.first)
+
+    def first(self, result: pb.BatchItemResult) -> None:
+        if result.WhichOneof("result") == "error":
+            walk_on = self.walk_on(result)
+            try:
+                self.group.create_task(walk_on)
+            except RuntimeError:  # the stream has ended (its caller left): nobody to answer
+                walk_on.close()
+            return
+        self.calls._for_caller(result)
+        result.id = self.item.id
+        self.answer(result)
+
+    async def walk_on(self, first: pb.BatchItemResult | None) -> None:
+        hop = None
+        if first is not None:
+            hop = _FirstHop(self.order, self.partition, self.sent, first)
+        try:
+            response = await self.calls._walk(
+                self.view, self.item.reserve, self.deadline, self.item.metadata, hop
+            )
+            result = pb.BatchItemResult(reserve=response)
+        except Refusal as refusal:
+            result = pb.BatchItemResult(error=refusal.status)
+        except Exception as error:  # a bug: the last-resort answer, as run_item gives it
+            log.exception("batch_item_failed", call="reserve")
+            result = pb.BatchItemResult(
+                error=errors.internal(f"internal error: {error!r}", mutating=True)
+            )
+        result.id = self.item.id
+        self.answer(result)
 
 
 @dataclass(eq=False, slots=True, kw_only=True)

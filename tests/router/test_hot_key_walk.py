@@ -1,7 +1,7 @@
 """The router's side of a split key without shards: the walk over its parts and what a
 refresh of the map keeps (``RouterCalls._walk``, ``RouterCalls.refresh_hot_keys``).
 
-The parts' owners are played by fakes of ``_forward`` and ``get_hot_keys``, so that each
+The parts' owners are played by fakes of ``_forward_item`` and ``get_hot_keys``, so that each
 case is exactly the answers it names: a retry that meets a kept refusal, a reservation a
 router routed whole to the home while it did not know of the split, a listing taken while the
 home's partition was moving.
@@ -15,13 +15,13 @@ from typing import Any, cast
 import pytest
 from inventory.v1 import inventory_pb2 as pb
 
-from inventory_core import InsufficientStock, InventoryKey, ShortLine, bucket_key
+from inventory_core import InsufficientStock, InventoryKey, ShortLine, bucket_key, partition_of
 from shard_router.common.calls import Refusal
 from shard_router.common.convert import key_from_proto, key_to_proto
 from shard_router.common.errors import rejection_from_status
 from shard_router.router import hot_keys
 from shard_router.router.routing import Routes
-from shard_router.router.service import RouterCalls
+from shard_router.router.service import RouterCalls, _FirstHop
 
 HOME = InventoryKey("m-1", "viral", "store-1")
 BUCKETS = (bucket_key(HOME, 1), bucket_key(HOME, 2))
@@ -60,13 +60,24 @@ class Parts(RouterCalls):
         self.answers = answers
         self.asked: list[tuple[InventoryKey, bool]] = []
 
-    async def _forward(self, partition: int, rpc: Any, request: Any, deadline: Any) -> Any:
+    async def _forward_item(
+        self, partition: int, rpc: Any, item: pb.BatchItem, deadline: Any, first: Any = None
+    ) -> pb.BatchItemResult:
+        """The part's answer; ``first``, an answer already taken, is used as it is (a
+        Refusal if it is an error), as the real one does for an answer that is not
+        UNAVAILABLE."""
+        request = item.reserve
         part = key_from_proto(request.lines[0].key)
+        assert partition == partition_of(part.merchant_id, part.location_id)
         self.asked.append((part, request.keep_refusal))
+        if first is not None:
+            if first.WhichOneof("result") == "error":
+                raise Refusal(first.error)
+            return cast("pb.BatchItemResult", first)
         answer = self.answers[part]
         if isinstance(answer, InsufficientStock):
             raise Refusal.of(answer)
-        return answer
+        return pb.BatchItemResult(reserve=answer)
 
 
 def reserve(idempotency_key: str) -> pb.ReserveRequest:
@@ -90,9 +101,20 @@ def a_key_whose_walk_starts_at(first: InventoryKey) -> str:
     raise AssertionError(f"no key starts at {first}")
 
 
-def walk(calls: Parts, view: hot_keys.SplitView, idempotency_key: str) -> pb.ReserveResponse:
+def walk(
+    calls: Parts, view: hot_keys.SplitView, idempotency_key: str, first: _FirstHop | None = None
+) -> pb.ReserveResponse:
     deadline = asyncio.run(_now()) + DEADLINE_S
-    return asyncio.run(calls._walk(view, reserve(idempotency_key), deadline))
+    return asyncio.run(calls._walk(view, reserve(idempotency_key), deadline, {}, first))
+
+
+def first_hop(
+    calls: Parts, view: hot_keys.SplitView, idempotency_key: str, result: pb.BatchItemResult
+) -> _FirstHop:
+    """The walk's first attempt as the Batch path sends it, with the answer it got."""
+    order = hot_keys.walk_order(idempotency_key, PARTS)
+    partition, item = calls._hop(view, reserve(idempotency_key), order, 0, {})
+    return _FirstHop(order, partition, item, result)
 
 
 async def _now() -> float:
@@ -134,6 +156,33 @@ def test_once_the_home_has_refused_and_nothing_later_offers_the_walk_refuses() -
     assert isinstance(rejection, InsufficientStock)
     assert rejection.lines[0].key == HOME  # the key as the caller knows it
     assert calls.asked == [(order[0], False)]
+
+
+def test_a_first_hop_s_kept_refusal_taken_by_the_batch_path_walks_on_from_the_next_part() -> None:
+    """The Batch path sends the first hop itself; the walk it hands the refusal to does not
+    send it again, and goes on past it because that hop asked for it to be kept."""
+    idempotency_key = a_key_whose_walk_starts_at(BUCKETS[0])
+    order = hot_keys.walk_order(idempotency_key, PARTS)
+    view = hot_keys.SplitView(HOME, PARTS, generation=7, merging=False)  # nothing heard yet
+    calls = Parts({order[1]: held("r-next"), order[2]: held("never")})
+    status = Refusal.of(refused(order[0])).status
+    first = first_hop(calls, view, idempotency_key, pb.BatchItemResult(error=status))
+    assert first.item.reserve.keep_refusal  # the home is still to come
+    assert walk(calls, view, idempotency_key, first).reservation.reservation_id == "r-next"
+    assert [part for part, _ in calls.asked] == list(order[:2])
+
+
+def test_a_first_hop_refused_at_the_home_with_nothing_later_refuses_the_walk() -> None:
+    idempotency_key = a_key_whose_walk_starts_at(HOME)
+    calls = Parts({b: held("never") for b in BUCKETS})
+    view = sold_out_view()
+    status = Refusal.of(refused(HOME)).status
+    first = first_hop(calls, view, idempotency_key, pb.BatchItemResult(error=status))
+    assert not first.item.reserve.keep_refusal
+    with pytest.raises(Refusal) as raised:
+        walk(calls, view, idempotency_key, first)
+    assert isinstance(rejection_from_status(raised.value.status), InsufficientStock)
+    assert calls.asked == [(HOME, False)]
 
 
 # ------------------------------------------------------------------- refreshing the map
