@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 import asyncpg
+import orjson
 import structlog
 
 from inventory_core import TABLES, AvailabilityChanged, CheckpointDelta, Partition, Record
@@ -428,7 +429,8 @@ def _ledger_rows(row: asyncpg.Record) -> list[LedgerRow]:
 
 
 def _json(data: object) -> str:
-    return json.dumps(data, separators=(",", ":"))
+    """Compact JSON text (the columns are jsonb: PostgreSQL keeps its own form of it)."""
+    return orjson.dumps(data).decode()
 
 
 def _groups(pieces: Sequence[CheckpointDelta], rows_max: int) -> list[list[CheckpointDelta]]:
