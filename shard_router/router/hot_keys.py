@@ -94,6 +94,10 @@ class SplitView:
     levels: dict[InventoryKey, pb.StockLevel] = field(default_factory=dict)
     # What a part said it had when it refused a reservation (until its next level).
     refused_at: dict[InventoryKey, int] = field(default_factory=dict)
+    partitions: dict[InventoryKey, int] = field(init=False)  # each part's
+
+    def __post_init__(self) -> None:
+        self.partitions = {p: partition_of(p.merchant_id, p.location_id) for p in self.parts}
 
     def offered(self, part: InventoryKey) -> int:
         """What the part could promise when last heard from (0 if never heard from)."""

@@ -296,18 +296,16 @@ class RouterCalls:
         part = order[index]
         quantity = request.lines[0].quantity
         later = order[index + 1 :]
-        item = pb.BatchItem(
-            reserve=pb.ReserveRequest(
-                lines=[pb.ReservationLine(key=convert.key_to_proto(part), quantity=quantity)],
-                ttl_s=request.ttl_s,
-                idempotency_key=request.idempotency_key,
-                keep_refusal=view.home in later or any(view.offered(p) >= quantity for p in later),
-            )
-        )
-        for name, value in metadata.items():
-            if name in PROPAGATED_METADATA:
-                item.metadata[name] = value
-        return partition_of(part.merchant_id, part.location_id), item
+        item = pb.BatchItem()
+        attempt = item.reserve
+        attempt.CopyFrom(request)  # the caller's, for the part: its key is the home's
+        attempt.lines[0].key.location_id = part.location_id
+        attempt.keep_refusal = view.home in later or any(view.offered(p) >= quantity for p in later)
+        if metadata:
+            for name, value in metadata.items():
+                if name in PROPAGATED_METADATA:
+                    item.metadata[name] = value
+        return view.partitions[part], item
 
     def _for_caller(self, result: pb.BatchItemResult) -> None:
         """In place, an answer about a reservation a bucket holds as callers see it: the key
