@@ -82,6 +82,7 @@ PERSISTENCE_RULE = Rule(
         "asyncpg",
         "redis",
         "msgpack",
+        "orjson",
         "structlog",
         "opentelemetry",
         "pgserver",
