@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,12 +94,14 @@ def servers(
     redis_url: str,
     shards: int,
     log_dir: Path | None,
+    shard_options: Sequence[str] = (),
 ) -> Iterator[Servers]:
     """The servers of a run: the given router, else everything started here and stopped after.
 
     With a router address nothing is started. Otherwise: PostgreSQL (``database_url``'s server,
     else an embedded one) with a fresh database, Redis (``redis_url``, else a redis-server
-    child), ``shards`` shards, then the router. Everything started is stopped in reverse.
+    child), ``shards`` shards (with ``shard_options`` on their command lines), then the
+    router. Everything started is stopped in reverse.
     """
     if router_address:
         pids = {"router": [router_pid]} if router_pid else {}
@@ -132,7 +134,13 @@ def servers(
             found.pids["redis"] = [redis_process.pid]
         members = [
             ServiceProcess(
-                "shard", f"shard-{i}", url, logs, MEMBERSHIP_LEASE_S, redis_url=events_url
+                "shard",
+                f"shard-{i}",
+                url,
+                logs,
+                MEMBERSHIP_LEASE_S,
+                redis_url=events_url,
+                extra=shard_options,
             )
             for i in range(shards)
         ]
@@ -278,11 +286,19 @@ async def measured_pids(found: Servers) -> dict[str, list[int]]:
     return pids
 
 
-async def settle(pool: asyncpg.Pool, sampler: CpuSampler, label: str, wait_s_max: float) -> float:
-    """Checkpoint PostgreSQL, then wait until the servers are quiet (``SETTLED_CORES``), so
-    that no phase pays for the one before it; the seconds it took (about ``wait_s_max`` at
-    most)."""
+async def settle(
+    pool: asyncpg.Pool,
+    sampler: CpuSampler,
+    label: str,
+    wait_s_max: float,
+    wait_s_min: float = 0.0,
+) -> float:
+    """Wait ``wait_s_min`` (for work the servers do a while after the load, such as their own
+    checkpoints), checkpoint PostgreSQL, then wait until the servers are quiet
+    (``SETTLED_CORES``), so that no phase pays for the one before it; the seconds it took
+    (about ``wait_s_max`` at most)."""
     started = time.monotonic()
+    await asyncio.sleep(wait_s_min)
     with contextlib.suppress(asyncpg.InsufficientPrivilegeError):  # a server not ours
         await pool.execute("CHECKPOINT")
     sample = 0

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -58,6 +59,7 @@ class ServiceProcess:
         *,
         redis_url: str = "",
         stats_interval_s: float | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.role = role
         self.name = name
@@ -67,6 +69,7 @@ class ServiceProcess:
         self._log_path = log_dir / f"{name}.log"
         self._lease_s = lease_s
         self._stats_interval_s = stats_interval_s  # None: the service's own period
+        self._extra = list(extra)  # more options for its command line
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,10 +89,10 @@ class ServiceProcess:
             "--redis-url", self._redis_url,
         ]  # fmt: skip
         if self.role == "shard":
-            return ["shard", "--shard-id", self.name, *common]
+            return ["shard", "--shard-id", self.name, *common, *self._extra]
         # The harness decides which keys are split (its hot-key workload measures one owner
         # and split keys side by side): the router never splits one by itself here.
-        return ["router", *common, "--hot-key-threshold-per-s", "0"]
+        return ["router", *common, "--hot-key-threshold-per-s", "0", *self._extra]
 
     def start(self) -> None:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)

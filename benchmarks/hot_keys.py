@@ -1,6 +1,6 @@
 """Hot-key benchmark: one viral SKU on one owner, split over K parts, and the PostgreSQL hot row.
 
-    inventory bench-hot [--callers 256] [--duration-s 10] [--parts 2,4] [--shards 4]
+    inventory bench-hot [--callers 256] [--duration-s 10] [--parts 2,4] [--shards 4] [--rounds 3]
 
 Every phase hammers one fresh key (one SKU at one store) with ``--callers`` concurrent
 callers, each reserving one unit at a time with a key of its own, closed loop, for
@@ -22,6 +22,17 @@ reports admitted reservations/s, latency p50/p95/p99 of every call, and the CPU 
 process (router, shards, PostgreSQL, Redis, this generator) as cores and as CPU µs per
 admitted reservation. Every refusal there is a **false sold-out**: at least 95 % of the
 stock remained throughout (the report checks it).
+
+The shards checkpoint every ``--checkpoint-interval-s`` (1 s; their default is 30 s, with
+one at 20,000 records in between): each phase then pays for checkpointing its own
+reservations. At 30 s, a phase's last ones were checkpointed during the phase after it, which
+paid for them, and a split's parts, each below 20,000 records, handed on all of theirs.
+
+These phases run ``--rounds`` times, each round in the reverse order of the one before (one
+owner, the splits, PostgreSQL; then PostgreSQL first), so that a machine that drifts during
+the run (the servers' state grows, a neighbour wakes up) does not favour one phase. Each
+phase's figures are the median over the rounds; each ratio is taken within a round, between
+phases minutes apart at most, and reported as the median and the worst over the rounds.
 
 Then **sell-out** phases (one owner and each K): ``--sell-out-stock`` units and the same
 callers until ``--sell-out-s``. They report the false sold-out rate while at least 5 % of the
@@ -51,11 +62,12 @@ import asyncio
 import contextlib
 import json
 import secrets
+import statistics
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +101,9 @@ LOCATION = "store-hot-{index}"
 # Reservations outlive every phase: an expiry would hand units back mid-sell-out.
 TTL_S = 3600
 CALL_TIMEOUT_S = 30.0
+# After a phase, how long past the shards' checkpoint interval the harness waits before it
+# looks for quiet: the last checkpoint of the phase's reservations starts by then.
+CHECKPOINT_SLACK_S = 0.5
 # How long a split may take to hand every bucket its first share (the rebalancer's rounds).
 GRANTED_WAIT_S = 30.0
 # How long the Watch stream may take to show what a strong read shows, once the load stops.
@@ -110,6 +125,7 @@ class Phase:
     seconds: float
     warmup_s: float
     sell_out: bool
+    round: int = 0
 
 
 @dataclass
@@ -133,6 +149,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shards", type=int, default=4, help="shard processes")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times each throughput phase runs, in alternating order (medians are reported)",
+    )
+    parser.add_argument(
         "--stock", type=int, default=10_000_000, help="the key's units: more than a phase sells"
     )
     parser.add_argument("--sell-out-stock", type=int, default=3000)
@@ -148,6 +170,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL row")
     parser.add_argument("--no-sell-out", action="store_true", help="skip the sell-out phases")
     parser.add_argument("--settle-s-max", type=float, default=30.0)
+    parser.add_argument(
+        "--checkpoint-interval-s",
+        type=float,
+        default=1.0,
+        help="the shards' (their default is 30 s): each phase then pays for its own "
+        "checkpoints, not for the tail of the phase before",
+    )
     add_server_arguments(parser, DEFAULT_OUTPUT_DIR)
 
 
@@ -161,11 +190,17 @@ def phases_of(options: argparse.Namespace) -> list[Phase]:
     parts = [int(k) for k in options.parts.split(",") if k]
     if any(k < 2 for k in parts):
         raise SystemExit("--parts: each K is at least 2 (the home and one bucket)")
+    if options.rounds < 1:
+        raise SystemExit("--rounds: at least 1")
     plenty = (options.stock, options.duration_s, options.warmup_s, False)
-    found = [Phase("one owner", "service", 1, *plenty)]
-    found += [Phase(f"split K={k}", "service", k, *plenty) for k in parts]
+    each = [Phase("one owner", "service", 1, *plenty)]
+    each += [Phase(f"split K={k}", "service", k, *plenty) for k in parts]
     if not options.no_postgres:
-        found.append(Phase("postgres hot row", "postgres", 1, *plenty))
+        each.append(Phase("postgres hot row", "postgres", 1, *plenty))
+    found: list[Phase] = []
+    for number in range(options.rounds):
+        ordered = each if number % 2 == 0 else each[::-1]
+        found += [replace(phase, round=number) for phase in ordered]
     if not options.no_sell_out:
         sell_out = (options.sell_out_stock, options.sell_out_s, 0.0, True)
         found.append(Phase("one owner, sell-out", "service", 1, *sell_out))
@@ -183,6 +218,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         redis_url=options.redis_url,
         shards=options.shards,
         log_dir=options.output_dir / "logs",
+        shard_options=["--checkpoint-interval-s", f"{options.checkpoint_interval_s:g}"],
     ) as found:
         results = asyncio.run(_run(options, found))
     results["started"] = found.started
@@ -234,15 +270,25 @@ async def _run(options: argparse.Namespace, found: Any) -> dict[str, Any]:
                 admitted = result["admitted"] + result["warmup_admitted"]
                 result["audit"]["passed"] = result["audit"]["reserved"] == admitted
                 print(_line(result), flush=True)
-                result["settled_s"] = await settle(pool, sampler, f"{index}", options.settle_s_max)
+                result["settled_s"] = await settle(
+                    pool,
+                    sampler,
+                    f"{index}",
+                    options.settle_s_max,
+                    wait_s_min=options.checkpoint_interval_s + CHECKPOINT_SLACK_S,
+                )
                 results.append(result)
     finally:
         await baseline.close()
         await pool.close()
+    by_round = ratios_by_round(results)
     return {
         **run_header(options),
         "phases": results,
-        "ratios": ratios(results),
+        "summary": summary_of(results),
+        "ratios_by_round": by_round,
+        "ratios": {n: statistics.median(r[n] for r in by_round if n in r) for n in by_round[0]},
+        "ratios_worst": {n: min(r[n] for r in by_round if n in r) for n in by_round[0]},
     }
 
 
@@ -312,6 +358,7 @@ async def run_phase(
     }
     result: dict[str, Any] = {
         "name": phase.name,
+        "round": phase.round,
         "target": phase.target,
         "parts": phase.parts,
         "stock": phase.stock,
@@ -477,8 +524,71 @@ class Watcher:
 # ------------------------------------------------------------------------------ report
 
 
+def ratios_by_round(phases: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """``ratios`` within each round (at least one, if no phase ran)."""
+    measured = [p for p in phases if not p["sell_out"]]
+    rounds = sorted({p["round"] for p in measured})
+    return [ratios([p for p in measured if p["round"] == r]) for r in rounds] or [{}]
+
+
+def summary_of(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per phase, in the first round's order: the median over its rounds of each
+    figure (a sell-out phase runs once: its own)."""
+    names = list(dict.fromkeys(p["name"] for p in phases))
+    return [_median_of([p for p in phases if p["name"] == name]) for name in names]
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(runs) == 1:
+        return {**runs[0], "rounds": 1}
+
+    def median(*path: str) -> float:
+        """The median over the runs of the figure at ``path`` (a missing one: 0)."""
+        values = []
+        for run in runs:
+            value: Any = run
+            for name in path:
+                value = value.get(name, 0.0)
+            values.append(float(value))
+        return round(statistics.median(values), 1)
+
+    first = runs[0]
+    combined: dict[str, Any] = {
+        **first,
+        "rounds": len(runs),
+        "admitted": sum(run["admitted"] for run in runs),
+        "refused": sum(run["refused"] for run in runs),
+        "failed": sum(run["failed"] for run in runs),
+        "admitted_per_s": median("admitted_per_s"),
+        "admitted_per_s_range": [
+            min(run["admitted_per_s"] for run in runs),
+            max(run["admitted_per_s"] for run in runs),
+        ],
+        "latency": {name: median("latency", name) for name in first["latency"]},
+        "cpu_us_per_admitted": {
+            name: median("cpu_us_per_admitted", name) for name in first["cpu_us_per_admitted"]
+        },
+        "servers_cpu_us_per_admitted": median("servers_cpu_us_per_admitted"),
+        "false_sold_out": sum(run["false_sold_out"] for run in runs),
+        "false_sold_out_asked": sum(run["false_sold_out_asked"] for run in runs),
+        "remained_share_min": min(run["remained_share_min"] for run in runs),
+        "audit": {"passed": all(run["audit"]["passed"] for run in runs)},
+    }
+    combined["false_sold_out_rate"] = round(
+        combined["false_sold_out"] / max(combined["false_sold_out_asked"], 1), 5
+    )
+    if "watch" in first:
+        converged = [run["watch"]["converged_s"] for run in runs]
+        combined["watch"] = {
+            "changes": sum(run["watch"]["changes"] for run in runs),
+            "lag": {name: median("watch", "lag", name) for name in first["watch"]["lag"]},
+            "converged_s": None if None in converged else max(converged),
+        }
+    return combined
+
+
 def ratios(phases: list[dict[str, Any]]) -> dict[str, float]:
-    """Each split's admitted/s over one owner's and over the PostgreSQL row's (one run)."""
+    """Each split's admitted/s over one owner's and over the PostgreSQL row's (one round)."""
     by_name = {p["name"]: p for p in phases}
     owner, row = by_name.get("one owner"), by_name.get("postgres hot row")
     found: dict[str, float] = {}
@@ -520,20 +630,33 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['machine']['cores']} cores, Python {results['machine']['python']}; "
         f"{options['callers']} callers reserving 1 unit each, closed loop; "
         f"{options['shards']} shards, the service called through `{options['client']}`. "
-        "K counts the parts: the home and K - 1 buckets.",
+        "K counts the parts: the home and K - 1 buckets. "
+        f"Each throughput phase ran {options['rounds']} times, in alternating order: the "
+        "medians (admitted/s: the lowest and highest round too).",
         "",
         "| phase | admitted/s | p50 ms | p95 | p99 | servers µs/op | router / shards / "
         "postgres / redis / generator µs/op | false sold-out | failed | watch lag p50 / p99 "
         "ms | watch caught up in | audit |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | --- |",
     ]
-    for p in results["phases"]:
+    for p in results["summary"]:
         if p["sell_out"]:
             continue
         lines.append(_row(p))
-    lines += ["", "Ratios of admitted/s within this run:", ""]
-    lines += [f"- {name}: {value:.2f}x" for name, value in results["ratios"].items()]
-    sell_outs = [p for p in results["phases"] if p["sell_out"]]
+    by_round = results["ratios_by_round"]
+    lines += [
+        "",
+        "Ratios of admitted/s, each within one round:",
+        "",
+        "| ratio | median | worst | "
+        + " | ".join(f"round {n + 1}" for n in range(len(by_round)))
+        + " |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in by_round) + " |",
+    ]
+    for name, value in results["ratios"].items():
+        each = " | ".join(f"{r[name]:.2f}x" if name in r else "-" for r in by_round)
+        lines.append(f"| {name} | {value:.2f}x | {results['ratios_worst'][name]:.2f}x | {each} |")
+    sell_outs = [p for p in results["summary"] if p["sell_out"]]
     if sell_outs:
         lines += [
             "",
@@ -562,8 +685,12 @@ def _row(p: dict[str, Any]) -> str:
     if watch is not None:
         seconds = watch["converged_s"]
         caught_up = "never" if seconds is None else f"{seconds * 1000:.0f} ms"
+    rate = f"{p['admitted_per_s']:,.0f}"
+    if "admitted_per_s_range" in p:
+        low, high = p["admitted_per_s_range"]
+        rate += f" ({low:,.0f} to {high:,.0f})"
     return (
-        f"| {p['name']} | {p['admitted_per_s']:,.0f} | {latency['p50_ms']:.1f} | "
+        f"| {p['name']} | {rate} | {latency['p50_ms']:.1f} | "
         f"{latency['p95_ms']:.1f} | {latency['p99_ms']:.1f} | "
         f"{p['servers_cpu_us_per_admitted']:,.0f} | "
         + " / ".join(f"{per.get(c, 0):,.0f}" for c in COMPONENTS)
@@ -577,18 +704,22 @@ def _audit(p: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Admitted/s and servers' CPU per reservation by phase, side by side."""
+    """Admitted/s (the median, and each round's as a dot) and servers' CPU per reservation by
+    phase, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = [p for p in results["phases"] if not p["sell_out"]]
+    phases = [p for p in results["summary"] if not p["sell_out"]]
     if not phases:
         return
     names = [p["name"] for p in phases]
     figure, (rate, cpu) = plt.subplots(1, 2, figsize=(11, 4))
     rate.bar(names, [p["admitted_per_s"] for p in phases], color="tab:blue")
+    for position, name in enumerate(names):
+        each = [r["admitted_per_s"] for r in results["phases"] if r["name"] == name]
+        rate.plot([position] * len(each), each, "o", color="black", markersize=3)
     rate.set_ylabel("admitted reservations / s")
     rate.set_title(f"one hot key, {results['options']['callers']} callers")
     cpu.bar(names, [p["servers_cpu_us_per_admitted"] for p in phases], color="tab:orange")
