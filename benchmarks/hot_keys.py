@@ -111,6 +111,10 @@ CONVERGE_WAIT_S = 10.0
 POLL_S = 0.05
 # The share of the stock that must remain for a refusal to count as a false sold-out.
 FALSE_SOLD_OUT_REMAINING = 0.05
+# A fixed pure-Python loop, timed in CPU before each phase: how fast this (shared) machine
+# ran just then, so that a phase's figures can be read against it.
+SPEED_LOOP_N = 200_000
+SPEED_SAMPLES = 5
 COMPONENTS = ("router", "shards", "postgres", "redis", GENERATOR)
 ADMITTED, REFUSED, FAILED = "admitted", "refused", "failed"
 SERVERS = COMPONENTS[:-1]
@@ -259,9 +263,11 @@ async def _run(options: argparse.Namespace, found: Any) -> dict[str, Any]:
                     await _prepare_service_key(channel, key, phase)
                 else:
                     await baseline.load_key(key, phase.stock)
+                loop_ms = machine_loop_ms()
                 result = await run_phase(
                     phase, key, spec, options=options, sampler=sampler, channel=channel
                 )
+                result["machine_loop_ms"] = loop_ms
                 if phase.target == "service":
                     result |= await _service_audit(channel, key, phase, result)
                 else:
@@ -524,6 +530,19 @@ class Watcher:
 # ------------------------------------------------------------------------------ report
 
 
+def machine_loop_ms() -> float:
+    """The median CPU milliseconds of ``SPEED_SAMPLES`` runs of a fixed loop (more: the
+    machine ran slower)."""
+    samples = []
+    for _ in range(SPEED_SAMPLES):
+        started = time.process_time()
+        total = 0
+        for number in range(SPEED_LOOP_N):
+            total += number
+        samples.append((time.process_time() - started) * 1000)
+    return round(statistics.median(samples), 2)
+
+
 def ratios_by_round(phases: list[dict[str, Any]]) -> list[dict[str, float]]:
     """``ratios`` within each round (at least one, if no phase ran)."""
     measured = [p for p in phases if not p["sell_out"]]
@@ -643,6 +662,14 @@ def markdown(results: dict[str, Any]) -> str:
         if p["sell_out"]:
             continue
         lines.append(_row(p))
+    loops = [p["machine_loop_ms"] for p in results["phases"] if "machine_loop_ms" in p]
+    if loops:
+        lines += [
+            "",
+            f"The machine's speed over the run: a fixed pure-Python loop, timed before each "
+            f"phase, took {min(loops):.1f} to {max(loops):.1f} ms of CPU (median "
+            f"{statistics.median(loops):.1f}; `machine_loop_ms` in results.json).",
+        ]
     by_round = results["ratios_by_round"]
     lines += [
         "",

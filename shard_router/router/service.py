@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -845,6 +845,15 @@ def _share(deadline: float | None) -> float | None:
     return now + max(deadline - now, 0.0) * ORDER_ROUND_DEADLINE_SHARE
 
 
+def _in_group(group: asyncio.TaskGroup, work: Coroutine[Any, Any, None]) -> None:
+    """``work`` as a task of the Batch stream's group, unless the stream has ended (its caller
+    left): then nobody is left to answer, and it is dropped unstarted."""
+    try:
+        group.create_task(work)
+    except RuntimeError:
+        work.close()
+
+
 @dataclass(frozen=True, slots=True)
 class _FirstHop:
     """A walk's attempt at its first part, sent before the walk ran: the parts' order, the
@@ -902,11 +911,7 @@ class _Walk:
 
     def first(self, result: pb.BatchItemResult) -> None:
         if result.WhichOneof("result") == "error":
-            walk_on = self.walk_on(result)
-            try:
-                self.group.create_task(walk_on)
-            except RuntimeError:  # the stream has ended (its caller left): nobody to answer
-                walk_on.close()
+            _in_group(self.group, self.walk_on(result))
             return
         self.calls._for_caller(result)
         result.id = self.item.id
@@ -955,11 +960,7 @@ class _Routed:
 
     def first(self, result: pb.BatchItemResult) -> None:
         if result.WhichOneof("result") == "error" and result.error.code == UNAVAILABLE:
-            retry = self.retry(result)
-            try:
-                self.group.create_task(retry)
-            except RuntimeError:  # the stream has ended (its caller left): nobody to answer
-                retry.close()
+            _in_group(self.group, self.retry(result))
             return
         self.calls._for_caller(result)
         self.answer(result)  # the owner's answer, under the caller's id

@@ -54,6 +54,7 @@ def test_smoke_run_measures_every_phase_and_audits_the_key(
     for phase in results["phases"]:
         assert phase["admitted"] > 0 and phase["audit"]["passed"], phase
         assert phase["cpu_us_per_admitted"]["generator"] > 0, phase
+        assert phase["machine_loop_ms"] > 0, phase
         if phase["target"] == "service":
             assert phase["cpu_cores"]["router"] > 0 and phase["cpu_cores"]["shards"] > 0
             assert phase["watch"]["changes"] > 0, phase
