@@ -244,3 +244,34 @@ def test_a_subscriber_that_leaves_while_its_partitions_start_is_not_counted() ->
             assert await quiet_reads(source) == 0
 
     asyncio.run(scenario())
+
+
+def test_a_partition_behind_is_read_on_at_once_not_after_the_read_interval() -> None:
+    """A read that fills a partition's page (``read_entries_per_partition_max``) is followed
+    at once by the next; only a read with room to spare waits ``read_interval_ms_min``
+    (here a minute, longer than the test may take). So a hot partition is read as fast as
+    the router can, not one page per interval."""
+    page = 10
+    limits = WatchLimits(
+        read_block_ms=60_000,
+        heartbeat_interval_s=5.0,
+        read_entries_per_partition_max=page,
+        read_interval_ms_min=60_000,
+    )
+
+    async def scenario() -> None:
+        source = FakeEventSource()
+        async with WatchHub(source, limits) as hub:
+            subscriber, stream = await watch(hub, WatchFilter(MERCHANT, frozenset({"l1"})))
+            await eventually(lambda: bool(reads(source)))  # blocked until something comes
+            before = len(reads(source))
+            changes = 5 * page + 3
+            for number in range(changes):  # all appended before the blocked read wakes
+                source.write(MERCHANT, f"s{number}", "l1", number + 1)
+            await eventually(lambda: hub.metrics.events_read == changes)
+            # the blocked read and the 5 after it: 6 pages, the last with room to spare
+            assert len(reads(source)) - before == 5
+            assert await quiet_reads(source) == 0  # and now the interval holds
+            await leave(hub, subscriber, stream)
+
+    asyncio.run(scenario())
