@@ -388,6 +388,19 @@ async def run_phase(
     return result
 
 
+def machine_loop_ms() -> float:
+    """The median CPU milliseconds of ``SPEED_SAMPLES`` runs of a fixed loop (more: the
+    machine ran slower)."""
+    samples = []
+    for _ in range(SPEED_SAMPLES):
+        started = time.process_time()
+        total = 0
+        for number in range(SPEED_LOOP_N):
+            total += number
+        samples.append((time.process_time() - started) * 1000)
+    return round(statistics.median(samples), 2)
+
+
 async def _load(
     client: Client,
     key: Key,
@@ -528,19 +541,6 @@ class Watcher:
 
 
 # ------------------------------------------------------------------------------ report
-
-
-def machine_loop_ms() -> float:
-    """The median CPU milliseconds of ``SPEED_SAMPLES`` runs of a fixed loop (more: the
-    machine ran slower)."""
-    samples = []
-    for _ in range(SPEED_SAMPLES):
-        started = time.process_time()
-        total = 0
-        for number in range(SPEED_LOOP_N):
-            total += number
-        samples.append((time.process_time() - started) * 1000)
-    return round(statistics.median(samples), 2)
 
 
 def ratios_by_round(phases: list[dict[str, Any]]) -> list[dict[str, float]]:

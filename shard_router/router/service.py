@@ -58,6 +58,7 @@ from ..common.calls import (
     PROPAGATED_METADATA,
     Refusal,
     check,
+    propagated,
     request_metadata,
 )
 from ..common.servicer import CallsServicer
@@ -302,9 +303,7 @@ class RouterCalls:
         attempt.lines[0].key.location_id = part.location_id
         attempt.keep_refusal = view.home in later or any(view.offered(p) >= quantity for p in later)
         if metadata:
-            for name, value in metadata.items():
-                if name in PROPAGATED_METADATA:
-                    item.metadata[name] = value
+            item.metadata.update(propagated(metadata.items()))
         return view.partitions[part], item
 
     def _for_caller(self, result: pb.BatchItemResult) -> None:
