@@ -52,6 +52,7 @@ from .common.config import (
     HelpFormatter,
     add_database_argument,
     add_log_level_argument,
+    add_no_auth_argument,
     add_redis_argument,
     add_router_arguments,
     add_shard_arguments,
@@ -59,6 +60,8 @@ from .common.config import (
     router_config,
     shard_config,
 )
+from .keys import add_subcommands as add_key_subcommands
+from .keys import prepare_local_auth, token_hint
 
 # How long `up` waits for a process it started to answer health checks (recovery included).
 PROCESS_READY_TIMEOUT_S = 60.0
@@ -137,6 +140,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="the log file of --logs file, appended to [INVENTORY_LOG_FILE] "
         "(default: DATA_DIR/logs/inventory.log)",
     )
+    add_no_auth_argument(
+        up,
+        "(default: callers present tokens signed by the key in DATA_DIR/auth; see inventory token)",
+    )
     add_database_argument(up, required=False, embedded=True)
     add_redis_argument(up, embedded=True)
     add_log_level_argument(up)
@@ -181,9 +188,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="when lines without counted_at_ms were counted (Unix ms; default: the file's "
         "modification time)",
     )
+    stock_import.add_argument(
+        "--token",
+        default=env("TOKEN", ""),
+        help="the caller's token, role gateway or admin (inventory token) [INVENTORY_TOKEN]",
+    )
     stock_import.add_argument("--report", type=Path, help="write the summary as JSON here")
     stock_import.add_argument("--no-progress", action="store_true", help="no progress bar")
     stock_import.set_defaults(run=_import)
+
+    add_key_subcommands(add)
 
     # The load harness: imports nothing of the `bench` extra here; each command says which
     # extra to install when it is missing.
@@ -220,6 +234,7 @@ def _import(options: argparse.Namespace) -> None:
                 file_format=options.format,
                 counted_at_ms=options.counted_at_ms,
                 progress=not options.no_progress,
+                token=options.token,
             )
         )
     except (OSError, ValueError) as error:
@@ -494,6 +509,8 @@ def _start(
         *("--database-url", database_url, "--redis-url", redis_url),
         *("--log-level", options.log_level),
     ]
+    auth, router_only = _auth_arguments(options.no_auth, data_dir, reporter)
+    common += auth
     for index in range(options.shards):
         name, listen = f"shard-{index}", f"127.0.0.1:{shard_ports + index}"
         arguments = ["shard", "--shard-id", name, "--listen", listen, *common]
@@ -501,14 +518,31 @@ def _start(
         _wait_ready(children[-1], signals, reporter)
         reporter.say(f"{name} serving on {listen}")
     listen = f"127.0.0.1:{options.port}"
-    arguments = ["router", "--listen", listen, *common]
+    arguments = ["router", "--listen", listen, *common, *router_only]
     children.append(_spawn("router", listen, "--port", arguments, reporter))
     _wait_ready(children[-1], signals, reporter)
     reporter.say(
         f"inventory service listening on {listen} (router, {_shards(options.shards)}; "
         f"ready in {time.monotonic() - started:.1f} s; Ctrl-C to stop)"
     )
+    if not options.no_auth:
+        reporter.say(token_hint())
     return children
+
+
+def _auth_arguments(
+    no_auth: bool, data_dir: Path, reporter: _Reporter
+) -> tuple[list[str], list[str]]:
+    """The flags every process gets, and the router's own, for checking callers."""
+    if no_auth:
+        reporter.say("warning: --no-auth: every caller can read, change and watch all stock")
+        return ["--no-auth"], []
+    local = prepare_local_auth(data_dir)
+    reporter.say(f"tokens are verified with the keys in {local.jwks_path}")
+    return ["--auth-keys", str(local.jwks_path)], [
+        "--shard-token-file",
+        str(local.router_token_path),
+    ]
 
 
 def _spawn(

@@ -302,13 +302,14 @@ async def run_import(
     counted_at_ms: int = 0,
     requests_in_flight: int = REQUESTS_IN_FLIGHT_DEFAULT,
     progress: bool = True,
+    token: str = "",
 ) -> Summary:
-    """Import ``path``; the summary (see the module docstring)."""
+    """Import ``path`` as the caller of ``token``; the summary (see the module docstring)."""
     batch_id, file_format, counted_at_ms, total = await asyncio.to_thread(
         _plan, path, batch_id, file_format, counted_at_ms
     )
     bar = tqdm(total=max(total, 0), unit="line", disable=not progress, file=sys.stderr)
-    async with InventoryClient(address) as client:
+    async with InventoryClient(address, token=token) as client:
         importer = Importer(client, merchant_id, batch_id, requests_in_flight, bar)
         with path.open(newline="", encoding="utf-8") as stream:
             for item in read_lines(stream, file_format, batch_id, merchant_id, counted_at_ms):

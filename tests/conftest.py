@@ -93,6 +93,9 @@ class ServiceProcess:
     redis_url: str = ""
     # More flags of this process (a shard's --feed-stale-after-s, say).
     extra_arguments: tuple[str, ...] = ()
+    # How it checks its callers: none, unless a test says otherwise (tests/security run
+    # them with --auth-keys and tokens; everything else tests what the calls do).
+    auth_arguments: tuple[str, ...] = ("--no-auth",)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -114,6 +117,7 @@ class ServiceProcess:
             str(self.lease_s),
             "--redis-url",
             self.redis_url,
+            *self.auth_arguments,
         ]
         if self.role == "shard":
             return ["shard", "--shard-id", self.shard_id, *common, *self.extra_arguments]
@@ -204,6 +208,7 @@ def start_cluster(
     redis_url: str = "",
     shard_arguments: tuple[str, ...] = (),
     router_arguments: tuple[str, ...] = (),
+    auth_arguments: tuple[str, ...] = ("--no-auth",),
 ) -> Cluster:
     """Shards first (the first one migrates), then the router once all have joined."""
     members = [
@@ -214,6 +219,7 @@ def start_cluster(
             lease_s=lease_s,
             redis_url=redis_url,
             extra_arguments=shard_arguments,
+            auth_arguments=auth_arguments,
         )
         for i in range(shards)
     ]
@@ -230,6 +236,7 @@ def start_cluster(
         lease_s=lease_s,
         redis_url=redis_url,
         extra_arguments=router_arguments,
+        auth_arguments=auth_arguments,
     )
     router.start()
     return Cluster(members, router)

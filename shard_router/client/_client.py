@@ -46,6 +46,7 @@ from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from ..common import errors, rpcs
+from ..common.calls import bearer
 from ..common.errors import AnswerClass, answer_class_of
 from ._batcher import BatcherStats, StreamBatcher
 from ._errors import (
@@ -78,8 +79,10 @@ def line(key: pb.InventoryKey, quantity: int) -> pb.ReservationLine:
 class InventoryClient:
     """An async client of one address (a router, or a shard directly).
 
-    Use as ``async with InventoryClient(address) as client:``; every method returns the
-    generated response message or raises an ``InventoryError``.
+    Use as ``async with InventoryClient(address, token=...) as client:``; every method
+    returns the generated response message or raises an ``InventoryError``. ``token`` is the
+    caller's signed token (``inventory token`` makes one for a local run), sent with every
+    call; a server run with ``--no-auth`` needs none.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class InventoryClient:
         backoff_s_max: float = BACKOFF_S_MAX_DEFAULT,
         timeout_s_default: float = TIMEOUT_S_DEFAULT,
         seed: int | None = None,
+        token: str = "",
     ) -> None:
         assert retry_attempts_max >= 1, retry_attempts_max
         assert 0 < backoff_s_initial <= backoff_s_max, (backoff_s_initial, backoff_s_max)
@@ -103,6 +107,7 @@ class InventoryClient:
         self._backoff_s_max = backoff_s_max
         self._timeout_s_default = timeout_s_default
         self._random = random.Random(seed)
+        self._metadata = bearer(token.strip()) if token.strip() else ()
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.InventoryStub | None = None
         self._batcher: StreamBatcher | None = None
@@ -406,7 +411,9 @@ class InventoryClient:
         else:
             method = getattr(stub, rpc.method)
         try:
-            unary_response: Message = await method(request, timeout=timeout_s)
+            unary_response: Message = await method(
+                request, timeout=timeout_s, metadata=self._metadata or None
+            )
         except grpc.aio.AioRpcError as error:
             return _status_of(error, timeout_s)
         return unary_response
@@ -418,7 +425,7 @@ class InventoryClient:
             self._channel = grpc.aio.insecure_channel(self.address)
             self._stub = pb_grpc.InventoryStub(self._channel)
             if self._batching:
-                self._batcher = StreamBatcher(self._channel)
+                self._batcher = StreamBatcher(self._channel, metadata=self._metadata)
         return self._stub, self._batcher
 
 

@@ -28,6 +28,10 @@ log = structlog.get_logger(__name__)
 
 # Caller metadata that travels with a call from router to owner (and into log lines).
 PROPAGATED_METADATA = ("x-request-id", "traceparent", "tracestate")
+# The caller's token: "authorization: Bearer <JWT>" (shard_router.common.tokens); never
+# propagated, never logged.
+AUTHORIZATION_METADATA = "authorization"
+BEARER = "Bearer "
 # The metadata of the call being served, for whatever it forwards.
 request_metadata: ContextVar[dict[str, str]] = ContextVar("request_metadata", default={})  # noqa: B039
 
@@ -65,6 +69,11 @@ def remaining_s(deadline: float | None) -> float:
 
 def refusal_status(error: Exception) -> status_pb2.Status | None:
     return error.status if isinstance(error, Refusal) else None
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """The metadata that presents ``token``."""
+    return ((AUTHORIZATION_METADATA, BEARER + token),)
 
 
 def propagated(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:

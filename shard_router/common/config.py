@@ -19,6 +19,27 @@ ENVIRONMENT_PREFIX = "INVENTORY_"
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """How a process checks its callers (DESIGN section 12; shard_router.common.auth)."""
+
+    # The JWKS file of the keys that verify callers' tokens, read again when it changes.
+    keys_path: str = ""
+    # Serve every caller without a token: an explicit choice, warned about at start.
+    no_auth: bool = False
+
+    def problem(self) -> str | None:
+        """Why this configuration cannot run, in one line naming the flags."""
+        if self.no_auth and self.keys_path:
+            return "--auth-keys and --no-auth contradict each other"
+        if not self.no_auth and not self.keys_path:
+            return (
+                "callers must be authenticated: pass --auth-keys JWKS_FILE (inventory up makes "
+                "one), or --no-auth to serve every caller without a token"
+            )
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class ShardConfig:
     shard_id: str
     listen: str
@@ -38,6 +59,7 @@ class ShardConfig:
     checkpoint_interval_s: float = 30.0
     # A location none of whose feeds is heard from for this long is stale (OwnerLimits).
     feed_stale_after_s: float = 300.0
+    auth: AuthConfig = AuthConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +81,10 @@ class RouterConfig:
     hot_key_buckets: int = 3
     hot_key_window_s: float = 2.0
     hot_key_cool_windows: int = 30
+    auth: AuthConfig = AuthConfig()
+    # The token the router presents to the shards (a file, read again when it changes); the
+    # shards check it as they check any caller's.
+    shard_token_file: str = ""
 
 
 # A help text that already names its default: "(default: x)", "Default: x", "; default x",
@@ -128,6 +154,8 @@ def router_config(options: argparse.Namespace) -> RouterConfig:
         hot_key_buckets=options.hot_key_buckets,
         hot_key_window_s=options.hot_key_window_s,
         hot_key_cool_windows=options.hot_key_cool_windows,
+        auth=auth_config(options),
+        shard_token_file=options.shard_token_file,
     )
 
 
@@ -143,6 +171,14 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add_log_level_argument(parser)
     add_stats_interval_argument(parser)
     add_hot_key_arguments(parser)
+    add_auth_arguments(parser)
+    parser.add_argument(
+        "--shard-token-file",
+        default=env("SHARD_TOKEN_FILE", ""),
+        help="a file holding the token (role router) the router presents to the shards, "
+        "read again when it changes [INVENTORY_SHARD_TOKEN_FILE] (default: none: shards "
+        "run with --no-auth)",
+    )
 
 
 def add_hot_key_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +219,31 @@ def add_hot_key_arguments(parser: argparse.ArgumentParser) -> None:
         help="windows in a row below a quarter of the threshold after which a split key "
         "merges back [INVENTORY_HOT_KEY_COOL_WINDOWS]",
     )
+
+
+def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--auth-keys",
+        default=env("AUTH_KEYS", ""),
+        metavar="JWKS_FILE",
+        help="the public keys (JWKS) that verify callers' tokens; the file is read again "
+        "when it changes, so keys rotate without a restart [INVENTORY_AUTH_KEYS] (default: "
+        "none: required unless --no-auth)",
+    )
+    add_no_auth_argument(parser, "(local experiments only; logged as a warning)")
+
+
+def add_no_auth_argument(parser: argparse.ArgumentParser, more: str) -> None:
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        default=env("NO_AUTH", "") not in ("", "0", "false"),
+        help=f"serve every caller without a token {more} [INVENTORY_NO_AUTH]",
+    )
+
+
+def auth_config(options: argparse.Namespace) -> AuthConfig:
+    return AuthConfig(keys_path=options.auth_keys, no_auth=options.no_auth)
 
 
 def add_redis_argument(parser: argparse.ArgumentParser, embedded: bool = False) -> None:
@@ -267,6 +328,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add_redis_argument(parser)
     add_log_level_argument(parser)
     add_stats_interval_argument(parser)
+    add_auth_arguments(parser)
     parser.add_argument(
         "--checkpoint-interval-s",
         type=_positive_float,
@@ -318,4 +380,5 @@ def shard_config(options: argparse.Namespace) -> ShardConfig:
         stats_interval_s=options.stats_interval_s,
         checkpoint_interval_s=options.checkpoint_interval_s,
         feed_stale_after_s=options.feed_stale_after_s,
+        auth=auth_config(options),
     )

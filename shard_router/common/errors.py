@@ -157,6 +157,22 @@ UNIMPLEMENTED = Answer(
     "",
     "this process does not serve the call (ReserveOrder on a shard)",
 )
+UNAUTHENTICATED = Answer(
+    "UNAUTHENTICATED",
+    grpc.StatusCode.UNAUTHENTICATED,
+    (FINAL,),
+    "",
+    "no token, or one that is expired, badly signed or signed by a key not accepted: "
+    "nothing was applied; call again with a good token",
+)
+PERMISSION_DENIED = Answer(
+    "PERMISSION_DENIED",
+    grpc.StatusCode.PERMISSION_DENIED,
+    (FINAL,),
+    "",
+    "the token's role may not make the call, or its scope does not hold the merchant: "
+    "nothing was applied or read",
+)
 NOT_OWNER = Answer(
     "NOT_OWNER",
     grpc.StatusCode.UNAVAILABLE,
@@ -256,6 +272,8 @@ REJECTIONS: dict[type[Rejection], Answer] = {
 SHELL: tuple[Answer, ...] = (
     ORDER_RELEASED,
     UNIMPLEMENTED,
+    UNAUTHENTICATED,
+    PERMISSION_DENIED,
     NOT_OWNER,
     PARTITION_RECOVERING,
     FENCED,
@@ -430,6 +448,14 @@ def internal(message: str, *, mutating: bool) -> status_pb2.Status:
 
 def unimplemented(message: str) -> status_pb2.Status:
     return answer(UNIMPLEMENTED, message)
+
+
+def unauthenticated(message: str) -> status_pb2.Status:
+    return answer(UNAUTHENTICATED, message)
+
+
+def permission_denied(message: str) -> status_pb2.Status:
+    return answer(PERMISSION_DENIED, message)
 
 
 def order_released(order_idempotency_key: str) -> status_pb2.Status:

@@ -83,10 +83,14 @@ def check_listen_address(address: str) -> None:
 
 
 def create_server(
-    listen: str, service_names: Sequence[str]
+    listen: str,
+    service_names: Sequence[str],
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """A server with health (NOT_SERVING until ``set_serving``) and reflection; returns the port."""
+    """A server with health (NOT_SERVING until ``set_serving``) and reflection, its calls
+    through ``interceptors`` (authentication: shard_router.common.auth); returns the port."""
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),

@@ -22,7 +22,7 @@ import grpc
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from . import batching, errors, ingest, rpcs
+from . import access, batching, errors, ingest, rpcs
 from .calls import abort, deadline_of, refusal_status, unary
 
 # The services a shard or router serves over its calls object (health and reflection name
@@ -57,7 +57,11 @@ class CallsServicer(_GeneratedServicer):  # type: ignore[misc]
     async def Batch(
         self, requests: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.BatchResponse]:
-        async for response in batching.serve_items(requests, self._handler):
+        principal = access.caller.get()
+        handler = self._handler
+        if principal is not None:
+            handler = access.guard_items(handler, principal)
+        async for response in batching.serve_items(requests, handler):
             yield response
 
 
@@ -77,7 +81,11 @@ class IngestServicer(_GeneratedIngestServicer):  # type: ignore[misc]
     async def Stream(
         self, requests: AsyncIterator[pb.IngestRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.IngestResponse]:
-        async for response in ingest.serve_stream(requests, self._calls.ingest):
+        call = self._calls.ingest
+        principal = access.caller.get()
+        if principal is not None:
+            call = access.guard_call(principal, rpcs.INGEST.field, call)
+        async for response in ingest.serve_stream(requests, call):
             yield response
 
 

@@ -1,11 +1,30 @@
-"""Structured JSON logs (structlog) for every process."""
+"""Structured JSON logs (structlog) for every process.
+
+No log line carries a token: whatever a field holds (a message, an error, a traceback), a
+signed token in it (a JWT, three base64url parts of which the first starts ``eyJ``) is
+written as ``[token]``.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
+
+_TOKEN = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+def redact_tokens(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for name, value in event.items():
+        if isinstance(value, str) and "eyJ" in value:
+            event[name] = _TOKEN.sub("[token]", value)
+    return event
 
 
 def configure_logging(level: str, process: str) -> None:
@@ -16,6 +35,7 @@ def configure_logging(level: str, process: str) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_tokens,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -20,6 +20,15 @@ from persistence.membership import Membership
 from persistence.readview import EventReader, SnapshotTooLarge
 
 from ..common import convert
+from ..common.auth import (
+    AuthInterceptor,
+    AuthSetupError,
+    TokenSource,
+    exit_on_setup_error,
+    interceptors,
+    open_guard,
+    start_auth,
+)
 from ..common.config import RouterConfig
 from ..common.loop_monitor import LoopMonitor
 from ..common.server import create_server, run_server, set_serving
@@ -40,13 +49,15 @@ DATABASE_POOL_SIZE_MAX = 2
 SHUTDOWN_GRACE_S = 5.0
 
 
-async def serve(config: RouterConfig) -> None:
+async def serve(
+    config: RouterConfig, guard: AuthInterceptor | None, shard_token: TokenSource
+) -> None:
     pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX, "inventory-router")
     read_view: EventReader | None = None
     hub: WatchHub | None = None
     try:
         membership = Membership(pool, config.membership_lease_s)
-        routes = Routes(membership.alive, config.partition_count)
+        routes = Routes(membership.alive, config.partition_count, credentials=shard_token.metadata)
         await routes.refresh(force=True)
         services = list(SERVICE_NAMES)
         if config.redis_url:
@@ -54,7 +65,7 @@ async def serve(config: RouterConfig) -> None:
             hub = WatchHub(_WatchSource(read_view), partition_count=config.partition_count)
             hub.start()
             services.append(WATCH_SERVICE_NAME)
-        server, health_servicer, port = create_server(config.listen, services)
+        server, health_servicer, port = create_server(config.listen, services, interceptors(guard))
         service = RouterService(routes, read_view)
         serve_inventory(server, service)
         if hub is not None:
@@ -79,6 +90,7 @@ async def serve(config: RouterConfig) -> None:
             asyncio.create_task(monitor.run()),
             asyncio.create_task(_log_stats(routes, monitor, config.stats_interval_s)),
             *_hot_key_tasks(service.calls, config, hub),
+            *start_auth(guard),
         ]
         await stop.wait()
         for task in background:
@@ -186,4 +198,11 @@ def main(config: RouterConfig) -> None:
     """Run until SIGTERM/SIGINT; a listen address that cannot be bound exits with
     LISTEN_FAILED_EXIT_CODE after one line on stderr, checked before any database work."""
     configure_logging(config.log_level, "router")
-    run_server(lambda: serve(config), config.listen)
+    try:
+        guard = open_guard(config.auth)
+        shard_token = TokenSource.of(path=config.shard_token_file)
+    except AuthSetupError as error:
+        exit_on_setup_error(error)
+    except OSError as error:
+        exit_on_setup_error(AuthSetupError(f"--shard-token-file: {error}"))
+    run_server(lambda: serve(config, guard, shard_token), config.listen)

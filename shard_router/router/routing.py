@@ -90,6 +90,10 @@ class MemberLike(Protocol):
 
 
 MembershipReader = Callable[[], Awaitable[Sequence[MemberLike]]]
+# Metadata a call is sent with, and what gives the metadata of a new stream (the router's
+# token to the shards: shard_router.common.auth.TokenSource.metadata).
+Metadata = Sequence[tuple[str, str]]
+Credentials = Callable[[], Metadata]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +181,11 @@ def _timeout_ms(left_s: float) -> int:
 class _Stream:
     """One Batch call to a shard and the items sent or to be sent on it. Broken once."""
 
-    def __init__(self, stub: pb_grpc.InventoryStub, limits: StreamLimits) -> None:
+    def __init__(
+        self, stub: pb_grpc.InventoryStub, limits: StreamLimits, metadata: Metadata = ()
+    ) -> None:
         self._limits = limits
-        self._call = stub.Batch()
+        self._call = stub.Batch(metadata=metadata or None)
         self._queue: deque[Forwarded] = deque()
         self._in_flight: dict[int, Forwarded] = {}
         self._ids = itertools.count(1)
@@ -365,8 +371,16 @@ class ShardStream:
     """The router's items to one shard, on one long-lived ``Inventory.Batch`` stream at a
     time (module docstring). ``forward`` never raises and never waits; ``call`` awaits."""
 
-    def __init__(self, channel: grpc.aio.Channel, limits: StreamLimits | None = None) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        limits: StreamLimits | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
         self._stub = pb_grpc.InventoryStub(channel)
+        # The metadata each new stream is opened with (the router's token), asked anew for
+        # each stream so that a rotated token is used from the next one on.
+        self._credentials = credentials
         self.limits = limits or StreamLimits()
         assert self.limits.batch_items_max >= 1, self.limits
         assert self.limits.requests_in_flight_max >= 1, self.limits
@@ -431,7 +445,8 @@ class ShardStream:
 
     def _open(self) -> _Stream:
         if self._stream is None or self._stream.broken:
-            stream = _Stream(self._stub, self.limits)
+            metadata = self._credentials() if self._credentials is not None else ()
+            stream = _Stream(self._stub, self.limits, metadata)
             self._streams.add(stream)
             stream.task.add_done_callback(lambda _: self._streams.discard(stream))
             self._stream = stream
@@ -445,8 +460,10 @@ class Routes:
         partition_count: int,
         limits: RoutingLimits | None = None,
         stream_limits: StreamLimits | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self._read_members = read_members
+        self._credentials = credentials
         self._partition_count = partition_count
         self.limits = limits or RoutingLimits()
         self._stream_limits = stream_limits or StreamLimits()
@@ -476,7 +493,7 @@ class Routes:
         if stream is None:
             channel = grpc.aio.insecure_channel(address, options=SHARD_CHANNEL_OPTIONS)
             self._channels[address] = channel
-            stream = ShardStream(channel, self._stream_limits)
+            stream = ShardStream(channel, self._stream_limits, self._credentials)
             self._streams[address] = stream
         return stream
 

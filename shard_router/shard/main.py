@@ -23,6 +23,14 @@ from persistence.membership import Membership
 from persistence.migrate import ensure_partitions, migrate
 from persistence.store import PartitionStore
 
+from ..common.auth import (
+    AuthInterceptor,
+    AuthSetupError,
+    exit_on_setup_error,
+    interceptors,
+    open_guard,
+    start_auth,
+)
 from ..common.config import ShardConfig
 from ..common.loop_monitor import LoopMonitor
 from ..common.server import create_server, run_server, set_serving
@@ -40,7 +48,7 @@ DATABASE_POOL_SIZE_MAX = 8
 SHUTDOWN_GRACE_S = 5.0
 
 
-async def serve(config: ShardConfig) -> None:
+async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
     started = time.monotonic()
     pool = await create_pool(
         config.database_url, DATABASE_POOL_SIZE_MAX, f"inventory-{config.shard_id}"
@@ -62,7 +70,9 @@ async def serve(config: ShardConfig) -> None:
                 feed_stale_after_s=config.feed_stale_after_s,
             ),
         )
-        server, health_servicer, port = create_server(config.listen, SERVICE_NAMES)
+        server, health_servicer, port = create_server(
+            config.listen, SERVICE_NAMES, interceptors(guard)
+        )
         serve_inventory(server, InventoryService(owner))
         address = config.advertise or f"{config.listen.rsplit(':', 1)[0]}:{port}"
         ownership = Ownership(
@@ -76,7 +86,7 @@ async def serve(config: ShardConfig) -> None:
             on_acquired=publisher.partitions_acquired if publisher else None,
         )
         first_pass = asyncio.Event()
-        background = [asyncio.create_task(ownership.run(first_pass))]
+        background = [asyncio.create_task(ownership.run(first_pass)), *start_auth(guard)]
         await first_pass.wait()
         gc.collect()  # the recovered state, once, before it is frozen out of collections
         gc.freeze()
@@ -234,4 +244,8 @@ def main(config: ShardConfig) -> None:
     """Run until SIGTERM/SIGINT; a listen address that cannot be bound exits with
     LISTEN_FAILED_EXIT_CODE after one line on stderr, checked before any database work."""
     configure_logging(config.log_level, f"shard:{config.shard_id}")
-    run_server(lambda: serve(config), config.listen)
+    try:
+        guard = open_guard(config.auth)
+    except AuthSetupError as error:
+        exit_on_setup_error(error)
+    run_server(lambda: serve(config, guard), config.listen)

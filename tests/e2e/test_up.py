@@ -299,7 +299,7 @@ def test_a_server_that_cannot_bind_says_so_in_one_line_with_its_own_exit_code(
         answer = subprocess.run(
             [
                 *(sys.executable, "-m", "shard_router", role, "--listen", address),
-                *("--database-url", "postgresql://nobody@127.0.0.1:1/none"),
+                *("--database-url", "postgresql://nobody@127.0.0.1:1/none", "--no-auth"),
             ],
             capture_output=True,
             text=True,

@@ -46,6 +46,10 @@ are never outcome_unknown.
   RESOURCE_EXHAUSTED   CAPACITY_EXHAUSTED      final            a stated bound (CapacityExhausted)
                        OVERLOADED              retryable        load shed before it was queued
   UNIMPLEMENTED        UNIMPLEMENTED           final            not served here (ReserveOrder on a shard)
+  UNAUTHENTICATED      UNAUTHENTICATED         final            no token, or an expired or badly signed one
+  PERMISSION_DENIED    PERMISSION_DENIED       final            the token's role or merchant scope does
+                                                                not allow it (the same whether or not the
+                                                                other merchant's data exists)
   UNAVAILABLE          NOT_OWNER               retryable        partition owned elsewhere (a redirect)
                        PARTITION_RECOVERING    retryable        partition reloading; retry shortly
                        FENCED                  retryable        the owner lost the partition; its
