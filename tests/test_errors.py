@@ -247,6 +247,13 @@ SHELL_OUTCOMES: list[tuple[str, status_pb2.Status, grpc.StatusCode, errors.Answe
         RETRYABLE,
     ),
     ("unimplemented", errors.unimplemented("x"), grpc.StatusCode.UNIMPLEMENTED, FINAL),
+    ("unauthenticated", errors.unauthenticated("x"), grpc.StatusCode.UNAUTHENTICATED, FINAL),
+    (
+        "permission denied",
+        errors.permission_denied("x"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        FINAL,
+    ),
     (
         "order released",
         errors.order_released("order-1"),
