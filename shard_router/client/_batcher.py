@@ -36,7 +36,7 @@ import contextlib
 import itertools
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -46,7 +46,7 @@ from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from ..common import batching, calls, errors, rpcs
+from ..common import batching, calls, errors, rpcs, tracing
 from ._errors import Overloaded
 
 log = structlog.get_logger(__name__)
@@ -140,7 +140,8 @@ class _Stream:
         self._idle.set()
         self._slots = asyncio.Semaphore(bounds.requests_in_flight_max)
         self.broken = False
-        self.task = asyncio.create_task(self._run())
+        # Shared by many calls: none of the opening call's metadata, log fields or span.
+        self.task = asyncio.create_task(self._run(), context=tracing.detached())
 
     @property
     def pending(self) -> int:
@@ -334,7 +335,15 @@ class StreamBatcher:
         stream = self._stream
         return 0 if stream is None or stream.broken else stream.pending
 
-    async def call(self, field_name: str, request: Message, timeout_s: float) -> pb.BatchItemResult:
+    async def call(
+        self,
+        field_name: str,
+        request: Message,
+        timeout_s: float,
+        metadata: Mapping[str, str] | None = None,
+    ) -> pb.BatchItemResult:
+        """``metadata``: carried with the item besides the call's own (``calls.request_metadata``),
+        e.g. the client span's traceparent."""
         if self._closed:
             raise RuntimeError("StreamBatcher is closed")
         assert field_name in batching.CALL_FIELDS, field_name
@@ -343,13 +352,14 @@ class StreamBatcher:
         if stream.pending >= self._bounds.pending_items_max:
             raise Overloaded.pending_items_full(self._bounds.pending_items_max)
         loop = asyncio.get_running_loop()
+        carried = calls.request_metadata.get()
         item = _Item(
             next(self._ids),
             field_name,
             request,
             loop.time() + timeout_s,
             loop.create_future(),
-            calls.request_metadata.get(),
+            {**carried, **metadata} if metadata else carried,
         )
         stream.enqueue(item)
         try:

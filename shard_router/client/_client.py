@@ -28,6 +28,11 @@ an answer, by the answer's class (``_errors``, DESIGN section 11):
      server may still apply the work; retry with the same idempotency key). On the Batch
      stream the batcher waits its ``answer_grace_s`` past the deadline for the server's own,
      definite answer before giving up the same way.
+
+Traces: when the calling process has set up OpenTelemetry (its global tracer provider, or
+the one given as ``tracer_provider``), each call is a client span over all its attempts, and
+every attempt carries its traceparent, which the router and the shard continue
+(shard_router.common.tracing). Without one, a call costs nothing more.
 """
 
 from __future__ import annotations
@@ -44,8 +49,9 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
+from opentelemetry.trace import Tracer, TracerProvider
 
-from ..common import errors, rpcs
+from ..common import errors, rpcs, tracing
 from ..common.calls import bearer
 from ..common.errors import AnswerClass, answer_class_of
 from ._batcher import BatcherStats, StreamBatcher
@@ -82,7 +88,8 @@ class InventoryClient:
     Use as ``async with InventoryClient(address, token=...) as client:``; every method
     returns the generated response message or raises an ``InventoryError``. ``token`` is the
     caller's signed token (``inventory token`` makes one for a local run), sent with every
-    call; a server run with ``--no-auth`` needs none.
+    call; a server run with ``--no-auth`` needs none. ``tracer_provider``: the one its
+    spans are made with (default: the process's global one, as it is at the first call).
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class InventoryClient:
         timeout_s_default: float = TIMEOUT_S_DEFAULT,
         seed: int | None = None,
         token: str = "",
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         assert retry_attempts_max >= 1, retry_attempts_max
         assert 0 < backoff_s_initial <= backoff_s_max, (backoff_s_initial, backoff_s_max)
@@ -112,6 +120,8 @@ class InventoryClient:
         self._stub: pb_grpc.InventoryStub | None = None
         self._batcher: StreamBatcher | None = None
         self._closed = False
+        self._tracer_provider = tracer_provider
+        self._tracer: Tracer | None = None
 
     async def __aenter__(self) -> Self:
         self._open()
@@ -354,7 +364,22 @@ class InventoryClient:
     # -------------------------------------------------------------------------- the policy
 
     async def _call(self, rpc: rpcs.Rpc[Any, R], request: Message, timeout_s: float | None) -> R:
-        """Try ``request`` until a final answer, by the rules of the module's docstring."""
+        """The call, in a client span when the process traces (module docstring)."""
+        self._open()
+        if self._tracer is None:
+            return await self._try(rpc, request, timeout_s, {})
+        with tracing.client_call(self._tracer, rpc, request, self.address) as metadata:
+            return await self._try(rpc, request, timeout_s, metadata)
+
+    async def _try(
+        self,
+        rpc: rpcs.Rpc[Any, R],
+        request: Message,
+        timeout_s: float | None,
+        metadata: dict[str, str],
+    ) -> R:
+        """Try ``request`` until a final answer, by the rules of the module's docstring;
+        ``metadata`` goes with every attempt (the span's traceparent)."""
         timeout_s = self._timeout_s_default if timeout_s is None else timeout_s
         assert timeout_s > 0, timeout_s
         loop = asyncio.get_running_loop()
@@ -364,7 +389,7 @@ class InventoryClient:
         while True:
             attempt += 1
             try:
-                answer = await self._attempt(rpc, request, deadline - loop.time())
+                answer = await self._attempt(rpc, request, deadline - loop.time(), metadata)
             except Overloaded as shed:  # this process's own queue: back-pressure, at once
                 if not unknown_seen:
                     raise
@@ -395,12 +420,16 @@ class InventoryClient:
         return self._random.uniform(0, ceiling_s)
 
     async def _attempt(
-        self, rpc: rpcs.Rpc[Any, Any], request: Message, timeout_s: float
+        self,
+        rpc: rpcs.Rpc[Any, Any],
+        request: Message,
+        timeout_s: float,
+        metadata: dict[str, str],
     ) -> Message | status_pb2.Status:
         """One try: the response message, or the status the call failed with."""
         stub, batcher = self._open()
         if batcher is not None:
-            result = await batcher.call(rpc.field, request, timeout_s)
+            result = await batcher.call(rpc.field, request, timeout_s, metadata)
             if result.WhichOneof("result") == "error":
                 return result.error
             response: Message = getattr(result, rpc.field)
@@ -411,8 +440,9 @@ class InventoryClient:
         else:
             method = getattr(stub, rpc.method)
         try:
+            sent = (*self._metadata, *metadata.items()) if metadata else self._metadata
             unary_response: Message = await method(
-                request, timeout=timeout_s, metadata=self._metadata or None
+                request, timeout=timeout_s, metadata=sent or None
             )
         except grpc.aio.AioRpcError as error:
             return _status_of(error, timeout_s)
@@ -422,6 +452,7 @@ class InventoryClient:
         if self._closed:
             raise RuntimeError("InventoryClient is closed")
         if self._stub is None:
+            self._tracer = tracing.client_tracer(self._tracer_provider)
             self._channel = grpc.aio.insecure_channel(self.address)
             self._stub = pb_grpc.InventoryStub(self._channel)
             if self._batching:

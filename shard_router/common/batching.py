@@ -38,7 +38,7 @@ from inventory.v1 import inventory_pb2 as pb
 
 from inventory_core import Invalid
 
-from . import calls, errors, rpcs
+from . import calls, errors, rpcs, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -91,19 +91,23 @@ async def run_item(
         invalid = Invalid("items[].call", "one call must be set")
         return pb.BatchItemResult(id=item.id, error=errors.rejection_to_status(invalid))
     started = time.monotonic() if received_at is None else received_at
-    call = dispatch[name](getattr(item, name), item_deadline(item, started))
+    request = getattr(item, name)
+    call = dispatch[name](request, item_deadline(item, started))
     metadata = calls.propagated(item.metadata.items()) if item.metadata else {}
+    span = tracing.item_span(name, metadata, request) if metadata else None
     try:
-        response = await calls.with_metadata(metadata, call)
+        response = await calls.with_metadata(metadata, tracing.within(span, call))
     except Exception as error:
         status = refusal_status(error)
         if status is None:
             log.exception("batch_item_failed", call=name)
             message = f"internal error: {error!r}"
             status = errors.internal(message, mutating=rpcs.is_mutating(name))
-        return pb.BatchItemResult(id=item.id, error=status)
-    result = pb.BatchItemResult(id=item.id)
-    getattr(result, name).CopyFrom(response)
+        result = pb.BatchItemResult(id=item.id, error=status)
+    else:
+        result = pb.BatchItemResult(id=item.id)
+        getattr(result, name).CopyFrom(response)
+    tracing.end_item(span, result, metadata)
     return result
 
 

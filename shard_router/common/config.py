@@ -39,6 +39,22 @@ class AuthConfig:
         return None
 
 
+# A tenth of the traces that start here: see shard_router.common.tracing for what it costs.
+TRACE_SAMPLE_RATIO_DEFAULT = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """Where this process's spans go (DESIGN section 12; shard_router.common.tracing)."""
+
+    # The OTLP collector (gRPC), e.g. http://127.0.0.1:4317; none: tracing off (no provider,
+    # no exporter, no span).
+    otlp_endpoint: str = ""
+    # The share of the traces that start here (a call that arrives without a trace) that are
+    # recorded; a call that arrives with one follows its caller's decision (parent-based).
+    sample_ratio: float = TRACE_SAMPLE_RATIO_DEFAULT
+
+
 @dataclass(frozen=True, slots=True)
 class ShardConfig:
     shard_id: str
@@ -60,6 +76,7 @@ class ShardConfig:
     # A location none of whose feeds is heard from for this long is stale (OwnerLimits).
     feed_stale_after_s: float = 300.0
     auth: AuthConfig = AuthConfig()
+    tracing: TracingConfig = TracingConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +102,7 @@ class RouterConfig:
     # The token the router presents to the shards (a file, read again when it changes); the
     # shards check it as they check any caller's.
     shard_token_file: str = ""
+    tracing: TracingConfig = TracingConfig()
 
 
 # A help text that already names its default: "(default: x)", "Default: x", "; default x",
@@ -156,6 +174,7 @@ def router_config(options: argparse.Namespace) -> RouterConfig:
         hot_key_cool_windows=options.hot_key_cool_windows,
         auth=auth_config(options),
         shard_token_file=options.shard_token_file,
+        tracing=tracing_config(options),
     )
 
 
@@ -172,6 +191,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add_stats_interval_argument(parser)
     add_hot_key_arguments(parser)
     add_auth_arguments(parser)
+    add_tracing_arguments(parser)
     parser.add_argument(
         "--shard-token-file",
         default=env("SHARD_TOKEN_FILE", ""),
@@ -244,6 +264,38 @@ def add_no_auth_argument(parser: argparse.ArgumentParser, more: str) -> None:
 
 def auth_config(options: argparse.Namespace) -> AuthConfig:
     return AuthConfig(keys_path=options.auth_keys, no_auth=options.no_auth)
+
+
+def add_tracing_arguments(parser: argparse.ArgumentParser) -> None:
+    """Traces (shard_router.common.tracing): off unless a collector is named."""
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=env("OTLP_ENDPOINT", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")),
+        metavar="URL",
+        help="the OpenTelemetry collector (OTLP over gRPC, e.g. http://127.0.0.1:4317) that "
+        "receives this process's spans [INVENTORY_OTLP_ENDPOINT, else the standard "
+        "OTEL_EXPORTER_OTLP_ENDPOINT] (default: none: tracing off)",
+    )
+    parser.add_argument(
+        "--trace-sample-ratio",
+        type=_ratio,
+        default=env("TRACE_SAMPLE_RATIO", str(TRACE_SAMPLE_RATIO_DEFAULT)),
+        help="the share of the traces started here that are recorded; a call that comes with "
+        "a trace follows its caller's choice [INVENTORY_TRACE_SAMPLE_RATIO]",
+    )
+
+
+def tracing_config(options: argparse.Namespace) -> TracingConfig:
+    return TracingConfig(
+        otlp_endpoint=options.otlp_endpoint.strip(), sample_ratio=options.trace_sample_ratio
+    )
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
 
 
 def add_redis_argument(parser: argparse.ArgumentParser, embedded: bool = False) -> None:
@@ -329,6 +381,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add_log_level_argument(parser)
     add_stats_interval_argument(parser)
     add_auth_arguments(parser)
+    add_tracing_arguments(parser)
     parser.add_argument(
         "--checkpoint-interval-s",
         type=_positive_float,
@@ -381,4 +434,5 @@ def shard_config(options: argparse.Namespace) -> ShardConfig:
         checkpoint_interval_s=options.checkpoint_interval_s,
         feed_stale_after_s=options.feed_stale_after_s,
         auth=auth_config(options),
+        tracing=tracing_config(options),
     )

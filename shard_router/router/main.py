@@ -34,6 +34,8 @@ from ..common.loop_monitor import LoopMonitor
 from ..common.server import create_server, run_server, set_serving
 from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
+from ..common.tracing import interceptors as tracing_interceptors
+from ..common.tracing import traced
 from . import hot_keys
 from .detector import DetectorLimits, HotKeyDetector
 from .rebalancer import Rebalancer
@@ -65,7 +67,9 @@ async def serve(
             hub = WatchHub(_WatchSource(read_view), partition_count=config.partition_count)
             hub.start()
             services.append(WATCH_SERVICE_NAME)
-        server, health_servicer, port = create_server(config.listen, services, interceptors(guard))
+        server, health_servicer, port = create_server(
+            config.listen, services, [*tracing_interceptors(), *interceptors(guard)]
+        )
         service = RouterService(routes, read_view)
         serve_inventory(server, service)
         if hub is not None:
@@ -205,4 +209,5 @@ def main(config: RouterConfig) -> None:
         exit_on_setup_error(error)
     except OSError as error:
         exit_on_setup_error(AuthSetupError(f"--shard-token-file: {error}"))
-    run_server(lambda: serve(config, guard, shard_token), config.listen)
+    with traced(config.tracing, "router"):
+        run_server(lambda: serve(config, guard, shard_token), config.listen)

@@ -54,7 +54,7 @@ from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from ..common import errors
+from ..common import errors, tracing
 from ..ring import Ring
 
 log = structlog.get_logger(__name__)
@@ -194,7 +194,8 @@ class _Stream:
         self._idle.set()
         self._slots = asyncio.Semaphore(limits.requests_in_flight_max)
         self.broken = False
-        self.task = asyncio.create_task(self._run())
+        # Shared by many calls: none of the opening call's metadata, log fields or span.
+        self.task = asyncio.create_task(self._run(), context=tracing.detached())
 
     @property
     def pending(self) -> int:

@@ -28,6 +28,7 @@ import structlog
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
+from opentelemetry.trace import Span
 
 from inventory_core import (
     BUCKET_SEPARATOR,
@@ -51,7 +52,7 @@ from inventory_core import (
     validate_read,
 )
 
-from ..common import batching, convert, errors, rpcs
+from ..common import batching, convert, errors, rpcs, tracing
 from ..common import ingest as ingest_service
 from ..common.calls import (
     CALL_TIMEOUT_S_DEFAULT,
@@ -683,14 +684,21 @@ class RouterCalls:
                     view = self._spread_view(item.reserve)
                     if view is not None:  # a split key: its first hop goes with the rest
                         deadline = batching.item_deadline(item, received_at)
+                        span, traced = tracing.serve_item(item, answer)
                         walk = _Walk.of(
-                            self, view, item, deadline=deadline, answer=answer, group=group
+                            self,
+                            view,
+                            item,
+                            deadline=deadline,
+                            answer=traced,
+                            group=group,
+                            span=span,
                         )
                         address = self._routes.address_of(walk.partition)
                         if address is None:
-                            group.create_task(walk.walk_on(None))
+                            group.create_task(tracing.within(span, walk.walk_on(None)))
                         else:
-                            by_owner.setdefault(address, []).append(walk.forwarded())
+                            by_owner.setdefault(address, []).append(walk.forwarded(address))
                         continue
                 route = None if name is None else ROUTES.get(name)
                 if name is None or route is None:
@@ -699,8 +707,10 @@ class RouterCalls:
                 partition = _checked_partition(item, name, route, answer)
                 if partition is None:
                     continue  # answered: refused, or a bug
+                span, traced = None, answer
                 if item.metadata:
                     _keep_propagated(item)
+                    span, traced = tracing.serve_item(item, answer)
                 deadline = batching.item_deadline(item, received_at)
                 routed = _Routed(
                     calls=self,
@@ -708,14 +718,15 @@ class RouterCalls:
                     partition=partition,
                     item=item,
                     deadline=deadline,
-                    answer=answer,
+                    answer=traced,
                     group=group,
+                    span=span,
                 )
                 address = self._routes.address_of(partition)
                 if address is None:  # no live owner known yet: the retries wait for one
-                    group.create_task(routed.retry(None))
+                    group.create_task(tracing.within(span, routed.retry(None)))
                     continue
-                by_owner.setdefault(address, []).append(routed.forwarded())
+                by_owner.setdefault(address, []).append(routed.forwarded(address))
             for address, forwarded_items in by_owner.items():
                 self._routes.stream(address).forward(forwarded_items)
             if rest:
@@ -780,7 +791,13 @@ class RouterCalls:
     ) -> pb.BatchItemResult:
         if deadline is None:
             deadline = time.monotonic() + CALL_TIMEOUT_S_DEFAULT
-        return await self._routes.stream(address).call(item, deadline, mutating=mutating)
+        span = tracing.hop_span(item, address)  # the current span's child, when sampled
+        result = None
+        try:
+            result = await self._routes.stream(address).call(item, deadline, mutating=mutating)
+            return result
+        finally:
+            tracing.end_hop(span, result)
 
     async def _backoff(
         self, attempt: int, deadline: float | None, *, outcome_unknown: bool
@@ -880,6 +897,7 @@ class _Walk:
     order: Sequence[InventoryKey]
     partition: int  # the first hop's
     sent: pb.BatchItem
+    span: Span | None = None  # the item's server span, when traced (tracing.serve_item)
 
     @staticmethod
     def of(
@@ -890,6 +908,7 @@ class _Walk:
         deadline: float,
         answer: batching.Answer,
         group: asyncio.TaskGroup,
+        span: Span | None = None,
     ) -> _Walk:
         order = hot_keys.walk_order(item.reserve.idempotency_key, view.parts)
         partition, sent = calls._hop(view, item.reserve, order, 0, item.metadata)
@@ -903,14 +922,16 @@ class _Walk:
             order=order,
             partition=partition,
             sent=sent,
+            span=span,
         )
 
-    def forwarded(self) -> Forwarded:
-        return Forwarded.of(self.sent, self.deadline, True, self.first)
+    def forwarded(self, address: str) -> Forwarded:
+        hop = tracing.hop_span(self.sent, address, self.span)
+        return Forwarded.of(self.sent, self.deadline, True, tracing.ending_hop(hop, self.first))
 
     def first(self, result: pb.BatchItemResult) -> None:
         if result.WhichOneof("result") == "error":
-            _in_group(self.group, self.walk_on(result))
+            _in_group(self.group, tracing.within(self.span, self.walk_on(result)))
             return
         self.calls._for_caller(result)
         result.id = self.item.id
@@ -949,17 +970,19 @@ class _Routed:
     deadline: float
     answer: batching.Answer
     group: asyncio.TaskGroup
+    span: Span | None = None  # the item's server span, when traced (tracing.serve_item)
     caller_id: int = 0
 
     def __post_init__(self) -> None:
         self.caller_id = self.item.id
 
-    def forwarded(self) -> Forwarded:
-        return Forwarded.of(self.item, self.deadline, self.route.rpc.mutating, self.first)
+    def forwarded(self, address: str) -> Forwarded:
+        answer = tracing.ending_hop(tracing.hop_span(self.item, address, self.span), self.first)
+        return Forwarded.of(self.item, self.deadline, self.route.rpc.mutating, answer)
 
     def first(self, result: pb.BatchItemResult) -> None:
         if result.WhichOneof("result") == "error" and result.error.code == UNAVAILABLE:
-            _in_group(self.group, self.retry(result))
+            _in_group(self.group, tracing.within(self.span, self.retry(result)))
             return
         self.calls._for_caller(result)
         self.answer(result)  # the owner's answer, under the caller's id

@@ -36,6 +36,8 @@ from ..common.loop_monitor import LoopMonitor
 from ..common.server import create_server, run_server, set_serving
 from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
+from ..common.tracing import interceptors as tracing_interceptors
+from ..common.tracing import traced
 from .owner import Owner, OwnerLimits
 from .ownership import Ownership
 from .service import InventoryService
@@ -71,7 +73,7 @@ async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
             ),
         )
         server, health_servicer, port = create_server(
-            config.listen, SERVICE_NAMES, interceptors(guard)
+            config.listen, SERVICE_NAMES, [*tracing_interceptors(), *interceptors(guard)]
         )
         serve_inventory(server, InventoryService(owner))
         address = config.advertise or f"{config.listen.rsplit(':', 1)[0]}:{port}"
@@ -248,4 +250,5 @@ def main(config: ShardConfig) -> None:
         guard = open_guard(config.auth)
     except AuthSetupError as error:
         exit_on_setup_error(error)
-    run_server(lambda: serve(config, guard), config.listen)
+    with traced(config.tracing, config.shard_id):
+        run_server(lambda: serve(config, guard), config.listen)

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
+from opentelemetry.trace import SpanContext
 
 from inventory_core import (
     AvailabilityChanged,
@@ -73,6 +74,8 @@ from inventory_core import (
     StockLevel,
     work_units,
 )
+
+from ..common import tracing
 
 log = structlog.get_logger(__name__)
 
@@ -231,6 +234,8 @@ class _Work(Generic[T]):
     deadline: float | None  # time.monotonic() seconds
     future: asyncio.Future[T] | None = None
     done: Done[T] | None = None
+    # The sampled span of the call that waits for it: its flush's parent or link (tracing).
+    trace: SpanContext | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -408,8 +413,11 @@ class Owner:
         self, partition: int, command: ClientCommand, deadline: float | None
     ) -> Outcome:
         future: asyncio.Future[Outcome] = _new_future()
+        trace = tracing.sampled_call()
         self._submit(
-            _Mutate(partition=partition, deadline=deadline, command=command, future=future)
+            _Mutate(
+                partition=partition, deadline=deadline, command=command, future=future, trace=trace
+            )
         )
         return await future
 
@@ -671,10 +679,12 @@ class Owner:
                 epochs = {p: batch.owners[p].epoch for p in touched}
                 flushed_heads = {p: batch.owners[p].flushed_lsn for p in touched}
                 started = time.monotonic()
+                traced = (work.trace for ws in writes.values() for work, _ in ws)
                 try:
-                    fenced = await self._store.flush(
-                        records, epochs, flushed_heads, events, payloads
-                    )
+                    with tracing.flush_span(traced, len(records), len(touched)):
+                        fenced = await self._store.flush(
+                            records, epochs, flushed_heads, events, payloads
+                        )
                 except asyncio.CancelledError:  # stopping mid-flush: memory is ahead, drop it
                     self.drop(touched)
                     batch.lost.update(touched)
