@@ -78,7 +78,7 @@ def no_tracing_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatc
 def test_tracing_is_off_by_default_on_router_and_shard(
     no_tracing_environment: pytest.MonkeyPatch, add: Any
 ) -> None:
-    assert parsed([], add) == TracingConfig(otlp_endpoint="", sample_ratio=0.1)
+    assert parsed([], add) == TracingConfig(otlp_endpoint="", sample_ratio=0.01)
 
 
 def test_the_flags_name_the_collector_and_the_ratio(
