@@ -94,7 +94,7 @@ async def run_item(
     request = getattr(item, name)
     call = dispatch[name](request, item_deadline(item, started))
     metadata = calls.propagated(item.metadata.items()) if item.metadata else {}
-    span = tracing.item_span(name, metadata, request) if metadata else None
+    span = tracing.item_span(name, metadata, request)
     try:
         response = await calls.with_metadata(metadata, tracing.within(span, call))
     except Exception as error:

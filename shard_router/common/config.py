@@ -39,8 +39,8 @@ class AuthConfig:
         return None
 
 
-# One trace in a hundred of those that start here: a sampled call costs the servers about
-# half as much again as the call (four spans; shard_router.common.tracing), so under 1 %.
+# One trace in a hundred of those that start here: a sampled reservation's spans cost the
+# servers about as much again as the call (shard_router.common.tracing), so this is ~1-2 %.
 TRACE_SAMPLE_RATIO_DEFAULT = 0.01
 
 

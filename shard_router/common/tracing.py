@@ -21,6 +21,11 @@ The spans of one call, each the child of the one before, and how the context tra
     server    shard: the item          as at the router (``item_span``)
     internal  ledger_flush             the owner's flush of the batch the call joined
 
+Sampling is parent-based: a call that comes with a sampled traceparent is traced, one that
+comes with an unsampled one is not, and of those that come with none a share (the ratio)
+starts a trace where it enters: any unary call, and at a router (``item_roots``) Batch items
+too. The draw is made before any span, so an unsampled call costs no span at all.
+
 The router reaches a shard by items of one long-lived Batch stream, whose own metadata is
 the stream's (the router's token), so each item carries its context in
 ``BatchItem.metadata``. Streams (Batch, Ingest.Stream, Watch) get no span of their own: they
@@ -32,9 +37,10 @@ traceparent into an item only for a sampled hop, so an unsampled call's items (a
 call's, with tracing off) take the shard's callback path with no task and no span. Measured
 on two shared cores (tests/observability/measure_trace_cost.py, README "Traces"): off,
 each hook costs 30-100 ns (under 0.5 us a call, ~0.2 % of a served reservation's ~225 us);
-a recorded span ~35-50 us, made, ended and encoded for OTLP, so a sampled reservation's
-four server spans add about half of what the call costs, which the default ratio (1 in 100,
-config.TRACE_SAMPLE_RATIO_DEFAULT) makes well under 1 %.
+on, a call it does not trace costs the interceptor ~0.5 us; a recorded span ~50-70 us,
+made, ended and encoded for OTLP, so a sampled reservation's spans (router call and hop,
+shard item, its share of a flush) cost the servers ~160-200 us, about as much again as the
+call: the default ratio (1 in 100, config.TRACE_SAMPLE_RATIO_DEFAULT) makes that ~1-2 %.
 
 The flush: many calls share one flush, which is one piece of work, so it is one span, not
 one per call: ``ledger_flush`` is the child of the batch's first traced call and links to
@@ -51,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -94,6 +101,8 @@ OK = grpc.StatusCode.OK.value[0]
 CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+# Which calls start a trace: not the core's randomness, nothing to replay.
+_random = random.Random()
 _ODD_HEX_DIGITS = frozenset("13579bdf")
 _PACKAGE = pb.DESCRIPTOR.package
 # Each unary RPC by its path, and each call's span name (as the unary RPC's path).
@@ -106,9 +115,15 @@ _SPAN_NAMES: Mapping[str, str] = {
 
 
 class _Tracing:
-    """This process's tracer while tracing is on (``traced``); None: off."""
+    """This process's tracer while tracing is on (``traced``; None: off), and how it starts
+    traces of calls that come without one."""
 
     tracer: trace.Tracer | None = None
+    # The share of those calls that start a trace here (--trace-sample-ratio).
+    ratio: float = 0.0
+    # Whether Batch items start traces here too: at a router, where they enter. A shard's
+    # items come from a router, which has decided (an item without a trace stays untraced).
+    item_roots: bool = False
 
 
 _on = _Tracing()
@@ -121,23 +136,28 @@ Answer = Callable[[pb.BatchItemResult], None]
 
 @contextlib.contextmanager
 def traced(
-    config: TracingConfig, service_name: str, exporter: SpanExporter | None = None
+    config: TracingConfig,
+    service_name: str,
+    exporter: SpanExporter | None = None,
+    *,
+    item_roots: bool = False,
 ) -> Iterator[Any]:
     """Tracing on for the block (a process's whole run) when ``config`` names a collector,
-    its spans exported by the end. ``exporter``: another destination (tests). Yields the
-    provider (None when off), for a test to flush."""
+    its spans exported by the end. ``item_roots``: Batch items without a trace start one
+    here (a router). ``exporter``: another destination (tests). Yields the provider (None
+    when off), for a test to flush."""
     if not config.otlp_endpoint and exporter is None:
         yield None
         return
     provider = _provider(config, service_name, exporter)
     _on.tracer = provider.get_tracer(__name__)
-    log.info(
-        "tracing_enabled", otlp_endpoint=config.otlp_endpoint, sample_ratio=config.sample_ratio
-    )
+    _on.ratio, _on.item_roots = config.sample_ratio, item_roots
+    shown = config.otlp_endpoint.rpartition("@")[2]  # never a password in a URL
+    log.info("tracing_enabled", otlp_endpoint=shown, sample_ratio=config.sample_ratio)
     try:
         yield provider
     finally:
-        _on.tracer = None
+        _on.tracer, _on.ratio, _on.item_roots = None, 0.0, False
         provider.shutdown()  # exports what is queued, within SPAN_EXPORT_TIMEOUT_S
 
 
@@ -147,7 +167,7 @@ def _provider(config: TracingConfig, service_name: str, exporter: SpanExporter |
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -161,9 +181,9 @@ def _provider(config: TracingConfig, service_name: str, exporter: SpanExporter |
     resource = Resource.create(
         {"service.name": service_name, "service.namespace": "inventory"}
     )  # with OTEL_RESOURCE_ATTRIBUTES, and the SDK's own (process, language, version)
-    provider = TracerProvider(
-        resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio))
-    )
+    # Parent-based; a trace that starts here was drawn at the ratio before its span was
+    # made (``_starts_trace``), so an unsampled call costs no span at all.
+    provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
     provider.add_span_processor(
         BatchSpanProcessor(
             exporter,
@@ -198,13 +218,16 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or rpc is None or tracer is None:
             return handler
         metadata = calls.propagated(details.invocation_metadata or ())
+        parent = _parent(metadata, roots=True)
+        if parent is None:  # not sampled: served as it is, no span
+            return handler
         behavior = handler.unary_unary
         assert behavior is not None, details.method
 
         async def traced_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             span = tracer.start_span(
                 _SPAN_NAMES[rpc.field],
-                context=_PROPAGATOR.extract(metadata),
+                context=parent,
                 kind=SpanKind.SERVER,
                 attributes=_attributes(rpc, request),
             )
@@ -230,12 +253,13 @@ def interceptors() -> list[grpc.aio.ServerInterceptor]:
 
 
 def item_span(field: str, metadata: Mapping[str, str], request: Message) -> Span | None:
-    """A server span for one Batch item, when it carries a sampled traceparent; None
-    otherwise (tracing off, an untraced or an unsampled item: this test is all it costs)."""
-    if _on.tracer is None or not _sampled(metadata.get("traceparent", "")):
+    """A server span for one Batch item, when it carries a sampled traceparent, or starts a
+    trace here (``item_roots``); None otherwise (tracing off, an unsampled item, an untraced
+    one at a shard: a test or two is all it costs)."""
+    if _on.tracer is None:
         return None
-    parent = _PROPAGATOR.extract(metadata)
-    if not trace.get_current_span(parent).get_span_context().trace_flags.sampled:
+    parent = _parent(metadata, roots=_on.item_roots)
+    if parent is None:
         return None
     rpc = rpcs.BY_FIELD[field]
     return _on.tracer.start_span(
@@ -249,7 +273,7 @@ def item_span(field: str, metadata: Mapping[str, str], request: Message) -> Span
 def serve_item(item: pb.BatchItem, answer: Answer) -> tuple[Span | None, Answer]:
     """The router's server span of a Batch item it forwards (``item_span``), the item's
     traceparent now naming it, and the answer that ends it; ``answer`` itself if untraced."""
-    if _on.tracer is None or not _sampled(item.metadata.get("traceparent", "")):
+    if _on.tracer is None:
         return None, answer
     field = item.WhichOneof("call")
     span = None if field is None else item_span(field, item.metadata, getattr(item, field))
@@ -442,6 +466,20 @@ def _forget_the_call() -> None:
     calls.request_metadata.set({})
     structlog.contextvars.unbind_contextvars("request_id", "traceparent")
     otel_context.attach(otel_context.Context())
+
+
+def _parent(metadata: Mapping[str, str], *, roots: bool) -> otel_context.Context | None:
+    """The context a server span of this call continues: its caller's, when sampled; an
+    empty one when it starts a trace here (``roots`` and drawn at the ratio); None: no span."""
+    traceparent = metadata.get("traceparent")
+    if traceparent is None:
+        return otel_context.Context() if roots and _starts_trace() else None
+    return _PROPAGATOR.extract(metadata) if _sampled(traceparent) else None
+
+
+def _starts_trace() -> bool:
+    ratio = _on.ratio
+    return ratio >= 1 or (ratio > 0 and _random.random() < ratio)
 
 
 def _sampled(traceparent: str) -> bool:

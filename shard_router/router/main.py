@@ -209,5 +209,5 @@ def main(config: RouterConfig) -> None:
         exit_on_setup_error(error)
     except OSError as error:
         exit_on_setup_error(AuthSetupError(f"--shard-token-file: {error}"))
-    with traced(config.tracing, "router"):
+    with traced(config.tracing, "router", item_roots=True):
         run_server(lambda: serve(config, guard, shard_token), config.listen)

@@ -707,10 +707,9 @@ class RouterCalls:
                 partition = _checked_partition(item, name, route, answer)
                 if partition is None:
                     continue  # answered: refused, or a bug
-                span, traced = None, answer
                 if item.metadata:
                     _keep_propagated(item)
-                    span, traced = tracing.serve_item(item, answer)
+                span, traced = tracing.serve_item(item, answer)
                 deadline = batching.item_deadline(item, received_at)
                 routed = _Routed(
                     calls=self,

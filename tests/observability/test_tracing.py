@@ -25,7 +25,7 @@ from shard_router.common.calls import Refusal
 from shard_router.common.config import TracingConfig
 from shard_router.common.server import create_server
 from shard_router.common.servicer import SERVICE_NAMES, CallsServicer, serve_inventory
-from tests.integration.test_owner import APPLE, mutate, reserve, rig, run, set_stock
+from tests.integration.test_owner import APPLE, mutate, reserve, rig, run, set_stock, settle
 from tests.security.test_isolation_matrix import RecordingCalls
 
 ON = TracingConfig(otlp_endpoint="http://127.0.0.1:4317", sample_ratio=1.0)
@@ -221,6 +221,17 @@ def test_a_unary_call_is_a_server_span_continuing_its_callers_trace_with_its_cod
     assert (span.status.status_code is StatusCode.ERROR) is error
 
 
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_a_unary_call_without_a_trace_starts_one_at_the_ratio(ratio: float) -> None:
+    exporter = InMemorySpanExporter()
+    config = TracingConfig("http://127.0.0.1:4317", sample_ratio=ratio)
+    with tracing.traced(config, "shard-test", exporter) as provider:
+        assert asyncio.run(unary_reserve(Refusing("ok"), {})) is grpc.StatusCode.OK
+        provider.force_flush()
+    spans = exporter.get_finished_spans()
+    assert [(s.kind, s.parent) for s in spans] == ([(SpanKind.SERVER, None)] if ratio else [])
+
+
 def test_a_call_whose_caller_did_not_sample_it_records_nothing(
     exported: Exported,
 ) -> None:
@@ -290,7 +301,7 @@ def test_one_flush_of_two_traced_calls_is_one_span_under_the_first_linked_to_the
                     (second, reserve(APPLE, 1, "r1")),
                 )
             ]
-            await asyncio.sleep(0.01)  # both queued: one batch, one flush
+            await settle()  # both queued before the loop runs: one batch, one flush
             r.start()
             await asyncio.gather(*writes)
             assert len(r.store.flush_calls) == 1
@@ -363,7 +374,8 @@ def test_a_stream_task_started_by_a_call_has_none_of_its_metadata_log_fields_or_
 
 
 def test_the_client_traces_only_with_a_provider_set_up() -> None:
-    assert tracing.client_tracer(None) is None  # the process set none up
+    assert tracing.client_tracer(trace.ProxyTracerProvider()) is None  # none set up yet
+    assert tracing.client_tracer(trace.NoOpTracerProvider()) is None
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
     assert tracing.client_tracer(provider) is not None
