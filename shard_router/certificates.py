@@ -76,14 +76,14 @@ class LocalTLS:
         """A local caller's ``tls`` (``up``'s own health checks too)."""
         return ChannelTLSConfig(str(self.ca), str(self.client.cert), str(self.client.key))
 
-    def hint(self) -> str:
+    def hints(self) -> list[str]:
         """How a caller connects, for ``up``'s terminal."""
-        return (
+        return [
             f"mutual TLS on every hop: callers trust {self.ca} and present {self.client.cert} "
-            f"(key {self.client.key}): inventory import --tls-ca {self.ca} --tls-client-cert "
-            f"{self.client.cert} --tls-client-key {self.client.key}; InventoryClient(..., "
-            "tls=ChannelTLSConfig(ca_path, cert_path, key_path))"
-        )
+            f"with its key {self.client.key}",
+            f"  inventory import ... --tls-ca {self.ca} --tls-client-cert {self.client.cert} "
+            f"--tls-client-key {self.client.key}",
+        ]
 
 
 class LocalCA:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import datetime
 import json
 import logging
@@ -546,7 +545,7 @@ def _start(
     return children
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Security:
     """How ``up``'s processes check their callers (tokens) and are reached (TLS)."""
 
@@ -576,8 +575,9 @@ def _security(options: argparse.Namespace, data_dir: Path, reporter: _Reporter) 
     reporter.say(f"TLS certificates issued by the local CA {local_tls.ca}")
     security.arguments.extend(local_tls.server_arguments())
     security.router_arguments.extend(local_tls.router_arguments())
-    security.hints.append(local_tls.hint())
-    return dataclasses.replace(security, channels=ChannelFactory(local_tls.caller()))
+    security.hints.extend(local_tls.hints())
+    security.channels = ChannelFactory(local_tls.caller())
+    return security
 
 
 def _spawn(

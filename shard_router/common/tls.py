@@ -14,10 +14,13 @@ Rules:
      naming the flag (the process exits 2, as for its auth setup).
   2. Files are read again when they change (looked at once per
      ``FILES_REFRESH_INTERVAL_S`` at most), so a rotated certificate needs no restart. A
-     server's come through gRPC's dynamic credentials, which ask at every handshake; a
-     caller's are taken by its next channel. A change is taken only once it passes the
-     checks of rule 1: until then the previous files are served (a rotation half-written,
-     the new certificate before its key, is never served) and the refusal is logged.
+     server's (its certificate, its key and its client CA) come through gRPC's dynamic
+     credentials, which ask at every handshake, so new connections get them. A caller's
+     are taken by its next channel: the router keeps one channel per shard address, so a
+     rotated router certificate is presented from a shard's next new channel (or the
+     router's next start). A change is taken only once it passes the checks of rule 1:
+     until then the previous files are served (a rotation half-written, the new
+     certificate before its key, is never served) and the refusal is logged once.
   3. Certificates name the host a caller dials: a shard's must hold the address it
      advertises (an IP address or a DNS name in its subjectAltName).
 """
@@ -139,13 +142,6 @@ def _check_pair(files: Files, contents: Contents) -> None:
         raise TLSSetupError(f"{cert_flag}: {cert_path} expired at {when:{ISO_UTC}}")
 
 
-def server_mode(config: ServerTLSConfig) -> str:
-    """How callers reach a server, for its log line: plaintext, tls or mutual_tls."""
-    if not config.cert_path:
-        return "plaintext"
-    return "mutual_tls" if config.client_ca_path else "tls"
-
-
 # --- servers --------------------------------------------------------------------------------
 
 
@@ -175,6 +171,13 @@ def server_credentials(config: ServerTLSConfig) -> grpc.ServerCredentials | None
     return grpc.dynamic_ssl_server_credentials(
         reloading.current, reloading.refresh, require_client_authentication=mutual
     )
+
+
+def server_mode(config: ServerTLSConfig) -> str:
+    """How callers reach a server, for its log line: plaintext, tls or mutual_tls."""
+    if not config.cert_path:
+        return "plaintext"
+    return "mutual_tls" if config.client_ca_path else "tls"
 
 
 # --- callers --------------------------------------------------------------------------------
