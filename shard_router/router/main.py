@@ -55,10 +55,11 @@ async def serve(
     config: RouterConfig,
     guard: AuthInterceptor | None,
     shard_token: TokenSource,
-    tls: tuple[grpc.ServerCredentials | None, ChannelFactory],
+    server_tls: grpc.ServerCredentials | None,
+    shard_channels: ChannelFactory,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; ``tls``: the server's credentials and the channels to
-    the shards (shard_router.common.tls)."""
+    """Serve until SIGTERM/SIGINT: TLS with ``server_tls`` (plaintext without), to the
+    shards over ``shard_channels`` (shard_router.common.tls)."""
     pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX, "inventory-router")
     read_view: EventReader | None = None
     hub: WatchHub | None = None
@@ -68,7 +69,7 @@ async def serve(
             membership.alive,
             config.partition_count,
             credentials=shard_token.metadata,
-            channels=tls[1],
+            channels=shard_channels,
         )
         await routes.refresh(force=True)
         services = list(SERVICE_NAMES)
@@ -78,7 +79,7 @@ async def serve(
             hub.start()
             services.append(WATCH_SERVICE_NAME)
         server, health_servicer, port = create_server(
-            config.listen, services, interceptors(guard), tls[0]
+            config.listen, services, interceptors(guard), server_tls
         )
         service = RouterService(routes, read_view)
         serve_inventory(server, service)
@@ -94,7 +95,7 @@ async def serve(
             ring=routes.ring_version,
             watch=hub is not None,
             tls=server_mode(config.tls),
-            shard_tls=tls[1].tls,
+            shard_tls=shard_channels.tls,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -217,9 +218,10 @@ def main(config: RouterConfig) -> None:
     try:
         guard = open_guard(config.auth)
         shard_token = TokenSource.of(path=config.shard_token_file)
-        tls = server_credentials(config.tls), ChannelFactory(config.shard_tls)
+        server_tls = server_credentials(config.tls)
+        shard_channels = ChannelFactory(config.shard_tls)
     except (AuthSetupError, TLSSetupError) as error:
         exit_on_setup_error(error)
     except OSError as error:
         exit_on_setup_error(AuthSetupError(f"--shard-token-file: {error}"))
-    run_server(lambda: serve(config, guard, shard_token, tls), config.listen)
+    run_server(lambda: serve(config, guard, shard_token, server_tls, shard_channels), config.listen)
