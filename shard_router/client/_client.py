@@ -53,7 +53,9 @@ from opentelemetry.trace import Tracer, TracerProvider
 
 from ..common import errors, rpcs, tracing
 from ..common.calls import bearer
+from ..common.config import ChannelTLSConfig
 from ..common.errors import AnswerClass, answer_class_of
+from ..common.tls import ChannelFactory
 from ._batcher import BatcherStats, StreamBatcher
 from ._errors import (
     Overloaded,
@@ -88,8 +90,12 @@ class InventoryClient:
     Use as ``async with InventoryClient(address, token=...) as client:``; every method
     returns the generated response message or raises an ``InventoryError``. ``token`` is the
     caller's signed token (``inventory token`` makes one for a local run), sent with every
-    call; a server run with ``--no-auth`` needs none. ``tracer_provider``: the one its
-    spans are made with (default: the process's global one, as it is at the first call).
+    call; a server run with ``--no-auth`` needs none. ``tls`` is how the server is reached:
+    plaintext without it; TLS trusting ``ca_path``, and presenting ``cert_path`` and
+    ``key_path`` to a server that asks for a certificate (mutual TLS; ``inventory up --tls``
+    prints the three). A configuration that cannot run raises ``ValueError`` at once.
+    ``tracer_provider``: the one its spans are made with (default: the process's global one,
+    as it is at the first call).
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class InventoryClient:
         timeout_s_default: float = TIMEOUT_S_DEFAULT,
         seed: int | None = None,
         token: str = "",
+        tls: ChannelTLSConfig | None = None,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         assert retry_attempts_max >= 1, retry_attempts_max
@@ -116,6 +123,7 @@ class InventoryClient:
         self._timeout_s_default = timeout_s_default
         self._random = random.Random(seed)
         self._metadata = bearer(token.strip()) if token.strip() else ()
+        self._channels = ChannelFactory(tls)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.InventoryStub | None = None
         self._batcher: StreamBatcher | None = None
@@ -453,7 +461,7 @@ class InventoryClient:
             raise RuntimeError("InventoryClient is closed")
         if self._stub is None:
             self._tracer = tracing.client_tracer(self._tracer_provider)
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = self._channels.open(self.address)
             self._stub = pb_grpc.InventoryStub(self._channel)
             if self._batching:
                 self._batcher = StreamBatcher(self._channel, metadata=self._metadata)

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 
+import grpc
 import structlog
 
 from persistence.connections import create_pool
@@ -36,6 +37,7 @@ from ..common.loop_monitor import LoopMonitor
 from ..common.server import create_server, run_server, set_serving
 from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
+from ..common.tls import TLSSetupError, server_credentials, server_mode
 from ..common.tracing import interceptors as tracing_interceptors
 from ..common.tracing import traced
 from .owner import Owner, OwnerLimits
@@ -50,7 +52,9 @@ DATABASE_POOL_SIZE_MAX = 8
 SHUTDOWN_GRACE_S = 5.0
 
 
-async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
+async def serve(
+    config: ShardConfig, guard: AuthInterceptor | None, tls: grpc.ServerCredentials | None
+) -> None:
     started = time.monotonic()
     pool = await create_pool(
         config.database_url, DATABASE_POOL_SIZE_MAX, f"inventory-{config.shard_id}"
@@ -73,7 +77,7 @@ async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
             ),
         )
         server, health_servicer, port = create_server(
-            config.listen, SERVICE_NAMES, [*tracing_interceptors(), *interceptors(guard)]
+            config.listen, SERVICE_NAMES, [*tracing_interceptors(), *interceptors(guard)], tls
         )
         serve_inventory(server, InventoryService(owner))
         address = config.advertise or f"{config.listen.rsplit(':', 1)[0]}:{port}"
@@ -111,6 +115,7 @@ async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
             address=address,
             partitions=len(owner.owned_partitions),
             events="redis" if publisher else "off",
+            tls=server_mode(config.tls),
             startup_s=round(time.monotonic() - started, 3),
         )
         await _until_stopped(owner_task, background)
@@ -248,7 +253,8 @@ def main(config: ShardConfig) -> None:
     configure_logging(config.log_level, f"shard:{config.shard_id}")
     try:
         guard = open_guard(config.auth)
-    except AuthSetupError as error:
+        tls = server_credentials(config.tls)
+    except (AuthSetupError, TLSSetupError) as error:
         exit_on_setup_error(error)
     with traced(config.tracing, config.shard_id):
-        run_server(lambda: serve(config, guard), config.listen)
+        run_server(lambda: serve(config, guard, tls), config.listen)
