@@ -81,8 +81,8 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 # Spans ended and not yet exported. Past it the processor drops new ones (it never blocks a
-# call): at 1,000 sampled calls a second (four spans each in the servers) about half a
-# second of them, which one export of SPAN_EXPORT_BATCH_MAX at a time drains.
+# call): at 1,000 sampled calls a second (two spans each in a router or a shard) about one
+# export period's worth, which exports of SPAN_EXPORT_BATCH_MAX at a time drain.
 SPAN_QUEUE_MAX = 2048
 SPAN_EXPORT_BATCH_MAX = 512
 # How often queued spans are sent: a trace is at the collector within about a second.
