@@ -34,7 +34,8 @@ live as long as their caller keeps them, and their items are the calls.
 The hot path stays cheap: only an item that carries a *sampled* traceparent gets a span (a
 span per item would cost more than the item: measured below). A router writes its
 traceparent into an item only for a sampled hop, so an unsampled call's items (and every
-call's, with tracing off) take the shard's callback path with no task and no span. Measured
+call's, with tracing off) take the shard's callback path with no task and no span, unless
+they carry other metadata (an x-request-id: the task path, as before). Measured
 on two shared cores (tests/observability/measure_trace_cost.py, README "Traces"): off,
 each hook costs 30-100 ns (under 0.5 us a call, ~0.2 % of a served reservation's ~225 us);
 on, a call it does not trace costs the interceptor ~0.5 us; a recorded span ~50-70 us,
@@ -194,10 +195,6 @@ def _provider(config: TracingConfig, service_name: str, exporter: SpanExporter |
         )
     )
     return provider
-
-
-def enabled() -> bool:
-    return _on.tracer is not None
 
 
 # ---------------------------------------------------------------------- server spans
