@@ -10,8 +10,11 @@ from inventory.v1 import inventory_pb2 as pb
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from inventory_core import InventoryKey, bucket_key
 from shard_router.common import tracing
 from shard_router.common.config import TracingConfig
+from shard_router.router import hot_keys
+from tests.router.fake_shard import MERCHANT
 from tests.router.test_batch_path import cluster, reserves, run
 
 from .test_tracing import ON, SAMPLED, TRACE_ID, Exported, parent_in
@@ -95,3 +98,34 @@ def test_pb_items_keep_their_own_metadata_besides_the_traceparent(exported: Expo
     assert span is not None
     assert item.metadata["x-request-id"] == "req-1"
     assert parent_in(item) == span.get_span_context().span_id
+
+
+def test_a_split_keys_walk_is_a_server_span_whose_first_hop_is_its_child(
+    exported: Exported, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = InventoryKey(MERCHANT, "rice", "loc-1")
+    views = hot_keys.HotKeyMap()
+    views.put(hot_keys.SplitView(home, (home, bucket_key(home, 1)), generation=1, merging=False))
+    monkeypatch.setattr(hot_keys, "HotKeyMap", lambda: views)  # the router knows the split
+
+    async def scenario() -> list[pb.BatchItem]:
+        async with cluster() as c:
+            request = reserves(["loc-1"])
+            request.items[0].metadata.update(SAMPLED)
+            results = await c.batch(request)
+            assert results[1].WhichOneof("result") == "reserve"
+            return [item for shard in c.shards.values() for item in shard.items_seen]
+
+    sent: list[pb.BatchItem] = []
+
+    async def collect() -> None:
+        sent.extend(await scenario())
+
+    run(collect)
+    spans = exported.finished()
+    caller = int(SAMPLED["traceparent"].split("-")[2], 16)
+    (server,) = [s for s in spans if s.parent is not None and s.parent.span_id == caller]
+    (hop,) = [s for s in spans if s.kind is SpanKind.CLIENT]
+    assert hop.parent == server.context
+    (first,) = sent
+    assert parent_in(first) == hop.context.span_id
