@@ -57,8 +57,7 @@ TOKEN_CHARS_MAX = 4096
 TOKEN_MERCHANTS_MAX = 1000
 # Clock skew allowed between the token's issuer and this process.
 LEEWAY_S = 30.0
-# The keyring's file is looked at this often (and at once for an unknown kid, at most this
-# often).
+# The keyring's file is looked at this often, and at once for a token with an unknown kid.
 KEYS_REFRESH_INTERVAL_S = 1.0
 # The claims every token must carry.
 REQUIRED_CLAIMS = ("exp", "sub", "role", "merchants", "aud")
@@ -216,8 +215,10 @@ class Verifier:
         if not isinstance(kid, str) or not kid:
             return "the token names no signing key (kid)"
         key = self.keyring.key(kid)
-        if key is None and self.keyring.refresh():
-            key = self.keyring.key(kid)  # a key added since the last look
+        # A kid not known yet may be a key added since the last look: look now (one stat,
+        # cheap beside the header's decoding), so a rotated-in key is never refused.
+        if key is None and self.keyring.refresh(force=True):
+            key = self.keyring.key(kid)
         if key is None:
             return f"the token's signing key {kid!r} is not one of this service's keys"
         try:
