@@ -60,6 +60,8 @@ class ShardConfig:
     # A location none of whose feeds is heard from for this long is stale (OwnerLimits).
     feed_stale_after_s: float = 300.0
     auth: AuthConfig = AuthConfig()
+    # host:port of the Prometheus endpoint (GET /metrics); empty: none (common/metrics.py).
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ class RouterConfig:
     # The token the router presents to the shards (a file, read again when it changes); the
     # shards check it as they check any caller's.
     shard_token_file: str = ""
+    metrics_listen: str = ""
 
 
 # A help text that already names its default: "(default: x)", "Default: x", "; default x",
@@ -156,6 +159,7 @@ def router_config(options: argparse.Namespace) -> RouterConfig:
         hot_key_cool_windows=options.hot_key_cool_windows,
         auth=auth_config(options),
         shard_token_file=options.shard_token_file,
+        metrics_listen=options.metrics_listen,
     )
 
 
@@ -172,6 +176,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add_stats_interval_argument(parser)
     add_hot_key_arguments(parser)
     add_auth_arguments(parser)
+    add_metrics_argument(parser)
     parser.add_argument(
         "--shard-token-file",
         default=env("SHARD_TOKEN_FILE", ""),
@@ -239,6 +244,16 @@ def add_no_auth_argument(parser: argparse.ArgumentParser, more: str) -> None:
         action="store_true",
         default=env("NO_AUTH", "") not in ("", "0", "false"),
         help=f"serve every caller without a token {more} [INVENTORY_NO_AUTH]",
+    )
+
+
+def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-listen",
+        default=env("METRICS_LISTEN", ""),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics [INVENTORY_METRICS_LISTEN] "
+        "(default: none: no endpoint, nothing counted)",
     )
 
 
@@ -329,6 +344,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add_log_level_argument(parser)
     add_stats_interval_argument(parser)
     add_auth_arguments(parser)
+    add_metrics_argument(parser)
     parser.add_argument(
         "--checkpoint-interval-s",
         type=_positive_float,
@@ -381,4 +397,5 @@ def shard_config(options: argparse.Namespace) -> ShardConfig:
         checkpoint_interval_s=options.checkpoint_interval_s,
         feed_stale_after_s=options.feed_stale_after_s,
         auth=auth_config(options),
+        metrics_listen=options.metrics_listen,
     )

@@ -33,6 +33,7 @@ from ..common.auth import (
 )
 from ..common.config import ShardConfig
 from ..common.loop_monitor import LoopMonitor
+from ..common.metrics import call_interceptors, check_metrics_listen, shard_metrics
 from ..common.server import create_server, run_server, set_serving
 from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
@@ -71,7 +72,9 @@ async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
             ),
         )
         server, health_servicer, port = create_server(
-            config.listen, SERVICE_NAMES, interceptors(guard)
+            config.listen,
+            SERVICE_NAMES,
+            call_interceptors(config.metrics_listen) + interceptors(guard),
         )
         serve_inventory(server, InventoryService(owner))
         address = config.advertise or f"{config.listen.rsplit(':', 1)[0]}:{port}"
@@ -86,7 +89,11 @@ async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
             on_acquired=publisher.partitions_acquired if publisher else None,
         )
         first_pass = asyncio.Event()
-        background = [asyncio.create_task(ownership.run(first_pass)), *start_auth(guard)]
+        background = [
+            asyncio.create_task(ownership.run(first_pass)),
+            *start_auth(guard),
+            *shard_metrics(owner, publisher, config.metrics_listen),
+        ]
         await first_pass.wait()
         gc.collect()  # the recovered state, once, before it is frozen out of collections
         gc.freeze()
@@ -248,4 +255,5 @@ def main(config: ShardConfig) -> None:
         guard = open_guard(config.auth)
     except AuthSetupError as error:
         exit_on_setup_error(error)
+    check_metrics_listen(config.metrics_listen)
     run_server(lambda: serve(config, guard), config.listen)
