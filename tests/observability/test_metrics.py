@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-import subprocess
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -33,7 +30,7 @@ from shard_router.common import batching, calls, errors, metrics
 from shard_router.common.access import Role
 from shard_router.common.auth import AuthInterceptor
 from shard_router.common.calls import bearer
-from shard_router.common.server import LISTEN_FAILED_EXIT_CODE, create_server
+from shard_router.common.server import create_server
 from shard_router.common.servicer import SERVICE_NAMES, CallsServicer, serve_inventory
 from shard_router.common.tokens import Keyring, LocalKeys, Verifier
 from shard_router.router.hot_keys import HotKeyMap
@@ -284,26 +281,6 @@ def test_the_endpoint_serves_the_registry_on_metrics_and_nothing_else() -> None:
 def _get(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=10) as answer:
         return int(answer.status), answer.read().decode()
-
-
-def test_a_taken_metrics_port_is_one_line_and_the_listen_exit_code() -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        answer = subprocess.run(
-            [
-                *(sys.executable, "-m", "shard_router", "router", "--no-auth"),
-                *("--database-url", "postgresql://nobody@127.0.0.1:1/none"),
-                *("--listen", f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{port}"),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert answer.returncode == LISTEN_FAILED_EXIT_CODE
-    assert answer.stderr == f"error: 127.0.0.1:{port} is already in use (--metrics-listen)\n"
 
 
 def test_without_an_endpoint_nothing_is_counted() -> None:
