@@ -44,9 +44,8 @@ from tests.watch.fake_source import FakeEventSource
 
 # Labels a metric of ours may carry: bounded sets (never a merchant, SKU, key or id).
 BOUNDED_LABELS = {"service", "method", "code", "kind"}
-# Units a name may end in (Prometheus conventions: base units, plural).
-UNIT_SUFFIXES = ("_seconds", "_bytes", "_records", "_units", "_per_second")
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class RefusingCalls(RecordingCalls):
@@ -286,3 +285,16 @@ def _get(url: str) -> tuple[int, str]:
 def test_without_an_endpoint_nothing_is_counted() -> None:
     assert metrics.call_interceptors("") == []
     assert batching.item_counter is None
+
+
+def test_every_alert_has_a_summary_a_description_and_a_runbook_section() -> None:
+    rules = (ROOT / "ops" / "prometheus" / "alerts.yml").read_text()
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    sections = {line[4:].strip().lower() for line in guide.splitlines() if line[:4] == "### "}
+    alerts = re.split(r"\n\s+- alert: ", rules)[1:]
+    assert len(alerts) >= 7
+    for alert in alerts:
+        name = alert.split("\n", 1)[0].strip()
+        assert "summary: " in alert and "description: " in alert, name
+        assert f'runbook: "docs/operations.md#{name.lower()}"' in alert, name
+        assert name.lower() in sections, f"docs/operations.md has no section {name}"
