@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import sys
 import time
@@ -163,9 +164,16 @@ class _Method:
         service, _, method = path.lstrip("/").partition("/")
         self._labels = (service.rpartition(".")[2] or service, method)
         self._codes: dict[object, Any] = {None: CALLS.labels(*self._labels, _OK)}
-        self.duration = CALL_DURATION.labels(*self._labels)
-        self.open = STREAMS_OPEN.labels(*self._labels)
         self.generator: bool | None = None  # whether its stream behaviour is an async gen
+
+    # Bound at first use: a unary method has no open streams, a stream no call duration.
+    @functools.cached_property
+    def duration(self) -> Any:
+        return CALL_DURATION.labels(*self._labels)
+
+    @functools.cached_property
+    def open(self) -> Any:
+        return STREAMS_OPEN.labels(*self._labels)
 
     @contextlib.contextmanager
     def streaming(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
