@@ -29,7 +29,8 @@ docs/operations.md use them):
     inventory_flush_failures_total, inventory_core_failures_total,
     inventory_partitions_fenced_total, inventory_checkpoints_total,
     inventory_requests_shed_total
-    inventory_partitions_owned, inventory_partitions_recovering
+    inventory_partitions_owned, inventory_partitions_recovering (reloading after a failure),
+    inventory_partitions_loading (taken over, being loaded)
     inventory_keys, inventory_idempotency_entries
     inventory_reservations_live, inventory_reservations_live_max
     inventory_reservations_expired_total              expired, counted as flushed
@@ -41,6 +42,7 @@ docs/operations.md use them):
     inventory_event_catch_ups_total
   router
     inventory_router_shards_alive                     shards on the router's ring
+    inventory_router_items_pending                    forwarded, not yet answered by shards
     inventory_watch_subscribers, inventory_watch_pending_keys_max
     inventory_watch_lag_seconds                       commit to the hub's read, newest read
     inventory_watch_resyncs_total, inventory_watch_subscribers_refused_total,
@@ -307,6 +309,12 @@ class _PublisherStats(Protocol):
     buffered_events: int
 
 
+class Loading(Protocol):
+    """What the shard's collector reads of shard_router.shard.ownership.Ownership."""
+
+    loading: int
+
+
 class Publisher(Protocol):
     """What the shard's collector reads of persistence.events.EventPublisher."""
 
@@ -335,17 +343,20 @@ class _Collector(Collector):
 
 
 def shard_metrics(
-    owner: Owner, publisher: Publisher | None, metrics_listen: str
+    owner: Owner, ownership: Loading, publisher: Publisher | None, metrics_listen: str
 ) -> list[asyncio.Task[None]]:
     """Export the shard's figures and serve them (nothing when ``metrics_listen`` is empty)."""
     if not metrics_listen:
         return []
-    watch_shard(owner, publisher)
+    watch_shard(owner, ownership, publisher)
     return [asyncio.create_task(serve_metrics(metrics_listen), name="metrics")]
 
 
 def watch_shard(
-    owner: Owner, publisher: Publisher | None, registry: CollectorRegistry = REGISTRY
+    owner: Owner,
+    ownership: Loading,
+    publisher: Publisher | None,
+    registry: CollectorRegistry = REGISTRY,
 ) -> None:
     """The shard's figures in ``registry``: flushes observed once each, the rest read at
     scrape time."""
@@ -367,10 +378,12 @@ def watch_shard(
         flush_records.observe(records)
 
     owner.stats.on_flush = observe
-    registry.register(_Collector(lambda: _shard_families(owner, publisher)))
+    registry.register(_Collector(lambda: _shard_families(owner, ownership, publisher)))
 
 
-def _shard_families(owner: Owner, publisher: Publisher | None) -> Iterator[Metric]:
+def _shard_families(
+    owner: Owner, ownership: Loading, publisher: Publisher | None
+) -> Iterator[Metric]:
     gauges, stats, usage = owner.gauges(), owner.stats, owner.usage
     yield _gauge(
         "owner_queue_depth", "Requests queued for the owner's loop.", gauges["queue_depth"]
@@ -380,6 +393,11 @@ def _shard_families(owner: Owner, publisher: Publisher | None) -> Iterator[Metri
         "partitions_recovering",
         "Partitions being reloaded after a failed flush or a core failure.",
         gauges["partitions_recovering"],
+    )
+    yield _gauge(
+        "partitions_loading",
+        "Partitions taken over and being loaded (checkpoint and ledger tail).",
+        ownership.loading,
     )
     yield _gauge("keys", "Inventory keys held in memory.", gauges["keys"])
     yield _gauge("reservations_live", "Live reservations.", gauges["live_reservations"])
@@ -460,6 +478,11 @@ def watch_router(
 
 def _router_families(routes: Routes, calls: RouterParts, hub: WatchHub | None) -> Iterator[Metric]:
     yield _gauge("router_shards_alive", "Shards on the router's ring.", len(routes.addresses))
+    yield _gauge(
+        "router_items_pending",
+        "Items forwarded to the shards and not yet answered (the router's queue).",
+        routes.pending_items,
+    )
     yield _gauge("hot_keys_split", "Split keys the router knows.", len(calls.hot_keys))
     busiest = calls.detector.busiest_per_s if calls.detector is not None else 0.0
     yield _gauge(

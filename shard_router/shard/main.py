@@ -92,7 +92,7 @@ async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
         background = [
             asyncio.create_task(ownership.run(first_pass)),
             *start_auth(guard),
-            *shard_metrics(owner, publisher, config.metrics_listen),
+            *shard_metrics(owner, ownership, publisher, config.metrics_listen),
         ]
         await first_pass.wait()
         gc.collect()  # the recovered state, once, before it is frozen out of collections

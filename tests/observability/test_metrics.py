@@ -203,7 +203,7 @@ def process_families() -> dict[str, Any]:
     """The shard's and the router's families, each from a registry of its own."""
     shard_registry, router_registry = CollectorRegistry(), CollectorRegistry()
     owner = Owner(FakeStore())
-    metrics.watch_shard(owner, FakePublisher(), shard_registry)
+    metrics.watch_shard(owner, SimpleNamespace(loading=3), FakePublisher(), shard_registry)
     owner.stats.observe_flush(40, 0.003)
     parts = SimpleNamespace(hot_keys=HotKeyMap(), detector=None)
     hub = WatchHub(FakeEventSource())
@@ -241,6 +241,7 @@ def test_the_shard_collector_reads_the_owner_and_the_publisher_at_scrape_time() 
             "inventory_events_published",
             "inventory_over_committed_units",
             "inventory_partitions_owned",
+            "inventory_partitions_loading",
             "inventory_watch_subscribers",
         )
     }
@@ -249,6 +250,7 @@ def test_the_shard_collector_reads_the_owner_and_the_publisher_at_scrape_time() 
         "inventory_events_published": 7,
         "inventory_over_committed_units": 0,
         "inventory_partitions_owned": 0,
+        "inventory_partitions_loading": 3,
         "inventory_watch_subscribers": 0,
     }
 
