@@ -2,19 +2,21 @@
 
 How it works. Each process has one registry (``REGISTRY``, with the process collector: CPU,
 resident memory, open fds) served as text on ``GET /metrics`` from ``--metrics-listen``
-(``metrics_tasks``; empty: no endpoint, no interceptor, nothing counted). What moves per
-call is counted in ``MetricsInterceptor`` with label children bound once per method and
-code, and per Batch item in ``BatchItemCounts``; flushes are observed once each
-(``watch_shard``). Everything else is read at scrape time by a collector from the figures
-the process keeps anyway (``Owner.gauges``, ``OwnerStats``, the publisher's and the Watch
-hub's stats), so it costs nothing per operation. The endpoint is served on the event loop,
-so a collector reads that state between two steps of the loop, never half-way through one.
+(``shard_metrics``, ``router_metrics``; empty: no endpoint, no interceptor, nothing
+counted). What moves per call is counted in ``MetricsInterceptor`` with label children
+bound once per method and code, and per Batch item in ``BatchItemCounts``; flushes are
+observed once each (``watch_shard``). Everything else is read at scrape time by a
+collector from the figures the process keeps anyway (``Owner.gauges``, ``OwnerStats``, the
+publisher's and the Watch hub's stats), so it costs nothing per operation. The endpoint is
+served on the event loop, so a collector reads that state between two steps of the loop,
+never half-way through one.
 
 Labels are bounded sets only: service and method (the methods served), code (gRPC's 17)
 and kind (the Batch oneof's fields). Never a merchant, SKU, key or reservation id.
 
 Names (stable: ops/prometheus/alerts.yml, ops/grafana/inventory.json and
-docs/operations.md use them):
+docs/operations.md use them, and tests/observability checks that running processes export
+every name those two files use):
 
   every process
     inventory_grpc_calls_total{service,method,code}   calls ended (streams at their end)
