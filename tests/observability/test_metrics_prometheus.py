@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -100,7 +101,7 @@ def exporting(
     directory = tmp_path_factory.mktemp("metrics-cluster")
     redis = EmbeddedRedis()
     redis_url = redis.start(directory / "redis")
-    database = f"inv_metrics_{os.getpid()}"
+    database = "inv_test_" + secrets.token_hex(6)
     asyncio.run(_admin(postgres_server_url, f"CREATE DATABASE {database}"))
     shard_metrics, router_metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     cluster = None
@@ -160,6 +161,8 @@ def _exported_names(text: str) -> set[str]:
     return names
 
 
+@pytest.mark.e2e
+@pytest.mark.pg
 def test_the_processes_export_every_name_the_rules_and_the_dashboard_use(
     exporting: Exporting,
 ) -> None:
@@ -173,6 +176,8 @@ def test_the_processes_export_every_name_the_rules_and_the_dashboard_use(
     assert used - exported == set(), f"used but not exported: {sorted(used - exported)}"
 
 
+@pytest.mark.e2e
+@pytest.mark.pg
 def test_a_real_prometheus_scrapes_router_and_shard_and_counts_the_calls(
     exporting: Exporting, tmp_path: Path
 ) -> None:
