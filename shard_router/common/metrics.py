@@ -168,7 +168,6 @@ class _Method:
         service, _, method = path.lstrip("/").partition("/")
         self._labels = (service.rpartition(".")[2] or service, method)
         self._codes: dict[object, Any] = {None: CALLS.labels(*self._labels, _OK)}
-        self.generator: bool | None = None  # whether its stream behaviour is an async gen
 
     # Bound at first use: a unary method has no open streams, a stream no call duration.
     @functools.cached_property
@@ -259,9 +258,9 @@ def _timed(method: _Method, behavior: Callable[..., Awaitable[Any]]) -> Callable
 
 
 def _streamed(method: _Method, behavior: Callable[..., Any]) -> Callable[..., Any]:
-    if method.generator is None:
-        method.generator = inspect.isasyncgenfunction(behavior)
-    if not method.generator:  # writes with context.write (health's Watch)
+    # Asked per call: one method's behaviour may be either (health's Watch writes with
+    # context.write; a stream refused by the auth interceptor is a coroutine that aborts).
+    if not inspect.isasyncgenfunction(behavior):
 
         async def written(request: Any, context: grpc.aio.ServicerContext) -> None:
             with method.streaming(context):

@@ -115,11 +115,16 @@ def test_a_unary_call_moves_its_counter_with_its_code_and_its_histogram(counting
     assert sample("inventory_grpc_calls_total", **refused) == refused_before + 1
 
 
-def test_a_call_refused_by_auth_is_counted_unauthenticated(counting: None, keys: LocalKeys) -> None:
+def test_calls_refused_by_auth_are_counted_unauthenticated(counting: None, keys: LocalKeys) -> None:
+    """Unary and stream calls alike; a refused stream (a coroutine that aborts) and an
+    accepted one (an async generator) of the same method are both served."""
     guard = AuthInterceptor(Verifier(Keyring(keys.jwks_path)))
-    labels = {"service": "Inventory", "method": "Reserve"}
-    refused_before = sample("inventory_grpc_calls_total", **labels, code="UNAUTHENTICATED")
-    ok_before = sample("inventory_grpc_calls_total", **labels, code="OK")
+    counted = [
+        {"service": "Inventory", "method": method, "code": code}
+        for method in ("Reserve", "Batch")
+        for code in ("UNAUTHENTICATED", "OK")
+    ]
+    before = [sample("inventory_grpc_calls_total", **labels) for labels in counted]
     token = keys.mint(Role.ORDER_SERVICE, [OWN])
 
     async def calls_made() -> None:
@@ -130,14 +135,21 @@ def test_a_call_refused_by_auth_is_counted_unauthenticated(counting: None, keys:
                 with pytest.raises(grpc.aio.AioRpcError):
                     await inventory.Reserve(reserve(OWN))
                 await inventory.Reserve(reserve(OWN), metadata=bearer(token))
+                refused = inventory.Batch()
+                with pytest.raises(grpc.aio.AioRpcError) as refusal:
+                    await refused.read()
+                assert refusal.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                accepted = inventory.Batch(metadata=bearer(token))
+                await accepted.write(one_reserve(1))
+                assert len((await accepted.read()).results) == 1
+                await accepted.done_writing()
+                assert await accepted.read() is grpc.aio.EOF
         finally:
             await server.stop(None)
 
     run(calls_made())
-    assert sample("inventory_grpc_calls_total", **labels, code="UNAUTHENTICATED") == (
-        refused_before + 1
-    )
-    assert sample("inventory_grpc_calls_total", **labels, code="OK") == ok_before + 1
+    after = [sample("inventory_grpc_calls_total", **labels) for labels in counted]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
 
 
 def test_batch_items_are_counted_by_kind_and_code_and_the_stream_while_open(counting: None) -> None:
