@@ -296,9 +296,12 @@ def _get(url: str) -> tuple[int, str]:
         return int(answer.status), answer.read().decode()
 
 
-def test_without_an_endpoint_nothing_is_counted() -> None:
+def test_without_an_endpoint_nothing_is_counted(counting: None) -> None:
+    batching.item_counter = None
     assert metrics.call_interceptors("") == []
     assert batching.item_counter is None
+    assert len(metrics.call_interceptors("127.0.0.1:0")) == 1
+    assert batching.item_counter is not None
 
 
 def test_every_alert_has_a_summary_a_description_and_a_runbook_section() -> None:
