@@ -47,22 +47,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, NoReturn
+from typing import IO, TYPE_CHECKING, NoReturn
 
 from .common.config import (
+    CLIENT_TLS_FLAGS,
     HelpFormatter,
+    add_channel_tls_arguments,
     add_database_argument,
     add_log_level_argument,
     add_no_auth_argument,
     add_redis_argument,
     add_router_arguments,
     add_shard_arguments,
+    channel_tls_config,
     env,
     router_config,
     shard_config,
 )
 from .keys import add_subcommands as add_key_subcommands
 from .keys import prepare_local_auth, token_hint
+
+if TYPE_CHECKING:
+    from .common.tls import ChannelFactory
 
 # How long `up` waits for a process it started to answer health checks (recovery included).
 PROCESS_READY_TIMEOUT_S = 60.0
@@ -156,6 +162,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         up,
         "(default: callers present tokens signed by the key in DATA_DIR/auth; see inventory token)",
     )
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        default=env("TLS", "") not in ("", "0", "false"),
+        help="mutual TLS on every hop, with a local CA and certificates in DATA_DIR/tls "
+        "(printed at start) [INVENTORY_TLS] (default: off: plaintext on loopback)",
+    )
     add_database_argument(up, required=False, embedded=True)
     add_redis_argument(up, embedded=True)
     add_log_level_argument(up)
@@ -205,6 +218,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         default=env("TOKEN", ""),
         help="the caller's token, role gateway or admin (inventory token) [INVENTORY_TOKEN]",
     )
+    add_channel_tls_arguments(stock_import, CLIENT_TLS_FLAGS, "the router")
     stock_import.add_argument("--report", type=Path, help="write the summary as JSON here")
     stock_import.add_argument("--no-progress", action="store_true", help="no progress bar")
     stock_import.set_defaults(run=_import)
@@ -247,6 +261,7 @@ def _import(options: argparse.Namespace) -> None:
                 counted_at_ms=options.counted_at_ms,
                 progress=not options.no_progress,
                 token=options.token,
+                tls=channel_tls_config(options, CLIENT_TLS_FLAGS),
             )
         )
     except (OSError, ValueError) as error:
@@ -522,27 +537,27 @@ def _start(
         *("--database-url", database_url, "--redis-url", redis_url),
         *("--log-level", options.log_level),
     ]
-    auth, router_only = _auth_arguments(options.no_auth, data_dir, reporter)
-    common += auth
+    security = _security(options, data_dir, reporter)
+    common += security.arguments
     for index in range(options.shards):
         name, listen = f"shard-{index}", f"127.0.0.1:{shard_ports + index}"
         arguments = ["shard", "--shard-id", name, "--listen", listen, *common]
         arguments += _metrics_listen(_metrics_first(options), 1 + index)
         children.append(_spawn(name, listen, "--shard-ports", arguments, reporter))
-        _wait_ready(children[-1], signals, reporter)
+        _wait_ready(children[-1], signals, reporter, security.channels)
         reporter.say(f"{name} serving on {listen}")
     listen = f"127.0.0.1:{options.port}"
-    arguments = ["router", "--listen", listen, *common, *router_only]
+    arguments = ["router", "--listen", listen, *common, *security.router_arguments]
     arguments += _metrics_listen(_metrics_first(options), 0)
     children.append(_spawn("router", listen, "--port", arguments, reporter))
-    _wait_ready(children[-1], signals, reporter)
+    _wait_ready(children[-1], signals, reporter, security.channels)
     reporter.say(
         f"inventory service listening on {listen} (router, {_shards(options.shards)}; "
         f"ready in {time.monotonic() - started:.1f} s; Ctrl-C to stop)"
     )
     reporter.say(_metrics_line(_metrics_first(options), options.shards))
-    if not options.no_auth:
-        reporter.say(token_hint())
+    for hint in security.hints:
+        reporter.say(hint)
     return children
 
 
@@ -592,19 +607,39 @@ def _metrics_line(first: int, shards: int) -> str:
     return f"metrics (Prometheus): {', '.join(where)}"
 
 
-def _auth_arguments(
-    no_auth: bool, data_dir: Path, reporter: _Reporter
-) -> tuple[list[str], list[str]]:
-    """The flags every process gets, and the router's own, for checking callers."""
-    if no_auth:
+@dataclass
+class _Security:
+    """How ``up``'s processes check their callers (tokens) and are reached (TLS)."""
+
+    arguments: list[str]  # every process's flags
+    router_arguments: list[str]  # the router's own: its token and TLS to the shards
+    channels: ChannelFactory  # what ``up``'s health checks connect with
+    hints: list[str]  # what a caller needs, said once the service listens
+
+
+def _security(options: argparse.Namespace, data_dir: Path, reporter: _Reporter) -> _Security:
+    from .certificates import prepare_local_tls
+    from .common.tls import ChannelFactory
+
+    security = _Security([], [], ChannelFactory(), [])
+    if options.no_auth:
         reporter.say("warning: --no-auth: every caller can read, change and watch all stock")
-        return ["--no-auth"], []
-    local = prepare_local_auth(data_dir)
-    reporter.say(f"tokens are verified with the keys in {local.jwks_path}")
-    return ["--auth-keys", str(local.jwks_path)], [
-        "--shard-token-file",
-        str(local.router_token_path),
-    ]
+        security.arguments.append("--no-auth")
+    else:
+        local = prepare_local_auth(data_dir)
+        reporter.say(f"tokens are verified with the keys in {local.jwks_path}")
+        security.arguments.extend(["--auth-keys", str(local.jwks_path)])
+        security.router_arguments.extend(["--shard-token-file", str(local.router_token_path)])
+        security.hints.append(token_hint())
+    if not options.tls:
+        return security
+    local_tls = prepare_local_tls(data_dir)
+    reporter.say(f"TLS certificates issued by the local CA {local_tls.ca}")
+    security.arguments.extend(local_tls.server_arguments())
+    security.router_arguments.extend(local_tls.router_arguments())
+    security.hints.extend(local_tls.hints())
+    security.channels = ChannelFactory(local_tls.caller())
+    return security
 
 
 def _spawn(
@@ -624,12 +659,14 @@ def _spawn(
     return _Child(name, address, port_flag, process)
 
 
-def _wait_ready(child: _Child, signals: _StopSignals, reporter: _Reporter) -> None:
+def _wait_ready(
+    child: _Child, signals: _StopSignals, reporter: _Reporter, channels: ChannelFactory
+) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + PROCESS_READY_TIMEOUT_S
-    with grpc.insecure_channel(child.address) as channel:
+    with channels.open_blocking(child.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             signals.check()

@@ -1,6 +1,6 @@
 """``inventory import FILE``: a merchant's stock-take, as one batch of counts through the ledger.
 
-    inventory import counts.csv --merchant-id m-1 [--address 127.0.0.1:50051]
+    inventory import counts.csv --merchant-id m-1 [--address 127.0.0.1:50051] [--tls-ca ...]
 
 The file holds absolute counts, one per line: CSV with a header naming ``sku_id``,
 ``location_id``, ``count`` and optionally ``counted_at_ms``, or JSON lines with those fields
@@ -39,7 +39,7 @@ from typing import Any, TextIO
 from inventory.v1 import inventory_pb2 as pb
 from tqdm import tqdm
 
-from .client import InventoryClient, InventoryError
+from .client import ChannelTLSConfig, InventoryClient, InventoryError
 
 SOURCE = "import"
 # Events per Ingest request: the API's bound.
@@ -303,13 +303,17 @@ async def run_import(
     requests_in_flight: int = REQUESTS_IN_FLIGHT_DEFAULT,
     progress: bool = True,
     token: str = "",
+    tls: ChannelTLSConfig | None = None,
 ) -> Summary:
-    """Import ``path`` as the caller of ``token``; the summary (see the module docstring)."""
+    """Import ``path`` as the caller of ``token``, reaching the router by ``tls``; the
+    summary (see the module docstring). A TLS configuration that cannot run is a
+    ``ValueError`` before anything is read."""
+    client = InventoryClient(address, token=token, tls=tls)
     batch_id, file_format, counted_at_ms, total = await asyncio.to_thread(
         _plan, path, batch_id, file_format, counted_at_ms
     )
     bar = tqdm(total=max(total, 0), unit="line", disable=not progress, file=sys.stderr)
-    async with InventoryClient(address, token=token) as client:
+    async with client:
         importer = Importer(client, merchant_id, batch_id, requests_in_flight, bar)
         with path.open(newline="", encoding="utf-8") as stream:
             for item in read_lines(stream, file_format, batch_id, merchant_id, counted_at_ms):

@@ -96,6 +96,8 @@ class ServiceProcess:
     # How it checks its callers: none, unless a test says otherwise (tests/security run
     # them with --auth-keys and tokens; everything else tests what the calls do).
     auth_arguments: tuple[str, ...] = ("--no-auth",)
+    # What its health checks connect with: plaintext unless a test runs it with TLS.
+    health_credentials: grpc.ChannelCredentials | None = None
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -132,7 +134,7 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
             )
         if wait:
-            wait_healthy(self.address, self.process)
+            wait_healthy(self.address, self.process, self.health_credentials)
 
     def signal(self, signum: signal.Signals) -> None:
         assert self.process is not None
@@ -162,9 +164,19 @@ class ServiceProcess:
 ShardProcess = ServiceProcess
 
 
-def wait_healthy(address: str, process: subprocess.Popen[bytes]) -> None:
+def wait_healthy(
+    address: str,
+    process: subprocess.Popen[bytes],
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Until ``address`` answers SERVING, over TLS with ``credentials`` (else plaintext)."""
     deadline = time.monotonic() + PROCESS_READY_TIMEOUT_S
-    with grpc.insecure_channel(address) as channel:
+    channel = (
+        grpc.insecure_channel(address)
+        if credentials is None
+        else grpc.secure_channel(address, credentials)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -228,7 +240,7 @@ def start_cluster(
         member.start(wait=False)
     for member in members[1:]:
         assert member.process is not None
-        wait_healthy(member.address, member.process)
+        wait_healthy(member.address, member.process, member.health_credentials)
     router = ServiceProcess(
         database_url,
         log_dir,

@@ -10,8 +10,11 @@ answer), ``NotApplied`` (retryable: nothing was applied) or ``OutcomeUnknown`` (
 been applied: retry with the same idempotency key). Concurrent calls are batched onto one
 stream (``StreamBatcher``, also used by the router towards its shards); retryable answers are
 retried, and answers of unknown outcome are retried with the same idempotency key.
+``ChannelTLSConfig`` is the client's ``tls``: the CA it trusts and, for mutual TLS, its own
+certificate and key.
 """
 
+from ..common.config import ChannelTLSConfig
 from ..common.errors import AnswerClass
 from ._batcher import BatcherStats, StreamBatcher
 from ._client import InventoryClient, key, line
@@ -36,6 +39,7 @@ __all__ = [
     "AnswerClass",
     "BatcherStats",
     "CapacityExhausted",
+    "ChannelTLSConfig",
     "DeadlineExceeded",
     "IdempotencyKeyReused",
     "InsufficientStock",

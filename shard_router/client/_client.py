@@ -47,7 +47,9 @@ from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from ..common import errors, rpcs
 from ..common.calls import bearer
+from ..common.config import ChannelTLSConfig
 from ..common.errors import AnswerClass, answer_class_of
+from ..common.tls import ChannelFactory
 from ._batcher import BatcherStats, StreamBatcher
 from ._errors import (
     Overloaded,
@@ -82,7 +84,10 @@ class InventoryClient:
     Use as ``async with InventoryClient(address, token=...) as client:``; every method
     returns the generated response message or raises an ``InventoryError``. ``token`` is the
     caller's signed token (``inventory token`` makes one for a local run), sent with every
-    call; a server run with ``--no-auth`` needs none.
+    call; a server run with ``--no-auth`` needs none. ``tls`` is how the server is reached:
+    plaintext without it; TLS trusting ``ca_path``, and presenting ``cert_path`` and
+    ``key_path`` to a server that asks for a certificate (mutual TLS; ``inventory up --tls``
+    prints the three). A configuration that cannot run raises ``ValueError`` at once.
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class InventoryClient:
         timeout_s_default: float = TIMEOUT_S_DEFAULT,
         seed: int | None = None,
         token: str = "",
+        tls: ChannelTLSConfig | None = None,
     ) -> None:
         assert retry_attempts_max >= 1, retry_attempts_max
         assert 0 < backoff_s_initial <= backoff_s_max, (backoff_s_initial, backoff_s_max)
@@ -108,6 +114,7 @@ class InventoryClient:
         self._timeout_s_default = timeout_s_default
         self._random = random.Random(seed)
         self._metadata = bearer(token.strip()) if token.strip() else ()
+        self._channels = ChannelFactory(tls)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.InventoryStub | None = None
         self._batcher: StreamBatcher | None = None
@@ -422,7 +429,7 @@ class InventoryClient:
         if self._closed:
             raise RuntimeError("InventoryClient is closed")
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = self._channels.open(self.address)
             self._stub = pb_grpc.InventoryStub(self._channel)
             if self._batching:
                 self._batcher = StreamBatcher(self._channel, metadata=self._metadata)

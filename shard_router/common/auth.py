@@ -219,7 +219,8 @@ def interceptors(guard: AuthInterceptor | None) -> list[grpc.aio.ServerIntercept
     return [] if guard is None else [guard]
 
 
-def exit_on_setup_error(error: AuthSetupError) -> NoReturn:
+def exit_on_setup_error(error: Exception) -> NoReturn:
+    """A setup error (auth, TLS: ``str()`` names the flag) as one line, exit 2."""
     print(f"error: {error}", file=sys.stderr, flush=True)
     raise SystemExit(USAGE_EXIT_CODE)
 

@@ -13,6 +13,7 @@ import copy
 import os
 import re
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 ENVIRONMENT_PREFIX = "INVENTORY_"
@@ -40,6 +41,45 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerTLSConfig:
+    """How a server is reached (shard_router.common.tls): plaintext without a certificate;
+    TLS with one; mutual TLS when callers' certificates must chain to ``client_ca_path``."""
+
+    cert_path: str = ""
+    key_path: str = ""
+    client_ca_path: str = ""
+
+    def problem(self) -> str | None:
+        """Why this configuration cannot run, in one line naming the flags."""
+        if bool(self.cert_path) != bool(self.key_path):
+            return "--tls-cert and --tls-key go together"
+        if self.client_ca_path and not self.cert_path:
+            return "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelTLSConfig:
+    """How a caller reaches a server (shard_router.common.tls): plaintext without a CA; TLS
+    trusting the servers whose certificates chain to ``ca_path``; presenting a certificate
+    of its own (``cert_path``, ``key_path``) to a server that asks for one (mutual TLS)."""
+
+    ca_path: str = ""
+    cert_path: str = ""
+    key_path: str = ""
+    # The flags that set the three paths, for messages.
+    flags: tuple[str, str, str] = ("tls ca_path", "tls cert_path", "tls key_path")
+
+    def problem(self) -> str | None:
+        ca, cert, key = self.flags
+        if bool(self.cert_path) != bool(self.key_path):
+            return f"{cert} and {key} go together"
+        if self.cert_path and not self.ca_path:
+            return f"{cert} (mutual TLS) needs {ca}: the CA the server's certificate chains to"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class ShardConfig:
     shard_id: str
     listen: str
@@ -60,6 +100,7 @@ class ShardConfig:
     # A location none of whose feeds is heard from for this long is stale (OwnerLimits).
     feed_stale_after_s: float = 300.0
     auth: AuthConfig = AuthConfig()
+    tls: ServerTLSConfig = ServerTLSConfig()
     # host:port of the Prometheus endpoint (GET /metrics); empty: none (common/metrics.py).
     metrics_listen: str = ""
 
@@ -87,6 +128,9 @@ class RouterConfig:
     # The token the router presents to the shards (a file, read again when it changes); the
     # shards check it as they check any caller's.
     shard_token_file: str = ""
+    tls: ServerTLSConfig = ServerTLSConfig()
+    # The router's hop to the shards: what it trusts and presents.
+    shard_tls: ChannelTLSConfig = ChannelTLSConfig()
     metrics_listen: str = ""
 
 
@@ -159,6 +203,8 @@ def router_config(options: argparse.Namespace) -> RouterConfig:
         hot_key_cool_windows=options.hot_key_cool_windows,
         auth=auth_config(options),
         shard_token_file=options.shard_token_file,
+        tls=server_tls_config(options),
+        shard_tls=channel_tls_config(options, SHARD_TLS_FLAGS),
         metrics_listen=options.metrics_listen,
     )
 
@@ -184,6 +230,8 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         "read again when it changes [INVENTORY_SHARD_TOKEN_FILE] (default: none: shards "
         "run with --no-auth)",
     )
+    add_tls_arguments(parser)
+    add_channel_tls_arguments(parser, SHARD_TLS_FLAGS, "the shards")
 
 
 def add_hot_key_arguments(parser: argparse.ArgumentParser) -> None:
@@ -259,6 +307,69 @@ def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
 
 def auth_config(options: argparse.Namespace) -> AuthConfig:
     return AuthConfig(keys_path=options.auth_keys, no_auth=options.no_auth)
+
+
+# TLS (shard_router.common.tls): a server's own certificate, and a caller's trust and
+# certificate for one hop. Every file is read again when it changes (no restart).
+SHARD_TLS_FLAGS = ("--shard-tls-ca", "--shard-tls-cert", "--shard-tls-key")
+CLIENT_TLS_FLAGS = ("--tls-ca", "--tls-client-cert", "--tls-client-key")
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """A server's own certificate, and the CAs of its callers' (mutual TLS)."""
+    _add_pem_arguments(
+        parser,
+        (
+            (
+                "--tls-cert",
+                "this server's certificate (chain); with --tls-key it speaks TLS only",
+                " (default: none: plaintext)",
+            ),
+            ("--tls-key", "the private key of --tls-cert", ""),
+            (
+                "--tls-client-ca",
+                "mutual TLS: callers must present a certificate that chains to these CAs",
+                " (default: none: no client certificate asked for)",
+            ),
+        ),
+    )
+
+
+def add_channel_tls_arguments(
+    parser: argparse.ArgumentParser, flags: tuple[str, str, str], server: str
+) -> None:
+    """The three flags of one caller's hop (``flags``: the CA's, the cert's, the key's)."""
+    texts = (
+        (f"TLS to {server}: the CAs to trust", " (default: none: plaintext)"),
+        (f"mutual TLS: the certificate presented to {server}", ""),
+        ("the private key of that certificate", ""),
+    )
+    _add_pem_arguments(parser, [(flag, *text) for flag, text in zip(flags, texts, strict=True)])
+
+
+def _add_pem_arguments(
+    parser: argparse.ArgumentParser, flags: Sequence[tuple[str, str, str]]
+) -> None:
+    """A PEM file's path per (flag, help, default's text); its variable named after it."""
+    for flag, text, default in flags:
+        variable = flag.removeprefix("--").replace("-", "_").upper()
+        parser.add_argument(
+            flag,
+            default=env(variable, ""),
+            metavar="PEM_FILE",
+            help=f"{text} [{ENVIRONMENT_PREFIX}{variable}]{default}",
+        )
+
+
+def server_tls_config(options: argparse.Namespace) -> ServerTLSConfig:
+    return ServerTLSConfig(options.tls_cert, options.tls_key, options.tls_client_ca)
+
+
+def channel_tls_config(
+    options: argparse.Namespace, flags: tuple[str, str, str]
+) -> ChannelTLSConfig:
+    ca, cert, key = (getattr(options, f.removeprefix("--").replace("-", "_")) for f in flags)
+    return ChannelTLSConfig(ca, cert, key, flags)
 
 
 def add_redis_argument(parser: argparse.ArgumentParser, embedded: bool = False) -> None:
@@ -344,6 +455,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add_log_level_argument(parser)
     add_stats_interval_argument(parser)
     add_auth_arguments(parser)
+    add_tls_arguments(parser)
     add_metrics_argument(parser)
     parser.add_argument(
         "--checkpoint-interval-s",
@@ -397,5 +509,6 @@ def shard_config(options: argparse.Namespace) -> ShardConfig:
         checkpoint_interval_s=options.checkpoint_interval_s,
         feed_stale_after_s=options.feed_stale_after_s,
         auth=auth_config(options),
+        tls=server_tls_config(options),
         metrics_listen=options.metrics_listen,
     )

@@ -86,9 +86,11 @@ def create_server(
     listen: str,
     service_names: Sequence[str],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A server with health (NOT_SERVING until ``set_serving``) and reflection, its calls
-    through ``interceptors`` (authentication: shard_router.common.auth); returns the port."""
+    through ``interceptors`` (authentication: shard_router.common.auth), TLS with
+    ``credentials`` (shard_router.common.tls; plaintext without); returns the port."""
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -109,7 +111,10 @@ def create_server(
         server,
     )
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
     except RuntimeError as error:  # grpc >= 1.5x raises instead of returning 0
         check_listen_address(listen)  # names the reason when it still holds
         raise ListenError(listen, "cannot be listened on (gRPC bind failed)", False) from error

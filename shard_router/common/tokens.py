@@ -308,7 +308,7 @@ class LocalKeys:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_atomically(self.signing_key_path, pem, mode=0o600)
+        write_atomically(self.signing_key_path, pem, mode=0o600)
         return kid
 
     def retire(self, kid: str) -> None:
@@ -365,7 +365,7 @@ class LocalKeys:
 
     def _write_jwks(self, entries: list[dict[str, Any]]) -> None:
         document = json.dumps({"keys": entries}, indent=2) + "\n"
-        _write_atomically(self.jwks_path, document.encode(), mode=0o644)
+        write_atomically(self.jwks_path, document.encode(), mode=0o644)
 
 
 def mint(
@@ -403,7 +403,7 @@ def _public_jwk(private: Ed25519PrivateKey, kid: str) -> dict[str, Any]:
     return {**entry, "kid": kid, "alg": "EdDSA", "use": "sig"}
 
 
-def _write_atomically(path: Path, data: bytes, *, mode: int) -> None:
+def write_atomically(path: Path, data: bytes, *, mode: int) -> None:
     """Readers see the old file or the new one, never a part of it."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")

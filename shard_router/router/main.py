@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import Sequence
 
+import grpc
 import structlog
 from inventory.v1 import events_pb2, events_pb2_grpc, inventory_pb2
 
@@ -35,6 +36,7 @@ from ..common.metrics import call_interceptors, check_metrics_listen, router_met
 from ..common.server import create_server, run_server, set_serving
 from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
+from ..common.tls import ChannelFactory, TLSSetupError, server_credentials, server_mode
 from . import hot_keys
 from .detector import DetectorLimits, HotKeyDetector
 from .rebalancer import Rebalancer
@@ -51,14 +53,25 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 async def serve(
-    config: RouterConfig, guard: AuthInterceptor | None, shard_token: TokenSource
+    config: RouterConfig,
+    guard: AuthInterceptor | None,
+    shard_token: TokenSource,
+    server_tls: grpc.ServerCredentials | None,
+    shard_channels: ChannelFactory,
 ) -> None:
+    """Serve until SIGTERM/SIGINT: TLS with ``server_tls`` (plaintext without), to the
+    shards over ``shard_channels`` (shard_router.common.tls)."""
     pool = await create_pool(config.database_url, DATABASE_POOL_SIZE_MAX, "inventory-router")
     read_view: EventReader | None = None
     hub: WatchHub | None = None
     try:
         membership = Membership(pool, config.membership_lease_s)
-        routes = Routes(membership.alive, config.partition_count, credentials=shard_token.metadata)
+        routes = Routes(
+            membership.alive,
+            config.partition_count,
+            credentials=shard_token.metadata,
+            channels=shard_channels,
+        )
         await routes.refresh(force=True)
         services = list(SERVICE_NAMES)
         if config.redis_url:
@@ -67,7 +80,7 @@ async def serve(
             hub.start()
             services.append(WATCH_SERVICE_NAME)
         chain = call_interceptors(config.metrics_listen) + interceptors(guard)
-        server, health_servicer, port = create_server(config.listen, services, chain)
+        server, health_servicer, port = create_server(config.listen, services, chain, server_tls)
         service = RouterService(routes, read_view)
         serve_inventory(server, service)
         if hub is not None:
@@ -81,6 +94,8 @@ async def serve(
             port=port,
             ring=routes.ring_version,
             watch=hub is not None,
+            tls=server_mode(config.tls),
+            shard_tls=shard_channels.tls,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -204,9 +219,11 @@ def main(config: RouterConfig) -> None:
     try:
         guard = open_guard(config.auth)
         shard_token = TokenSource.of(path=config.shard_token_file)
-    except AuthSetupError as error:
+        server_tls = server_credentials(config.tls)
+        shard_channels = ChannelFactory(config.shard_tls)
+    except (AuthSetupError, TLSSetupError) as error:
         exit_on_setup_error(error)
     except OSError as error:
         exit_on_setup_error(AuthSetupError(f"--shard-token-file: {error}"))
     check_metrics_listen(config.metrics_listen)
-    run_server(lambda: serve(config, guard, shard_token), config.listen)
+    run_server(lambda: serve(config, guard, shard_token, server_tls, shard_channels), config.listen)

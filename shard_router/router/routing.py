@@ -55,6 +55,7 @@ from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from ..common import errors
+from ..common.tls import ChannelFactory
 from ..ring import Ring
 
 log = structlog.get_logger(__name__)
@@ -461,9 +462,13 @@ class Routes:
         limits: RoutingLimits | None = None,
         stream_limits: StreamLimits | None = None,
         credentials: Credentials | None = None,
+        *,
+        channels: ChannelFactory | None = None,
     ) -> None:
         self._read_members = read_members
         self._credentials = credentials
+        # Plaintext or TLS to the shards (shard_router.common.tls).
+        self._channel_factory = channels or ChannelFactory()
         self._partition_count = partition_count
         self.limits = limits or RoutingLimits()
         self._stream_limits = stream_limits or StreamLimits()
@@ -496,7 +501,7 @@ class Routes:
     def stream(self, address: str) -> ShardStream:
         stream = self._streams.get(address)
         if stream is None:
-            channel = grpc.aio.insecure_channel(address, options=SHARD_CHANNEL_OPTIONS)
+            channel = self._channel_factory.open(address, SHARD_CHANNEL_OPTIONS)
             self._channels[address] = channel
             stream = ShardStream(channel, self._stream_limits, self._credentials)
             self._streams[address] = stream

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 
+import grpc
 import structlog
 
 from persistence.connections import create_pool
@@ -37,6 +38,7 @@ from ..common.metrics import call_interceptors, check_metrics_listen, shard_metr
 from ..common.server import create_server, run_server, set_serving
 from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
+from ..common.tls import TLSSetupError, server_credentials, server_mode
 from .owner import Owner, OwnerLimits
 from .ownership import Ownership
 from .service import InventoryService
@@ -49,7 +51,9 @@ DATABASE_POOL_SIZE_MAX = 8
 SHUTDOWN_GRACE_S = 5.0
 
 
-async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
+async def serve(
+    config: ShardConfig, guard: AuthInterceptor | None, tls: grpc.ServerCredentials | None
+) -> None:
     started = time.monotonic()
     pool = await create_pool(
         config.database_url, DATABASE_POOL_SIZE_MAX, f"inventory-{config.shard_id}"
@@ -75,6 +79,7 @@ async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
             config.listen,
             SERVICE_NAMES,
             call_interceptors(config.metrics_listen) + interceptors(guard),
+            tls,
         )
         serve_inventory(server, InventoryService(owner))
         address = config.advertise or f"{config.listen.rsplit(':', 1)[0]}:{port}"
@@ -116,6 +121,7 @@ async def serve(config: ShardConfig, guard: AuthInterceptor | None) -> None:
             address=address,
             partitions=len(owner.owned_partitions),
             events="redis" if publisher else "off",
+            tls=server_mode(config.tls),
             startup_s=round(time.monotonic() - started, 3),
         )
         await _until_stopped(owner_task, background)
@@ -253,7 +259,8 @@ def main(config: ShardConfig) -> None:
     configure_logging(config.log_level, f"shard:{config.shard_id}")
     try:
         guard = open_guard(config.auth)
-    except AuthSetupError as error:
+        tls = server_credentials(config.tls)
+    except (AuthSetupError, TLSSetupError) as error:
         exit_on_setup_error(error)
     check_metrics_listen(config.metrics_listen)
-    run_server(lambda: serve(config, guard), config.listen)
+    run_server(lambda: serve(config, guard, tls), config.listen)

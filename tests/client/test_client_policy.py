@@ -76,6 +76,7 @@ def test_public_surface_is_exactly_the_documented_names() -> None:
         "AnswerClass",
         "BatcherStats",
         "CapacityExhausted",
+        "ChannelTLSConfig",
         "DeadlineExceeded",
         "IdempotencyKeyReused",
         "InsufficientStock",
