@@ -4,7 +4,8 @@
 INVENTORY_DATABASE_URL) it starts an embedded PostgreSQL whose data lives in ``--data-dir``
 (default ``.inventory/``, kept across restarts), likewise an embedded Redis, then ``--shards``
 shard processes (2 by default, on ``--shard-ports`` and up) and one router on ``--port``,
-prints the router's address and stays in the foreground until Ctrl-C or SIGTERM; then it
+prints the router's address and where each process serves its Prometheus metrics (on
+``--metrics-ports`` and up) and stays in the foreground until Ctrl-C or SIGTERM; then it
 stops the router, the shards, Redis and PostgreSQL, in that order.
 
 Rules of ``up``:
@@ -84,6 +85,9 @@ HEALTH_CHECK_TIMEOUT_S = 1.0
 LOG_TAIL_LINES_MAX = 20
 # Today's layout: shard i listens on --port + 10 + i unless --shard-ports says otherwise.
 SHARD_PORT_OFFSET = 10
+# Metrics (Prometheus) on --port + 20 (the router) and + 21 + i (shard i) unless
+# --metrics-ports says otherwise.
+METRICS_PORT_OFFSET = 20
 PORT_MAX = 65535
 
 EXIT_FAILED = 1
@@ -133,6 +137,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         default=env("SHARD_PORTS", "") or None,
         help="port of shard-0 on 127.0.0.1; shard-i listens on FIRST + i "
         f"[INVENTORY_SHARD_PORTS] (default: --port + {SHARD_PORT_OFFSET})",
+    )
+    up.add_argument(
+        "--metrics-ports",
+        type=int,
+        metavar="FIRST",
+        default=env("METRICS_PORTS", "") or None,
+        help="Prometheus metrics on 127.0.0.1: the router's on FIRST, shard-i's on FIRST + 1 "
+        f"+ i; 0: none [INVENTORY_METRICS_PORTS] (default: --port + {METRICS_PORT_OFFSET})",
     )
     up.add_argument(
         "--logs",
@@ -402,6 +414,7 @@ def _up(options: argparse.Namespace) -> None:
         data_dir = Path(options.data_dir).resolve()
         shard_ports = options.shard_ports or options.port + SHARD_PORT_OFFSET
         _check_plan(options.shards, options.port, shard_ports)
+        _check_metrics_ports(options.shards, _metrics_first(options), _planned_ports(options))
         if signals.received is not None:
             return  # nothing was started
         with contextlib.ExitStack() as stack:  # unwinds in reverse: children, Redis, PostgreSQL
@@ -529,20 +542,69 @@ def _start(
     for index in range(options.shards):
         name, listen = f"shard-{index}", f"127.0.0.1:{shard_ports + index}"
         arguments = ["shard", "--shard-id", name, "--listen", listen, *common]
+        arguments += _metrics_listen(_metrics_first(options), 1 + index)
         children.append(_spawn(name, listen, "--shard-ports", arguments, reporter))
         _wait_ready(children[-1], signals, reporter, security.channels)
         reporter.say(f"{name} serving on {listen}")
     listen = f"127.0.0.1:{options.port}"
     arguments = ["router", "--listen", listen, *common, *security.router_arguments]
+    arguments += _metrics_listen(_metrics_first(options), 0)
     children.append(_spawn("router", listen, "--port", arguments, reporter))
     _wait_ready(children[-1], signals, reporter, security.channels)
     reporter.say(
         f"inventory service listening on {listen} (router, {_shards(options.shards)}; "
         f"ready in {time.monotonic() - started:.1f} s; Ctrl-C to stop)"
     )
+    reporter.say(_metrics_line(_metrics_first(options), options.shards))
     for hint in security.hints:
         reporter.say(hint)
     return children
+
+
+def _metrics_first(options: argparse.Namespace) -> int:
+    """The router's metrics port (shard-i's is the next + i); 0: no metrics."""
+    first: int | None = options.metrics_ports
+    return options.port + METRICS_PORT_OFFSET if first is None else first
+
+
+def _planned_ports(options: argparse.Namespace) -> set[int]:
+    shard_ports = options.shard_ports or options.port + SHARD_PORT_OFFSET
+    return {options.port, *range(shard_ports, shard_ports + options.shards)}
+
+
+def _check_metrics_ports(shards: int, first: int, taken: set[int]) -> None:
+    """The metrics ports are ports, apart from the gRPC ones and free (like ``_check_plan``)."""
+    from .common.server import ListenError, check_listen_address
+
+    if first == 0:
+        return
+    wanted = range(first, first + 1 + shards)
+    if first < 0 or wanted[-1] > PORT_MAX:
+        raise _StartFailed(
+            f"--metrics-ports {first} + {shards + 1} ports is not in 1 to {PORT_MAX}", EXIT_USAGE
+        )
+    shared = sorted(taken.intersection(wanted))
+    if shared:
+        raise _StartFailed(
+            f"--metrics-ports {first}: port {shared[0]} is also a gRPC port", EXIT_USAGE
+        )
+    for port in wanted:
+        try:
+            check_listen_address(f"127.0.0.1:{port}")
+        except ListenError as error:
+            raise _StartFailed(f"{error} (--metrics-ports)", EXIT_USAGE) from None
+
+
+def _metrics_listen(first: int, offset: int) -> list[str]:
+    return ["--metrics-listen", f"127.0.0.1:{first + offset}"] if first else []
+
+
+def _metrics_line(first: int, shards: int) -> str:
+    if not first:
+        return "metrics: none (--metrics-ports 0)"
+    where = [f"router http://127.0.0.1:{first}/metrics"]
+    where += [f"shard-{i} http://127.0.0.1:{first + 1 + i}/metrics" for i in range(shards)]
+    return f"metrics (Prometheus): {', '.join(where)}"
 
 
 @dataclass

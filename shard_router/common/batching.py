@@ -30,7 +30,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from google.rpc import status_pb2
@@ -55,6 +55,17 @@ BATCH_ITEMS_MAX = 1000
 STREAM_ITEMS_HELD_MAX = 4_000
 # An item without timeout_ms gets this long, like a unary call without a deadline.
 ITEM_TIMEOUT_S_DEFAULT = calls.CALL_TIMEOUT_S_DEFAULT
+# The kind counted for an item with no call set (or an id sent twice while in flight).
+UNKNOWN_KIND = "none"
+
+
+class ItemCounter(Protocol):
+    def count(self, kind: str, code: int) -> None: ...
+
+
+# Every item answered is counted into this, by kind and code, once the process exports
+# metrics (set by shard_router.common.metrics; none: nothing is counted).
+item_counter: ItemCounter | None = None
 
 Call = Callable[[Any, float | None], Awaitable[Any]]
 Answer = Callable[[pb.BatchItemResult], None]
@@ -193,10 +204,17 @@ class _Served:
         self._settled = asyncio.Event()
         self._held = 0  # read and not yet written
         self._unanswered = 0  # read and not yet answered
+        # The kind of each item read and not yet answered, by id, when the process counts
+        # items (``item_counter``): held items only, so within items_held_max.
+        self._counter = item_counter
+        self._kinds: dict[int, str] | None = {} if item_counter is not None else None
 
     def answer(self, result: pb.BatchItemResult) -> None:
         self._unanswered -= 1
         assert self._unanswered >= 0, "an item was answered twice"
+        if self._counter is not None and self._kinds is not None:
+            code = result.error.code if result.WhichOneof("result") == "error" else 0
+            self._counter.count(self._kinds.pop(result.id, UNKNOWN_KIND), code)
         self.ready.append(result)
         self.readable.set()
         if self._unanswered == 0:
@@ -218,6 +236,9 @@ class _Served:
                     items = request.items
                     for chunk in _chunks(items):
                         await self._hold(len(chunk))
+                        if self._kinds is not None:
+                            for item in chunk:
+                                self._kinds[item.id] = item.WhichOneof("call") or UNKNOWN_KIND
                         if len(items) > BATCH_ITEMS_MAX:
                             for result in _oversized(chunk, len(items)):
                                 self.answer(result)

@@ -119,6 +119,8 @@ class ShardConfig:
     auth: AuthConfig = AuthConfig()
     tls: ServerTLSConfig = ServerTLSConfig()
     tracing: TracingConfig = TracingConfig()
+    # host:port of the Prometheus endpoint (GET /metrics); empty: none (common/metrics.py).
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,7 @@ class RouterConfig:
     # The router's hop to the shards: what it trusts and presents.
     shard_tls: ChannelTLSConfig = ChannelTLSConfig()
     tracing: TracingConfig = TracingConfig()
+    metrics_listen: str = ""
 
 
 # A help text that already names its default: "(default: x)", "Default: x", "; default x",
@@ -222,6 +225,7 @@ def router_config(options: argparse.Namespace) -> RouterConfig:
         tls=server_tls_config(options),
         shard_tls=channel_tls_config(options, SHARD_TLS_FLAGS),
         tracing=tracing_config(options),
+        metrics_listen=options.metrics_listen,
     )
 
 
@@ -239,6 +243,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add_hot_key_arguments(parser)
     add_auth_arguments(parser)
     add_tracing_arguments(parser)
+    add_metrics_argument(parser)
     parser.add_argument(
         "--shard-token-file",
         default=env("SHARD_TOKEN_FILE", ""),
@@ -308,6 +313,16 @@ def add_no_auth_argument(parser: argparse.ArgumentParser, more: str) -> None:
         action="store_true",
         default=env("NO_AUTH", "") not in ("", "0", "false"),
         help=f"serve every caller without a token {more} [INVENTORY_NO_AUTH]",
+    )
+
+
+def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-listen",
+        default=env("METRICS_LISTEN", ""),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics [INVENTORY_METRICS_LISTEN] "
+        "(default: none: no endpoint, nothing counted)",
     )
 
 
@@ -495,6 +510,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add_auth_arguments(parser)
     add_tls_arguments(parser)
     add_tracing_arguments(parser)
+    add_metrics_argument(parser)
     parser.add_argument(
         "--checkpoint-interval-s",
         type=_positive_float,
@@ -549,4 +565,5 @@ def shard_config(options: argparse.Namespace) -> ShardConfig:
         auth=auth_config(options),
         tls=server_tls_config(options),
         tracing=tracing_config(options),
+        metrics_listen=options.metrics_listen,
     )

@@ -67,6 +67,8 @@ class HotKeyDetector:
     _floor: int = 0  # the highest count evicted this window
     _cool_for: dict[InventoryKey, int] = field(default_factory=dict)
     _window_started_s: float = 0.0
+    # The busiest key's rate over the last window ended (the metrics read it).
+    busiest_per_s: float = 0.0
 
     def count(self, key: InventoryKey) -> None:
         """One Reserve of ``key`` (Space-Saving: bounded by ``keys_max``)."""
@@ -103,6 +105,7 @@ class HotKeyDetector:
         for key in [k for k in self._cool_for if k not in split or k in cooled]:
             del self._cool_for[key]
         top = tuple(heapq.nlargest(5, rates.items(), key=lambda item: item[1]))
+        self.busiest_per_s = top[0][1] if top else 0.0
         self._counts = {}
         self._floor = 0
         self._window_started_s = now_s

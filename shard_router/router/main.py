@@ -32,6 +32,7 @@ from ..common.auth import (
 )
 from ..common.config import RouterConfig
 from ..common.loop_monitor import LoopMonitor
+from ..common.metrics import call_interceptors, check_metrics_listen, router_metrics
 from ..common.server import create_server, run_server, set_serving
 from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
@@ -80,9 +81,12 @@ async def serve(
             hub = WatchHub(_WatchSource(read_view), partition_count=config.partition_count)
             hub.start()
             services.append(WATCH_SERVICE_NAME)
-        server, health_servicer, port = create_server(
-            config.listen, services, [*tracing_interceptors(), *interceptors(guard)], server_tls
-        )
+        chain = [
+            *tracing_interceptors(),
+            *call_interceptors(config.metrics_listen),
+            *interceptors(guard),
+        ]
+        server, health_servicer, port = create_server(config.listen, services, chain, server_tls)
         service = RouterService(routes, read_view)
         serve_inventory(server, service)
         if hub is not None:
@@ -110,6 +114,7 @@ async def serve(
             asyncio.create_task(_log_stats(routes, monitor, config.stats_interval_s)),
             *_hot_key_tasks(service.calls, config, hub),
             *start_auth(guard),
+            *router_metrics(routes, service.calls, hub, config.metrics_listen),
         ]
         await stop.wait()
         for task in background:
@@ -226,6 +231,7 @@ def main(config: RouterConfig) -> None:
         exit_on_setup_error(error)
     except OSError as error:
         exit_on_setup_error(AuthSetupError(f"--shard-token-file: {error}"))
+    check_metrics_listen(config.metrics_listen)
     with traced(config.tracing, "router", item_roots=True):
         run_server(
             lambda: serve(config, guard, shard_token, server_tls, shard_channels), config.listen

@@ -489,6 +489,11 @@ class Routes:
         """The live shards' addresses, in order."""
         return sorted(set(self._addresses.values()))
 
+    @property
+    def pending_items(self) -> int:
+        """Items forwarded to the shards and not yet answered, over every stream."""
+        return sum(stream.pending_items for stream in self._streams.values())
+
     def address_of(self, partition: int) -> str | None:
         if self._ring is None:
             return None

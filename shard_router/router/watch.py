@@ -458,6 +458,10 @@ class WatchHub:
     def _all_subscribers(self) -> list[Subscriber]:
         return [s for group in self._subscribers.values() for s in group]
 
+    def pending_keys_max(self) -> int:
+        """The most keys one subscriber has pending (for the metrics: a walk of them all)."""
+        return max((len(s.pending) for s in self._all_subscribers()), default=0)
+
     # ---------------------------------------------------------------------- reader
 
     async def _run(self) -> None:

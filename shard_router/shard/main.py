@@ -34,6 +34,7 @@ from ..common.auth import (
 )
 from ..common.config import ShardConfig
 from ..common.loop_monitor import LoopMonitor
+from ..common.metrics import call_interceptors, check_metrics_listen, shard_metrics
 from ..common.server import create_server, run_server, set_serving
 from ..common.servicer import SERVICE_NAMES, serve_inventory
 from ..common.telemetry import configure_logging
@@ -77,7 +78,14 @@ async def serve(
             ),
         )
         server, health_servicer, port = create_server(
-            config.listen, SERVICE_NAMES, [*tracing_interceptors(), *interceptors(guard)], tls
+            config.listen,
+            SERVICE_NAMES,
+            [
+                *tracing_interceptors(),
+                *call_interceptors(config.metrics_listen),
+                *interceptors(guard),
+            ],
+            tls,
         )
         serve_inventory(server, InventoryService(owner))
         address = config.advertise or f"{config.listen.rsplit(':', 1)[0]}:{port}"
@@ -92,7 +100,11 @@ async def serve(
             on_acquired=publisher.partitions_acquired if publisher else None,
         )
         first_pass = asyncio.Event()
-        background = [asyncio.create_task(ownership.run(first_pass)), *start_auth(guard)]
+        background = [
+            asyncio.create_task(ownership.run(first_pass)),
+            *start_auth(guard),
+            *shard_metrics(owner, ownership, publisher, config.metrics_listen),
+        ]
         await first_pass.wait()
         gc.collect()  # the recovered state, once, before it is frozen out of collections
         gc.freeze()
@@ -256,5 +268,6 @@ def main(config: ShardConfig) -> None:
         tls = server_credentials(config.tls)
     except (AuthSetupError, TLSSetupError) as error:
         exit_on_setup_error(error)
+    check_metrics_listen(config.metrics_listen)
     with traced(config.tracing, config.shard_id):
         run_server(lambda: serve(config, guard, tls), config.listen)

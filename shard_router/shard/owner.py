@@ -61,6 +61,7 @@ from inventory_core import (
     AvailabilityChanged,
     CheckpointDelta,
     ClientCommand,
+    Expire,
     HotKeyPart,
     InventoryKey,
     LocationHealth,
@@ -726,6 +727,8 @@ class Owner:
     def _flushed(self, batch: _Batch, records: list[Record]) -> None:
         for record in records:  # the last lsn flushed per partition (the core may be ahead)
             batch.owners[record.partition].flushed_lsn = record.lsn
+            if isinstance(record.command, Expire):
+                self.stats.expired += len(record.command.reservation_ids)
         for partition, owned in batch.owners.items():
             if self._owned.get(partition) is owned:  # not dropped during the flush
                 self._dirty.add(partition)
@@ -891,6 +894,11 @@ class Owner:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    def over_committed_units(self) -> int:
+        """Units promised beyond what there is (-available of every over-committed key):
+        from the cores' indexes, so as cheap as there are such keys (normally none)."""
+        return sum(sum(owned.core.over_committed().values()) for owned in self._owned.values())
+
 
 @dataclass(slots=True)
 class OwnerStats:
@@ -907,12 +915,18 @@ class OwnerStats:
 
     # The slowest flush since the stats line last reset it: tail latency shows here first.
     flush_seconds_max: float = 0.0
+    # Reservations expired, counted when their Expire records are flushed.
+    expired: int = 0
+    # Told of every flush (records, seconds): the metrics' histograms (common/metrics.py).
+    on_flush: Callable[[int, float], None] | None = None
 
     def observe_flush(self, records: int, seconds: float) -> None:
         self.flushes += 1
         self.records_flushed += records
         self.flush_seconds_total += seconds
         self.flush_seconds_max = max(self.flush_seconds_max, seconds)
+        if self.on_flush is not None:
+            self.on_flush(records, seconds)
 
 
 def _kind(work: _Item) -> str:

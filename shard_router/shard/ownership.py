@@ -95,6 +95,9 @@ class Ownership:
         self.limits = limits or OwnershipLimits()
         self.ring_version = ""
         self.rebalances = 0
+        # Partitions taken and being loaded (checkpoint and ledger tail) right now: not yet
+        # owned, so not in the owner's figures (the metrics read it).
+        self.loading = 0
         self._ring: Ring | None = None
         self._ring_members: tuple[str, ...] = ()
 
@@ -145,8 +148,12 @@ class Ownership:
             log.info("partitions_dropped", count=len(drop))
         if take:
             started = time.monotonic()
-            acquired = await self._partitions.acquire(take, self.shard_id)
-            loaded = await self._partitions.load(take)
+            self.loading = len(take)
+            try:
+                acquired = await self._partitions.acquire(take, self.shard_id)
+                loaded = await self._partitions.load(take)
+            finally:
+                self.loading = 0
             epochs = {o.partition: o.epoch for o in acquired}
             if self._on_acquired is not None:
                 self._on_acquired(take)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,17 +40,19 @@ POLL_INTERVAL_S = 0.05
 PORT_ATTEMPTS_MAX = 50
 
 
-def _free_port_pair() -> int:
-    """A port p with p + 1 free too (two shards)."""
+def _free_port_run(count: int) -> int:
+    """A port p with the count - 1 after it free too (two shards; the metrics of three
+    processes)."""
     for _ in range(PORT_ATTEMPTS_MAX):
         first = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", first + 1))
-            except OSError:
-                continue
+        try:
+            for extra in range(1, count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", first + extra))
+        except OSError:
+            continue
         return first
-    raise RuntimeError("no two consecutive free ports")
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 class Up:
@@ -58,14 +61,16 @@ class Up:
     def __init__(self, data_dir: Path, *extra: str) -> None:
         self.data_dir = data_dir
         self.port = free_port()
-        self.shard_ports = _free_port_pair()
+        self.shard_ports = _free_port_run(2)
+        self.metrics_ports = _free_port_run(3)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "shard_router", "up"),
                 *("--data-dir", str(data_dir), "--port", str(self.port)),
-                *("--shard-ports", str(self.shard_ports), *extra),
+                *("--shard-ports", str(self.shard_ports)),
+                *("--metrics-ports", str(self.metrics_ports), *extra),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -247,6 +252,14 @@ def test_sigterm_once_up_stops_everything_and_keeps_json_logs_off_the_terminal(
     up = Up(data_dir)
     try:
         up.wait_for(f"listening on 127.0.0.1:{up.port}")
+        metrics = up.wait_for("metrics (Prometheus): ")
+        urls = [f"http://127.0.0.1:{up.metrics_ports + i}/metrics" for i in range(3)]
+        assert metrics.endswith(f"router {urls[0]}, shard-0 {urls[1]}, shard-1 {urls[2]}\n"), (
+            metrics
+        )
+        for url in urls:
+            with urllib.request.urlopen(url, timeout=30) as answer:
+                assert b"inventory_grpc_calls_total{" in answer.read()
         tree = up.tree()
         names = " ".join(" ".join(p.cmdline()) for p in tree if _alive(p))
         assert "router" in names and "shard-1" in names and "redis-server" in names
@@ -262,7 +275,7 @@ def test_sigterm_once_up_stops_everything_and_keeps_json_logs_off_the_terminal(
     assert f"{data_dir / 'logs' / 'inventory.log'}" in up.lines[0]
 
 
-@pytest.mark.parametrize("which", ["--port", "--shard-ports"])
+@pytest.mark.parametrize("which", ["--port", "--shard-ports", "--metrics-ports"])
 def test_a_taken_port_is_one_line_naming_it_and_exit_2(data_dir: Path, which: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -271,8 +284,8 @@ def test_a_taken_port_is_one_line_naming_it_and_exit_2(data_dir: Path, which: st
         answer = subprocess.run(
             [
                 *(sys.executable, "-m", "shard_router", "up", "--data-dir", str(data_dir)),
-                *(("--port", str(port)) if which == "--port" else ("--shard-ports", str(port))),
-                *(("--port", str(free_port())) if which == "--shard-ports" else ()),
+                *(which, str(port)),
+                *(("--port", str(free_port())) if which != "--port" else ()),
             ],
             capture_output=True,
             text=True,
@@ -286,9 +299,10 @@ def test_a_taken_port_is_one_line_naming_it_and_exit_2(data_dir: Path, which: st
     assert not (data_dir / "postgres").exists()  # refused before anything started
 
 
+@pytest.mark.parametrize("flag", ["--listen", "--metrics-listen"])
 @pytest.mark.parametrize("role", ["shard", "router"])
 def test_a_server_that_cannot_bind_says_so_in_one_line_with_its_own_exit_code(
-    role: str,
+    role: str, flag: str
 ) -> None:
     from shard_router.common.server import LISTEN_FAILED_EXIT_CODE
 
@@ -296,9 +310,10 @@ def test_a_server_that_cannot_bind_says_so_in_one_line_with_its_own_exit_code(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
+        other = ("--listen", f"127.0.0.1:{free_port()}") if flag != "--listen" else ()
         answer = subprocess.run(
             [
-                *(sys.executable, "-m", "shard_router", role, "--listen", address),
+                *(sys.executable, "-m", "shard_router", role, flag, address, *other),
                 *("--database-url", "postgresql://nobody@127.0.0.1:1/none", "--no-auth"),
             ],
             capture_output=True,
@@ -308,4 +323,4 @@ def test_a_server_that_cannot_bind_says_so_in_one_line_with_its_own_exit_code(
             check=False,
         )
     assert answer.returncode == LISTEN_FAILED_EXIT_CODE, answer
-    assert answer.stderr == f"error: {address} is already in use (--listen)\n"
+    assert answer.stderr == f"error: {address} is already in use ({flag})\n"
