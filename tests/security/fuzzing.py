@@ -2,7 +2,10 @@
 
 ``messages(descriptor, ids)`` draws a message of any type from its protobuf descriptor, so
 every request message is covered and a field added to the proto is fuzzed without editing
-this file. Per field type:
+this file. Half the messages are plausible: every field set to a real id of ``ids``, a
+fresh id, an ordinary number (a time near now for an ``int64 *_ms``) or a named enum value,
+one member of each oneof, so that the fuzz reaches past validation into the owners. The
+other half are hostile, any field left out or set, per field type, to:
 
     integers   the type's extremes and their neighbours, small ordinary values, anything
     strings    empty, huge, unicode, control characters, and (when ``ids`` knows the field's
@@ -16,11 +19,10 @@ this file. Per field type:
     maps       a few entries, with the metadata keys the router propagates
     oneofs     none or one member; proto3 ``optional`` set or not
 
-``Ids`` holds the real ids that exist in the running service, so that requests reach past
-validation into the owners. ``tokens``, ``raw_requests`` and ``metadata`` draw the other
-inputs: authorization values (good, expired, foreign, unsigned, tampered, and tokens
-signed with the service's own key but with claims of any shape), bytes that may or may not
-parse, and headers huge, many, binary or odd.
+``Ids`` holds the real ids that exist in the running service. ``tokens``, ``raw_requests``
+and ``metadata`` draw the other inputs: authorization values (good, expired, foreign,
+unsigned, tampered, and tokens signed with the service's own key but with claims of any
+shape), bytes that may or may not parse, and headers huge, many, binary or odd.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 
 from inventory_core import limits
+from shard_router.common.server import MESSAGE_BYTES_MAX
 from shard_router.common.tokens import AUDIENCE, key_id
 
-# Message nesting drawn at most (the request types nest three deep: BatchItem > Reserve >
-# ReservationLine > InventoryKey).
+# Message nesting drawn at most (the deepest request, a BatchRequest's ReceiveQuota item,
+# nests five deep: BatchItem > ReceiveQuotaRequest > QuotaTransfer > InventoryKey).
 DEPTH_MAX = 5
 # Elements of a repeated field drawn one by one; the many-copies case goes past the bounds
 # (reserve_lines_max 100, availability_keys_max 1000).
@@ -58,8 +61,8 @@ HUGE_LENGTHS = (
     100_000,
 )
 HUGE_CHARACTERS = ("a", "é", "\x00", "\U0001f6d2", "\u202e")
-# One message past the server's receive bound (common/server.MESSAGE_BYTES_MAX, 4 MiB).
-OVERSIZED_BYTES = 4 * 1024 * 1024 + 1
+# One message past the server's receive bound.
+OVERSIZED_BYTES = MESSAGE_BYTES_MAX + 1
 
 _INTEGER_RANGES = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
