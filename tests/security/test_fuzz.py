@@ -598,9 +598,24 @@ def _seeded(cluster: Cluster, keys: LocalKeys, database_url: str) -> Fuzz:
     state = Fuzz(cluster, kit, ledger, admin, scoped_ids, every_ids, reservations["guard"])
     recorded = {type(record.command) for record in ledger.new_records()}
     assert {ExpectDelivery, Ingest} <= recorded, f"the ledger reader missed writes: {recorded}"
+    _the_check_sees_a_write(state)
     state.guard_seen = state.guard_state()
     state.rss_at_start = {name: state.rss(p) for name, p in state.processes.items()}
     return state
+
+
+def _the_check_sees_a_write(state: Fuzz) -> None:
+    """The refusal check can fail: an accepted write, judged as if it had been refused, is
+    caught."""
+    started = now_ms()
+    key = _keys(OWN)[0]
+    pb_grpc.InventoryStub(state.channel("router")).SetStock(
+        pb.SetStockRequest(key=key, on_hand=1000, idempotency_key="seed-check"),
+        metadata=state.admin,
+        timeout=CALL_DEADLINE_S,
+    )
+    with pytest.raises(AssertionError, match="a refused call left a ledger record"):
+        state.changed_nothing(started, [])
 
 
 def report(summary: dict[str, Any]) -> None:
