@@ -421,12 +421,14 @@ class Fuzz:
     def guard_state(self) -> tuple[bytes, bytes]:
         stub = pb_grpc.InventoryStub(self.channel("router"))
         levels = stub.GetAvailability(
-            pb.GetAvailabilityRequest(keys=_keys(GUARD)), metadata=self.admin, timeout=30
+            pb.GetAvailabilityRequest(keys=_keys(GUARD)),
+            metadata=self.admin,
+            timeout=CALL_DEADLINE_S,
         )
         reservation = stub.GetReservation(
             pb.GetReservationRequest(merchant_id=GUARD, reservation_id=self.guard_reservation),
             metadata=self.admin,
-            timeout=30,
+            timeout=CALL_DEADLINE_S,
         )
         return levels.SerializeToString(), reservation.SerializeToString()
 
@@ -464,6 +466,7 @@ def _keys(merchant: str) -> list[pb.InventoryKey]:
 
 
 def now_ms() -> int:
+    """Unix epoch ms, as the shard stamps a command (a millisecond early: both truncate)."""
     return int(time.time() * 1000) - 1
 
 
