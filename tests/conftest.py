@@ -7,6 +7,7 @@ session in a temporary directory. Every test that writes gets a database of its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -56,6 +57,13 @@ def with_database(url: str, database: str) -> str:
 @pytest.fixture
 def database_url(postgres_server_url: str) -> Iterator[str]:
     """A new, empty database on the test server, dropped afterwards."""
+    with fresh_database(postgres_server_url) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_database(postgres_server_url: str) -> Iterator[str]:
+    """A new, empty database on the server (a module's fixture may hold one too)."""
     import asyncio
 
     name = "inv_test_" + secrets.token_hex(6)

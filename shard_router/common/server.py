@@ -19,6 +19,8 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .decoding import RequestDecoding
+
 # Messages larger than this are refused: a 1000-key batch answer is ~100 KiB.
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 # In-flight RPCs per process; beyond it gRPC answers RESOURCE_EXHAUSTED.
@@ -89,10 +91,11 @@ def create_server(
     credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A server with health (NOT_SERVING until ``set_serving``) and reflection, its calls
-    through ``interceptors`` (authentication: shard_router.common.auth), TLS with
-    ``credentials`` (shard_router.common.tls; plaintext without); returns the port."""
+    through ``interceptors`` (authentication: shard_router.common.auth) after bytes that are
+    no request are refused (shard_router.common.decoding), TLS with ``credentials``
+    (shard_router.common.tls; plaintext without); returns the port."""
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=[RequestDecoding(), *interceptors],
         options=[
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
