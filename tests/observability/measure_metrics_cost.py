@@ -31,6 +31,7 @@ from inventory.v1 import inventory_pb2_grpc as pb_grpc
 from shard_router.common import batching, metrics
 from shard_router.common.server import create_server
 from shard_router.common.servicer import SERVICE_NAMES, CallsServicer, serve_inventory
+from tests.security.measure_auth_cost import interceptor_path_us
 from tests.security.test_isolation_matrix import RecordingCalls, reserve
 
 # The servers' CPU per one-line reservation through router, shard and PostgreSQL (README).
@@ -102,53 +103,25 @@ async def measure(calls_count: int) -> dict[str, tuple[float, float]]:
     return {name: (min(off), min(on)) for name, (off, on) in rounds.items()}
 
 
-class _Context:
-    def code(self) -> None:
-        return None
-
-
-async def interceptor_path_us(count: int = 50_000) -> tuple[float, float]:
-    """The interceptor's own CPU per unary call, without gRPC's noise around it: its
-    ``intercept_service`` and the wrapped behaviour, against the same calls without it;
-    and its work alone (two clock reads, an observation, a count)."""
-    handler = grpc.unary_unary_rpc_method_handler(_answer)
-    details = SimpleNamespace(method="/inventory.v1.Inventory/Reserve", invocation_metadata=())
-    context = _Context()
-
-    async def continuation(_: object) -> grpc.RpcMethodHandler:
-        return handler
-
-    interceptor = metrics.MetricsInterceptor()
-    started = time.process_time()
-    for _ in range(count):
-        found = await continuation(details)
-        await found.unary_unary(None, context)
-    bare = time.process_time() - started
-    started = time.process_time()
-    for _ in range(count):
-        wrapped = await interceptor.intercept_service(continuation, details)
-        await wrapped.unary_unary(None, context)
-    intercepted = time.process_time() - started
-    method = metrics._Method(details.method)
+def counting_alone_us(count: int = 50_000) -> float:
+    """The interceptor's work alone per call: two clock reads, an observation, a count."""
+    method = metrics._Method("/inventory.v1.Inventory/Reserve")
+    context = SimpleNamespace(code=lambda: None)
 
     def work() -> None:
         started = time.perf_counter()
         method.duration.observe(time.perf_counter() - started)
         method.ended(context, None)  # type: ignore[arg-type]
 
-    alone = timeit.timeit(work, number=count) / count * 1e6
-    return (intercepted - bare) / count * 1e6, alone
-
-
-async def _answer(request: object, context: object) -> object:
-    return request
+    return timeit.timeit(work, number=count) / count * 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=25000)
     options = parser.parse_args()
-    path_us, alone_us = asyncio.run(interceptor_path_us())
+    path_us = asyncio.run(interceptor_path_us(metrics.MetricsInterceptor()))
+    alone_us = counting_alone_us()
     print(f"interceptor, one unary call: +{path_us:.2f} us of CPU ({alone_us:.2f} us counting)")
     figures = asyncio.run(measure(options.calls))
     for name, (off, on) in figures.items():
