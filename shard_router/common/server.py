@@ -89,13 +89,16 @@ def create_server(
     service_names: Sequence[str],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    observers: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """A server with health (NOT_SERVING until ``set_serving``) and reflection, its calls
-    through ``interceptors`` (authentication: shard_router.common.auth) after bytes that are
-    no request are refused (shard_router.common.decoding), TLS with ``credentials``
-    (shard_router.common.tls; plaintext without); returns the port."""
+    """A server with health (NOT_SERVING until ``set_serving``) and reflection, TLS with
+    ``credentials`` (shard_router.common.tls; plaintext without); returns the port.
+
+    Its calls pass through ``observers`` (metrics: they see every call, its request never
+    read), then the refusal of bytes that are no request (shard_router.common.decoding),
+    then ``interceptors``, which may read the request (tracing, authentication)."""
     server = grpc.aio.server(
-        interceptors=[RequestDecoding(), *interceptors],
+        interceptors=[*observers, RequestDecoding(), *interceptors],
         options=[
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),

@@ -81,12 +81,13 @@ async def serve(
             hub = WatchHub(_WatchSource(read_view), partition_count=config.partition_count)
             hub.start()
             services.append(WATCH_SERVICE_NAME)
-        chain = [
-            *tracing_interceptors(),
-            *call_interceptors(config.metrics_listen),
-            *interceptors(guard),
-        ]
-        server, health_servicer, port = create_server(config.listen, services, chain, server_tls)
+        server, health_servicer, port = create_server(
+            config.listen,
+            services,
+            [*tracing_interceptors(), *interceptors(guard)],
+            server_tls,
+            observers=call_interceptors(config.metrics_listen),
+        )
         service = RouterService(routes, read_view)
         serve_inventory(server, service)
         if hub is not None:

@@ -80,12 +80,9 @@ async def serve(
         server, health_servicer, port = create_server(
             config.listen,
             SERVICE_NAMES,
-            [
-                *tracing_interceptors(),
-                *call_interceptors(config.metrics_listen),
-                *interceptors(guard),
-            ],
+            [*tracing_interceptors(), *interceptors(guard)],
             tls,
+            observers=call_interceptors(config.metrics_listen),
         )
         serve_inventory(server, InventoryService(owner))
         address = config.advertise or f"{config.listen.rsplit(':', 1)[0]}:{port}"

@@ -50,7 +50,7 @@ class Served:
     def __init__(self, with_metrics: bool) -> None:
         self.with_metrics = with_metrics
         chain = metrics.call_interceptors("127.0.0.1:0") if with_metrics else []
-        self.server, _, port = create_server("127.0.0.1:0", SERVICE_NAMES, chain)
+        self.server, _, port = create_server("127.0.0.1:0", SERVICE_NAMES, observers=chain)
         serve_inventory(self.server, CallsServicer(RecordingCalls()))
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.stub = pb_grpc.InventoryStub(self.channel)

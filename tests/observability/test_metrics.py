@@ -71,8 +71,12 @@ def keys() -> LocalKeys:
 
 
 async def serving(guard: AuthInterceptor | None = None) -> tuple[grpc.aio.Server, int]:
-    chain = metrics.call_interceptors("127.0.0.1:0") + ([guard] if guard else [])
-    server, _, port = create_server("127.0.0.1:0", SERVICE_NAMES, chain)
+    server, _, port = create_server(
+        "127.0.0.1:0",
+        SERVICE_NAMES,
+        [guard] if guard else [],
+        observers=metrics.call_interceptors("127.0.0.1:0"),
+    )
     serve_inventory(server, CallsServicer(RefusingCalls()))
     await server.start()
     return server, port
@@ -150,6 +154,30 @@ def test_calls_refused_by_auth_are_counted_unauthenticated(counting: None, keys:
     run(calls_made())
     after = [sample("inventory_grpc_calls_total", **labels) for labels in counted]
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
+
+
+def test_bytes_that_are_no_request_are_counted_invalid_argument(
+    counting: None, keys: LocalKeys
+) -> None:
+    """Refused before authentication and the servicer, and still counted: the metrics see
+    every call, the decoding refusal included (server.create_server's observers)."""
+    guard = AuthInterceptor(Verifier(Keyring(keys.jwks_path)))
+    labels = {"service": "Inventory", "method": "Reserve", "code": "INVALID_ARGUMENT"}
+    before = sample("inventory_grpc_calls_total", **labels)
+
+    async def call_made() -> None:
+        server, port = await serving(guard)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                garbage = channel.unary_unary("/inventory.v1.Inventory/Reserve")
+                with pytest.raises(grpc.aio.AioRpcError) as refusal:
+                    await garbage(b"\xff\xff\xff", timeout=10)
+                assert refusal.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        finally:
+            await server.stop(None)
+
+    run(call_made())
+    assert sample("inventory_grpc_calls_total", **labels) == before + 1
 
 
 def test_batch_items_are_counted_by_kind_and_code_and_the_stream_while_open(counting: None) -> None:
