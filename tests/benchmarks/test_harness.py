@@ -110,7 +110,11 @@ def test_a_server_without_batch_makes_the_batch_target_unavailable() -> None:
 
     probed, code, unavailable = asyncio.run(run())
     assert probed == "UNIMPLEMENTED"
-    assert code == "UNIMPLEMENTED"
+    # The driver answers with the code its stream ended with. A write racing the server's
+    # at-once UNIMPLEMENTED makes gRPC's client end the whole call INTERNAL ("Internal
+    # error from Core", the read as well): 98 of 1,500 streams whose write raced the close
+    # on this machine. Either is what the client was told; any other code is the driver's.
+    assert code in {"UNIMPLEMENTED", "INTERNAL"}
     assert unavailable == "Batch stream: UNIMPLEMENTED"
 
 
