@@ -7,6 +7,7 @@ session in a temporary directory. Every test that writes gets a database of its 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -64,8 +65,6 @@ def database_url(postgres_server_url: str) -> Iterator[str]:
 @contextlib.contextmanager
 def fresh_database(postgres_server_url: str) -> Iterator[str]:
     """A new, empty database on the server (a module's fixture may hold one too)."""
-    import asyncio
-
     name = "inv_test_" + secrets.token_hex(6)
 
     async def admin(statement: str) -> None:
@@ -80,6 +79,20 @@ def fresh_database(postgres_server_url: str) -> Iterator[str]:
         yield with_database(postgres_server_url, name)
     finally:
         asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@contextlib.contextmanager
+def embedded_redis() -> Iterator[str]:
+    """An embedded Redis in a temporary directory, for as long as the block runs: its URL."""
+    from persistence.embedded import EmbeddedRedis
+
+    directory = Path(tempfile.mkdtemp(prefix="inv-test-redis-"))
+    redis = EmbeddedRedis()
+    try:
+        yield redis.start(directory)
+    finally:
+        redis.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def free_port() -> int:

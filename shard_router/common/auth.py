@@ -27,7 +27,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,7 +37,7 @@ from google.rpc import status_pb2
 from inventory.v1 import inventory_pb2 as pb
 
 from . import access, errors, rpcs
-from .calls import AUTHORIZATION_METADATA, BEARER, abort
+from .calls import AUTHORIZATION_METADATA, BEARER, Continuation, abort
 from .config import AuthConfig
 from .tokens import (
     KEYS_REFRESH_INTERVAL_S,
@@ -74,7 +74,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)

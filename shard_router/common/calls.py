@@ -10,7 +10,7 @@ mutation).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from typing import Any, NoReturn, TypeVar
 
@@ -24,6 +24,8 @@ from inventory_core import Invalid, Rejection
 from . import errors
 
 T = TypeVar("T")
+# What a server interceptor is given to reach the next one (and the servicer at the end).
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
 log = structlog.get_logger(__name__)
 
 # Caller metadata that travels with a call from router to owner (and into log lines).

@@ -14,7 +14,7 @@ stream, the first request that does not parse ends the stream so.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +25,7 @@ from google.rpc import status_pb2
 from inventory_core import Invalid
 
 from . import errors
-from .calls import abort
-
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+from .calls import Continuation, abort
 
 
 @dataclass(frozen=True, slots=True)

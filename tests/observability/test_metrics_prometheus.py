@@ -13,11 +13,9 @@ INVENTORY_REQUIRE_PROMETHEUS=1 (CI sets it): then they fail.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import time
@@ -26,14 +24,18 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from persistence.embedded import EmbeddedRedis
-from tests.conftest import Cluster, free_port, start_cluster, with_database
+from tests.conftest import (
+    Cluster,
+    embedded_redis,
+    free_port,
+    fresh_database,
+    start_cluster,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "ops" / "prometheus" / "alerts.yml"
@@ -99,36 +101,21 @@ def exporting(
     postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Exporting]:
     directory = tmp_path_factory.mktemp("metrics-cluster")
-    redis = EmbeddedRedis()
-    redis_url = redis.start(directory / "redis")
-    database = "inv_test_" + secrets.token_hex(6)
-    asyncio.run(_admin(postgres_server_url, f"CREATE DATABASE {database}"))
     shard_metrics, router_metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    cluster = None
-    try:
+    with fresh_database(postgres_server_url) as database_url, embedded_redis() as redis_url:
         cluster = start_cluster(
-            with_database(postgres_server_url, database),
+            database_url,
             directory,
             shards=1,
             redis_url=redis_url,
             shard_arguments=("--metrics-listen", shard_metrics),
             router_arguments=("--metrics-listen", router_metrics),
         )
-        _make_calls(cluster.router.address)
-        yield Exporting(cluster, shard_metrics, router_metrics)
-    finally:
-        if cluster is not None:
+        try:
+            _make_calls(cluster.router.address)
+            yield Exporting(cluster, shard_metrics, router_metrics)
+        finally:
             cluster.stop()
-        redis.stop()
-        asyncio.run(_admin(postgres_server_url, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
-
-
-async def _admin(url: str, statement: str) -> None:
-    connection = await asyncpg.connect(url)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
 
 
 def _make_calls(router: str) -> None:

@@ -45,11 +45,8 @@ written as JSON to the file ``INVENTORY_FUZZ_SUMMARY`` names. A failure prints i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator, Sequence
@@ -72,13 +69,18 @@ from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from inventory_core import ExpectDelivery, Expire, Ingest, MarkStale, Release, Reserve
-from persistence.embedded import EmbeddedRedis
 from persistence.ledger import decode_records
 from shard_router.common import errors, rpcs
 from shard_router.common.access import Role
 from shard_router.common.calls import bearer
 from shard_router.common.tokens import LocalKeys
-from tests.conftest import Cluster, ServiceProcess, fresh_database, start_cluster
+from tests.conftest import (
+    Cluster,
+    ServiceProcess,
+    embedded_redis,
+    fresh_database,
+    start_cluster,
+)
 from tests.security import fuzzing
 from tests.security.fuzzing import GOOD, GOOD_EVERY, REFUSED, Ids, Token, TokenKit
 
@@ -471,17 +473,6 @@ def now_ms() -> int:
 
 
 # ------------------------------------------------------------------ the fixture
-
-
-@contextlib.contextmanager
-def embedded_redis() -> Iterator[str]:
-    directory = Path(tempfile.mkdtemp(prefix="inv-fuzz-redis-"))
-    redis = EmbeddedRedis()
-    try:
-        yield redis.start(directory)
-    finally:
-        redis.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

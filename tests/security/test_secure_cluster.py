@@ -10,10 +10,8 @@ token appears in any process's log.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,11 +23,10 @@ from inventory.v1 import events_pb2, events_pb2_grpc
 from inventory.v1 import inventory_pb2 as pb
 from inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from persistence.embedded import EmbeddedRedis
 from shard_router.common.access import Role
 from shard_router.common.calls import bearer
 from shard_router.common.tokens import LocalKeys
-from tests.conftest import Cluster, start_cluster
+from tests.conftest import Cluster, embedded_redis, start_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg]
 
@@ -66,24 +63,19 @@ def secure(database_url: str, tmp_path: Path) -> Iterator[Secure]:
     keys.ensure()
     router_token = tmp_path / "auth" / "router.token"
     router_token.write_text(keys.mint(Role.ROUTER, ["*"], subject="router", ttl_s=3600))
-    redis_dir = Path(tempfile.mkdtemp(prefix="inv-secure-redis-"))
-    redis = EmbeddedRedis()
-    redis_url = redis.start(redis_dir)
-    cluster = start_cluster(
-        database_url,
-        tmp_path,
-        shards=2,
-        redis_url=redis_url,
-        auth_arguments=("--auth-keys", str(keys.jwks_path)),
-        router_arguments=("--shard-token-file", str(router_token)),
-    )
-    handle = Secure(cluster, keys, router_token, [router_token.read_text().strip()])
-    try:
-        yield handle
-    finally:
-        cluster.stop()
-        redis.stop()
-        shutil.rmtree(redis_dir, ignore_errors=True)
+    with embedded_redis() as redis_url:
+        cluster = start_cluster(
+            database_url,
+            tmp_path,
+            shards=2,
+            redis_url=redis_url,
+            auth_arguments=("--auth-keys", str(keys.jwks_path)),
+            router_arguments=("--shard-token-file", str(router_token)),
+        )
+        try:
+            yield Secure(cluster, keys, router_token, [router_token.read_text().strip()])
+        finally:
+            cluster.stop()
 
 
 def until_refused(address: str, request: pb.GetAvailabilityRequest, metadata: object) -> None:
